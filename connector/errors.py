@@ -1,0 +1,133 @@
+"""Every error winback raises, branched by what happens next.
+
+::
+
+    WinbackError
+    ├── ConfigError              exit 2: bad config or usage, nothing ran
+    ├── WarehouseError           the segment could not be read (unreachable, SQL error, bad columns)
+    ├── StateError               the state store could not be opened or written
+    ├── LockedError              exit 5: another run holds this sync's lock
+    ├── GuardError               exit 4: a guard stopped the sync before anything was sent
+    └── DestinationError         talking to a destination failed
+        ├── TransientError       retry with backoff (connection, timeout, 429, 5xx, throttle codes)
+        ├── PayloadTooLargeError the platform refused the batch size: split the batch and resend
+        ├── BatchFailedError     this batch failed for good (other 4xx, garbage answer)
+        └── FatalDestinationError stop this sync now (401/403, audience missing, bad options)
+
+Rows the destination rejects one by one are not exceptions: adapters return them as
+``Rejection`` records, the engine counts and stores them and the run continues.
+
+Each exception builds its own message: what failed, the offending value in backticks and what to
+do about it. Only the CLI turns them into text and exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class WinbackError(Exception):
+    """Root of all winback errors."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a config file: where (file and TOML path) and what is wrong."""
+
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigError(WinbackError):
+    """The config file or command line is unusable; every problem is reported at once."""
+
+    def __init__(self, problems: Sequence[ConfigProblem] | str, *, source: str | None = None):
+        if isinstance(problems, str):
+            problems = [ConfigProblem("", problems)]
+        self.problems = list(problems)
+        self.source = source
+        lines = [str(p) for p in self.problems]
+        header = f"invalid configuration in {source}" if source else "invalid configuration"
+        if len(lines) == 1:
+            super().__init__(f"{header}: {lines[0]}")
+        else:
+            super().__init__(header + ":\n" + "\n".join(f"  - {line}" for line in lines))
+
+
+class WarehouseError(WinbackError):
+    """The warehouse could not be reached or the segment query failed."""
+
+    def __init__(self, message: str, *, segment: str | None = None):
+        self.segment = segment
+        prefix = f"segment `{segment}`: " if segment else ""
+        super().__init__(prefix + message)
+
+
+class StateError(WinbackError):
+    """The state store could not be opened, migrated or written."""
+
+
+class LockedError(WinbackError):
+    """Another run currently holds the lock of this sync."""
+
+    def __init__(self, sync: str, owner: str):
+        self.sync = sync
+        self.owner = owner
+        super().__init__(
+            f"sync `{sync}` is already running ({owner}); wait for it to finish. If that process "
+            "is gone, the lock expires on its own, or run `winback sync reset` only if you also "
+            "want to forget the snapshot"
+        )
+
+
+class GuardError(WinbackError):
+    """A safety guard refused to send the planned changes."""
+
+    def __init__(self, sync: str, reason: str):
+        self.sync = sync
+        self.reason = reason
+        super().__init__(
+            f"sync `{sync}` aborted before sending anything: {reason}. Check the segment; "
+            "if the change is intended, rerun with --force"
+        )
+
+
+class DestinationError(WinbackError):
+    """Base class for failures while talking to a destination."""
+
+    def __init__(self, message: str, *, destination: str | None = None, status: int | None = None):
+        self.destination = destination
+        self.status = status
+        prefix = f"destination `{destination}`: " if destination else ""
+        super().__init__(prefix + message)
+
+
+class TransientError(DestinationError):
+    """A failure worth retrying; ``retry_after_s`` is the platform's requested wait, if any."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        destination: str | None = None,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ):
+        super().__init__(message, destination=destination, status=status)
+        self.retry_after_s = retry_after_s
+
+
+class PayloadTooLargeError(DestinationError):
+    """The platform refused the request size; the engine halves the batch and resends."""
+
+
+class BatchFailedError(DestinationError):
+    """This batch failed for good; its rows stay pending and the run ends as failed."""
+
+
+class FatalDestinationError(DestinationError):
+    """Stop this sync at once (bad credentials, missing audience, refused options)."""

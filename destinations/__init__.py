@@ -1,0 +1,1 @@
+"""Destination adapters: the shared base, the registry and one module per platform."""

@@ -1,0 +1,517 @@
+"""The adapter contract and the shared HTTP machinery every platform adapter uses.
+
+An adapter is a ``Destination`` subclass registered under the entry-point group
+``winback.destinations``. It declares its options model, the identifiers it accepts, whether it
+hashes them and its batch size, and implements ``check``, ``add``, ``remove`` and (where the
+platform stores attributes) ``update``. Each call receives one ``Batch`` and returns a
+``BatchResult``: which members were acknowledged (with the platform's id for later removal, when
+the platform has one) and which were rejected, with reasons. The engine owns batching, counting,
+checkpoints and the run record; adapters only talk to their platform.
+
+All HTTP goes through ``HttpClient``: one ``requests.Session``, one classifier mapping a response
+to a ``Verdict`` (ok, retry, too large, fail the batch, fail the sync), one tenacity retry policy
+that honours ``Retry-After``, an optional rate limit, and redaction of secrets in every message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import requests
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from connector.errors import (
+    BatchFailedError,
+    DestinationError,
+    FatalDestinationError,
+    PayloadTooLargeError,
+    TransientError,
+)
+
+IDENTIFIER_NAMES = (
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "country",
+    "postal_code",
+    "city",
+    "external_id",
+    "mobile_id",
+)
+"""Identifier names a sync may map (``identifiers = {email = "email_col"}``)."""
+
+
+class RetrySettings(BaseModel):
+    """How long and how often to retry transient failures (`[retry]` or a destination's `retry`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(5, ge=1, le=20, description="Attempts per request, first included.")
+    initial_backoff_s: float = Field(1.0, ge=0, description="First wait; doubles, with jitter.")
+    max_backoff_s: float = Field(60.0, ge=0, description="Longest wait, Retry-After included.")
+    timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout per request.")
+
+
+class DestinationOptions(BaseModel):
+    """Options every destination accepts; adapters subclass it with their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="Adapter name from the registry (`winback destinations list`).")
+
+
+class HttpDestinationOptions(DestinationOptions):
+    """Options every HTTP adapter accepts on top of its own."""
+
+    base_url: str | None = Field(None, description="Override the platform's API root (tests, proxies).")
+    retry: RetrySettings | None = Field(None, description="Overrides the top-level [retry] table.")
+    max_concurrency: int = Field(1, ge=1, le=32, description="Batches in flight at once.")
+    requests_per_second: float | None = Field(
+        None, gt=0, description="Client-side rate limit across all threads; none by default."
+    )
+
+
+class NoSyncOptions(BaseModel):
+    """For adapters that take no per-sync `options`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# What flows between the engine and an adapter
+
+
+@dataclass(frozen=True)
+class Member:
+    """One audience member as the adapter sees it.
+
+    ``identifiers`` are normalised but plain (adapters hash them when the platform wants hashes);
+    ``fields`` are the extra attributes mapped by the sync; ``platform_id`` is what the platform
+    returned when the member was added (needed by platforms that remove by their own record id).
+    """
+
+    key: str
+    identifiers: Mapping[str, str]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    platform_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Members sent in one call; ``number`` is stable across retries of the same batch."""
+
+    number: int
+    members: Sequence[Member]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row the platform refused; it is recorded, not retried."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """A row the platform accepted, with the platform's own id when it returns one."""
+
+    key: str
+    platform_id: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """What happened to each member of a batch."""
+
+    acknowledged: list[Acknowledged] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    @classmethod
+    def all_acknowledged(cls, batch: Batch) -> BatchResult:
+        """Every member accepted, keeping the platform ids the engine already knows."""
+        return cls(acknowledged=[Acknowledged(m.key, m.platform_id) for m in batch.members])
+
+    @classmethod
+    def from_rejections(cls, batch: Batch, rejections: Iterable[Rejection]) -> BatchResult:
+        """Every member accepted except the rejected ones."""
+        rejected = list(rejections)
+        refused = {r.key for r in rejected}
+        acknowledged = [
+            Acknowledged(m.key, m.platform_id) for m in batch.members if m.key not in refused
+        ]
+        return cls(acknowledged=acknowledged, rejected=rejected)
+
+
+@dataclass(frozen=True)
+class SyncContext:
+    """What an adapter knows about the sync it serves."""
+
+    sync: str
+    run_id: str
+    audience: str | None
+    options: BaseModel
+    retry: RetrySettings
+
+
+class Destination(ABC):
+    """Base class of every adapter. Subclasses set the class attributes and the four calls."""
+
+    name: ClassVar[str]
+    options_model: ClassVar[type[DestinationOptions]] = DestinationOptions
+    sync_options_model: ClassVar[type[BaseModel]] = NoSyncOptions
+    accepted_identifiers: ClassVar[frozenset[str]] = frozenset(IDENTIFIER_NAMES)
+    required_identifiers: ClassVar[frozenset[str]] = frozenset()
+    """A member needs at least one of these (empty: any accepted identifier will do)."""
+    hashes_identifiers: ClassVar[bool] = False
+    """True when the platform matches on hashes: an identifier change is a remove plus an add."""
+    supports_update: ClassVar[bool] = False
+    requires_audience: ClassVar[bool] = True
+    default_batch_size: ClassVar[int] = 1000
+
+    def __init__(self, options: DestinationOptions, context: SyncContext):
+        self.options = options
+        self.context = context
+
+    @property
+    def batch_size(self) -> int:
+        """Members per call; adapters with a `batch_size` option override it."""
+        return self.default_batch_size
+
+    @property
+    def max_concurrency(self) -> int:
+        return getattr(self.options, "max_concurrency", 1)
+
+    @property
+    def retries(self) -> int:
+        """Retries performed so far (for the run record)."""
+        return 0
+
+    @abstractmethod
+    def check(self) -> str:
+        """Read-only call proving credentials and target work; returns a one-line description."""
+
+    @abstractmethod
+    def add(self, batch: Batch) -> BatchResult:
+        """Add members to the audience (idempotent: a re-sent member is not duplicated)."""
+
+    @abstractmethod
+    def remove(self, batch: Batch) -> BatchResult:
+        """Remove members that this sync added earlier."""
+
+    def update(self, batch: Batch) -> BatchResult:
+        """Update stored attributes; only called when ``supports_update`` is true."""
+        raise FatalDestinationError(
+            "this destination does not store attributes; use mode = \"mirror\" without fields",
+            destination=self.name,
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files; called once at the end of the run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared HTTP client
+
+
+class Verdict(enum.Enum):
+    """What to do with a response."""
+
+    OK = "ok"
+    RETRY = "retry"
+    TOO_LARGE = "too_large"
+    FAIL_BATCH = "fail_batch"
+    FAIL_SYNC = "fail_sync"
+
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def default_verdict(response: requests.Response) -> Verdict:
+    """Map an HTTP status to a verdict; adapters wrap this to read throttle codes in bodies."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return Verdict.OK
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return Verdict.RETRY
+    if status == 413:
+        return Verdict.TOO_LARGE
+    if status in (401, 403):
+        return Verdict.FAIL_SYNC
+    return Verdict.FAIL_BATCH
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Redactor:
+    """Replaces secret values by `***` in any text that may be shown or stored."""
+
+    def __init__(self, secrets: Iterable[str | SecretStr | None] = ()):
+        values = []
+        for secret in secrets:
+            plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+            if plain and len(plain) >= 4:
+                values.append(plain)
+        self._secrets = sorted(values, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+class RateLimiter:
+    """A token bucket shared by all threads of one adapter."""
+
+    def __init__(self, per_second: float):
+        self._interval = 1.0 / per_second
+        self._next_slot = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._interval
+        delay = slot - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+def describe_request(method: str, url: str) -> str:
+    """`POST /v1/path` — never the host's query string, which may carry tokens."""
+    return f"{method} {urlsplit(url).path or '/'}"
+
+
+class HttpClient:
+    """One session, one retry policy and one error mapping for an adapter's HTTP calls."""
+
+    def __init__(
+        self,
+        *,
+        destination: str,
+        base_url: str,
+        retry: RetrySettings,
+        headers: Mapping[str, str] | None = None,
+        secrets: Iterable[str | SecretStr | None] = (),
+        verdict: Callable[[requests.Response], Verdict] = default_verdict,
+        requests_per_second: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.destination = destination
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry
+        self.redact = Redactor(secrets)
+        self.verdict = verdict
+        self.session = requests.Session()
+        self.session.headers.update({"User-Agent": "winback/0.1 (+reverse-etl)"})
+        if headers:
+            self.session.headers.update(headers)
+        self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
+        self._sleep = sleep
+        self._retry_lock = threading.Lock()
+        self.retries = 0
+
+    def url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: bytes | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        headers_factory: Callable[[], Mapping[str, str]] | None = None,
+    ) -> requests.Response:
+        """Send with retries; return the response once its verdict is OK, else raise.
+
+        ``headers_factory`` is called before every attempt (for signatures with timestamps).
+        """
+        url = self.url(path)
+
+        def attempt() -> requests.Response:
+            extra = dict(headers or {})
+            if headers_factory is not None:
+                extra.update(headers_factory())
+            return self._send_once(method, url, json=json, data=data, params=params, headers=extra)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(self.retry.max_attempts),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        with self._retry_lock:
+            self.retries += 1
+
+    def _wait(self, state: RetryCallState) -> float:
+        # Full jitter: a random wait up to initial × 2^attempt, so parallel clients spread out.
+        exponential = wait_random_exponential(
+            multiplier=self.retry.initial_backoff_s, max=self.retry.max_backoff_s
+        )
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, TransientError) and error.retry_after_s is not None:
+            return min(error.retry_after_s, self.retry.max_backoff_s)
+        return min(exponential(state), self.retry.max_backoff_s)
+
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any,
+        data: bytes | str | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str],
+    ) -> requests.Response:
+        what = describe_request(method, url)
+        if self._limiter is not None:
+            self._limiter.wait()
+        try:
+            response = self.session.request(
+                method,
+                url,
+                json=json,
+                data=data,
+                params=params,
+                headers=headers,
+                timeout=self.retry.timeout_s,
+            )
+        except requests.Timeout as error:
+            raise TransientError(
+                f"{what} timed out after {self.retry.timeout_s:g}s", destination=self.destination
+            ) from error
+        except requests.ConnectionError as error:
+            raise TransientError(
+                f"{what} could not connect ({type(error).__name__})", destination=self.destination
+            ) from error
+        except requests.RequestException as error:
+            raise BatchFailedError(
+                f"{what} failed: {self.redact(str(error))}", destination=self.destination
+            ) from error
+        verdict = self.verdict(response)
+        if verdict is Verdict.OK:
+            return response
+        raise self.error_for(verdict, response, what)
+
+    def error_for(self, verdict: Verdict, response: requests.Response, what: str) -> DestinationError:
+        """The exception for a non-OK verdict, with a short, redacted excerpt of the body."""
+        status = response.status_code
+        excerpt = self.redact(response.text[:200].replace("\n", " ")) if response.text else ""
+        detail = f"{what} answered {status}" + (f": {excerpt}" if excerpt else "")
+        if verdict is Verdict.RETRY:
+            return TransientError(
+                detail,
+                destination=self.destination,
+                status=status,
+                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        if verdict is Verdict.TOO_LARGE:
+            return PayloadTooLargeError(detail, destination=self.destination, status=status)
+        if verdict is Verdict.FAIL_SYNC:
+            hint = (
+                " — check the credentials and their permissions on the audience"
+                if status in (401, 403)
+                else ""
+            )
+            return FatalDestinationError(detail + hint, destination=self.destination, status=status)
+        return BatchFailedError(detail, destination=self.destination, status=status)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def json_body(response: requests.Response, *, destination: str) -> Any:
+    """The response's JSON, or a BatchFailedError naming the request when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError as error:
+        what = describe_request(response.request.method or "?", response.request.url or "")
+        raise BatchFailedError(
+            f"{what} answered {response.status_code} with a body that is not JSON; the platform "
+            "may be down or base_url may point to the wrong service",
+            destination=destination,
+            status=response.status_code,
+        ) from error
+
+
+class HttpDestination(Destination):
+    """Base for HTTP adapters: builds the shared client from the common options."""
+
+    default_base_url: ClassVar[str]
+
+    def __init__(self, options: DestinationOptions, context: SyncContext):
+        super().__init__(options, context)
+        http_options = options if isinstance(options, HttpDestinationOptions) else None
+        retry = (http_options.retry if http_options else None) or context.retry
+        self.http = HttpClient(
+            destination=self.name,
+            base_url=(http_options.base_url if http_options else None) or self.default_base_url,
+            retry=retry,
+            headers=self.auth_headers(),
+            secrets=self.secrets(),
+            verdict=self.verdict,
+            requests_per_second=http_options.requests_per_second if http_options else None,
+        )
+
+    def auth_headers(self) -> Mapping[str, str]:
+        """Headers sent with every request (credentials)."""
+        return {}
+
+    def secrets(self) -> Iterable[str | SecretStr | None]:
+        """Values to redact from every message: all SecretStr options by default."""
+        return [value for value in vars(self.options).values() if isinstance(value, SecretStr)]
+
+    def verdict(self, response: requests.Response) -> Verdict:
+        """Override to read throttle or error codes inside 200/400 bodies."""
+        return default_verdict(response)
+
+    @property
+    def retries(self) -> int:
+        return self.http.retries
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+
+from connector.errors import (
+    BatchFailedError,
+    FatalDestinationError,
+    PayloadTooLargeError,
+    TransientError,
+)
+from destinations.base import HttpClient, Redactor, RetrySettings, parse_retry_after
+from tests.fakes.http_server import FakeHttpServer, ScriptedResponse
+
+
+def make_client(url: str, sleeps: list[float], **kwargs: object) -> HttpClient:
+    retry = RetrySettings(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=5, timeout_s=2)
+    return HttpClient(
+        destination="test", base_url=url, retry=retry, sleep=sleeps.append, **kwargs  # type: ignore[arg-type]
+    )
+
+
+def test_retries_429_honouring_retry_after_then_succeeds() -> None:
+    sleeps: list[float] = []
+    with FakeHttpServer() as server:
+        server.enqueue(
+            ScriptedResponse(429, {"error": "slow down"}, {"Retry-After": "2"}),
+            ScriptedResponse(503, "unavailable"),
+            ScriptedResponse(200, {"ok": True}),
+        )
+        client = make_client(server.url, sleeps)
+        response = client.request("POST", "/hook", json={"a": 1})
+    assert response.json() == {"ok": True}
+    assert len(server.requests) == 3
+    assert client.retries == 2
+    assert sleeps[0] == 2.0
+
+
+def test_retry_after_is_capped_by_max_backoff() -> None:
+    sleeps: list[float] = []
+    with FakeHttpServer() as server:
+        server.enqueue(ScriptedResponse(429, "", {"Retry-After": "3600"}), ScriptedResponse(200))
+        make_client(server.url, sleeps).request("GET", "/")
+    assert sleeps == [5.0]
+
+
+def test_gives_up_after_max_attempts() -> None:
+    with FakeHttpServer(lambda r: ScriptedResponse(500, "boom")) as server:
+        client = make_client(server.url, [])
+        with pytest.raises(TransientError, match="POST /x answered 500"):
+            client.request("POST", "/x")
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(401, FatalDestinationError), (403, FatalDestinationError), (400, BatchFailedError),
+     (413, PayloadTooLargeError)],
+)
+def test_non_retryable_statuses_fail_at_once(status: int, error: type[Exception]) -> None:
+    with FakeHttpServer(lambda r: ScriptedResponse(status, "no")) as server:
+        with pytest.raises(error):
+            make_client(server.url, []).request("POST", "/x")
+    assert len(server.requests) == 1
+
+
+def test_timeouts_are_retried() -> None:
+    retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.2)
+    with FakeHttpServer() as server:
+        server.enqueue(ScriptedResponse(200, delay_s=0.6), ScriptedResponse(200, {"ok": 1}))
+        client = HttpClient(destination="t", base_url=server.url, retry=retry, sleep=lambda s: None)
+        assert client.request("GET", "/").json() == {"ok": 1}
+
+
+def test_connection_refused_is_transient() -> None:
+    client = make_client("http://127.0.0.1:9", [])
+    with pytest.raises(TransientError, match="could not connect"):
+        client.request("GET", "/x?token=secret")
+
+
+def test_secrets_never_appear_in_errors() -> None:
+    with FakeHttpServer(lambda r: ScriptedResponse(400, "bad token sk_live_abcdef")) as server:
+        client = make_client(server.url, [], secrets=["sk_live_abcdef"])
+        with pytest.raises(BatchFailedError) as caught:
+            client.request("POST", "/x?api_key=sk_live_abcdef")
+    assert "sk_live_abcdef" not in str(caught.value)
+    assert "api_key" not in str(caught.value)
+
+
+def test_parse_retry_after_http_date_and_garbage() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert Redactor(["abcd1234"])("x abcd1234 y") == "x *** y"
