@@ -171,6 +171,10 @@ class SyncContext:
     audience: str | None
     options: BaseModel
     retry: RetrySettings
+    identifier_names: tuple[str, ...] = ()
+    """Identifiers the sync maps, in config order (e.g. for a file's columns)."""
+    field_names: tuple[str, ...] = ()
+    """Attribute names the sync maps in `fields`."""
 
 
 class Destination(ABC):
