@@ -15,8 +15,11 @@ that honours ``Retry-After``, an optional rate limit, and redaction of secrets i
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import email.utils
 import enum
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -519,3 +522,25 @@ class HttpDestination(Destination):
 
     def close(self) -> None:
         self.http.close()
+
+
+def json_value(value: Any) -> Any:
+    """A warehouse value as JSON: dates ISO 8601, decimals as numbers, NaN as null.
+
+    Adapters that send `fields` use it so every platform sees the same rendering.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_value(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    return str(value)

@@ -1,0 +1,283 @@
+"""Signed JSON webhook: every change batch is POSTed to a URL you own.
+
+Each call sends one request ``POST url`` with a compact UTF-8 JSON body::
+
+    {"sync": "lapsed_to_hook", "run_id": "...", "action": "add" | "remove" | "update",
+     "audience": "free text or null",
+     "records": [{"key": "42", "identifiers": {"email": "..."}, "fields": {"FNAME": "..."}}]}
+
+Identifiers are the normalised plain values, or the SHA-256 hex digest of each value when
+``hash = true``. Requests are signed per the Standard Webhooks convention, so receivers can verify
+them with an existing library (PyPI ``standardwebhooks`` and its ports):
+
+- ``webhook-id: <run_id>-<batch number>``: the same for every retry of a batch, the receiver's
+  idempotency key;
+- ``webhook-timestamp``: unix seconds, fresh for every attempt;
+- ``webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<raw body>">``, keyed with the
+  bytes of ``secret`` (``whsec_<base64>`` secrets are base64-decoded first, as the convention says).
+
+Answers: 2xx acknowledges the batch; 408, 425, 429 and 5xx are retried honouring ``Retry-After``;
+413 makes the engine halve the batch; 401/403 stop the sync; any other 4xx fails the batch.
+
+Per-row rejections (winback's extension): a 2xx answer whose JSON body is
+``{"rejected": [{"key": "42", "reason": "unknown customer"}]}`` rejects those rows (they are
+recorded, not retried); the other rows are acknowledged. Any other 2xx body is ignored.
+
+Config example::
+
+    [destinations.crm_hook]
+    type = "webhook"
+    url = "https://hooks.example.com/winback"
+    secret = "${WINBACK_WEBHOOK_SECRET}"    # plain text, or whsec_<base64>
+    batch_size = 1000                       # 1..10000 records per request
+    hash = false                            # true: SHA-256 hex of each identifier value
+
+    [syncs.lapsed_to_hook]
+    segment = "lapsed_buyers"
+    destination = "crm_hook"
+    audience = "winback-q4"                 # free text, passed through (optional)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+import requests
+from pydantic import ConfigDict, Field, SecretStr, field_validator
+
+from destinations.base import (
+    Batch,
+    BatchResult,
+    DestinationOptions,
+    HttpDestination,
+    HttpDestinationOptions,
+    Rejection,
+    SyncContext,
+    Verdict,
+    default_verdict,
+    json_value,
+)
+
+Action = Literal["add", "remove", "update"]
+
+SECRET_PREFIX = "whsec_"
+
+
+class WebhookOptions(HttpDestinationOptions):
+    """Options of the ``webhook`` destination."""
+
+    # Validation errors must never echo the secret (or a URL that may carry a token).
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    url: str = Field(description="Receiver URL (http or https); every batch is POSTed here.")
+    secret: SecretStr = Field(description="Signing secret: plain text or `whsec_<base64>`.")
+    batch_size: int = Field(1000, ge=1, le=10000, description="Records per request.")
+    hash: bool = Field(False, description="Send SHA-256 hex digests instead of plain identifiers.")
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, display_url(value) if name == "url" else value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value.strip()
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr) -> SecretStr:
+        signing_key(value.get_secret_value())
+        return value
+
+
+def display_url(url: str) -> str:
+    """Scheme, host, port and path: never user info or the query string, which may hold tokens."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path or '/'}"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key: the decoded bytes of a ``whsec_`` secret, else the secret's UTF-8 bytes."""
+    if secret.startswith(SECRET_PREFIX):
+        encoded = secret[len(SECRET_PREFIX) :]
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("starts with `whsec_` but the rest is not valid base64") from None
+    else:
+        key = secret.encode()
+    if not key:
+        raise ValueError("must not be empty")
+    return key
+
+
+def signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks ``webhook-signature`` value for one attempt."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def sha256_hex(value: str) -> str:
+    """Lower-case hex SHA-256 of the UTF-8 value."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class WebhookDestination(HttpDestination):
+    """POSTs signed JSON change batches to a receiver you own."""
+
+    name = "webhook"
+    options_model = WebhookOptions
+    requires_audience = False
+    supports_update = True
+    hashes_identifiers = False
+    default_batch_size = 1000
+    # The receiver URL is per destination; __init__ points the client at it.
+    default_base_url: ClassVar[str] = ""
+
+    options: WebhookOptions
+
+    def __init__(self, options: DestinationOptions, context: SyncContext):
+        if not isinstance(options, WebhookOptions):
+            raise TypeError(
+                f"WebhookDestination needs WebhookOptions, got {type(options).__name__}"
+            )
+        super().__init__(options, context)
+        parts = urlsplit(options.url)
+        # base_url (proxies, tests) replaces the scheme and host; the path and query stay.
+        self.http.base_url = (options.base_url or f"{parts.scheme}://{parts.netloc}").rstrip("/")
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._key = signing_key(options.secret.get_secret_value())
+        self.clock: Callable[[], float] = time.time
+
+    def __repr__(self) -> str:
+        return (
+            f"WebhookDestination(url='{display_url(self.options.url)}', sync='{self.context.sync}')"
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
+
+    def secrets(self) -> Iterable[str | SecretStr | None]:
+        # The URL's query string and user info may carry credentials too.
+        parts = urlsplit(self.options.url)
+        return [self.options.secret, parts.query or None, parts.password]
+
+    def verdict(self, response: requests.Response) -> Verdict:
+        if response.request.method == "HEAD":
+            return _probe_verdict(response.status_code)
+        return default_verdict(response)
+
+    def check(self) -> str:
+        """HEAD the URL: any answer below 500 except 401/403 proves the receiver is reachable."""
+        response = self.http.request("HEAD", self._path)
+        return (
+            f"webhook receiver {display_url(self.http.url(self._path))} is reachable "
+            f"(HEAD answered {response.status_code}); batches of {self.batch_size}, "
+            f"identifiers {'SHA-256 hashed' if self.options.hash else 'plain'}"
+        )
+
+    def add(self, batch: Batch) -> BatchResult:
+        return self._deliver("add", batch)
+
+    def remove(self, batch: Batch) -> BatchResult:
+        return self._deliver("remove", batch)
+
+    def update(self, batch: Batch) -> BatchResult:
+        return self._deliver("update", batch)
+
+    def body(self, action: Action, batch: Batch) -> bytes:
+        """The exact bytes sent (and signed) for a batch."""
+        records = [
+            {
+                "key": member.key,
+                "identifiers": {
+                    name: sha256_hex(value) if self.options.hash else value
+                    for name, value in member.identifiers.items()
+                },
+                "fields": {name: json_value(value) for name, value in member.fields.items()},
+            }
+            for member in batch.members
+        ]
+        document = {
+            "sync": self.context.sync,
+            "run_id": self.context.run_id,
+            "action": action,
+            "audience": self.context.audience,
+            "records": records,
+        }
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def _deliver(self, action: Action, batch: Batch) -> BatchResult:
+        # An empty batch is a no-op: nothing to deliver, so no request.
+        if not batch.members:
+            return BatchResult()
+        body = self.body(action, batch)
+        message_id = f"{self.context.run_id}-{batch.number}"
+
+        def signed_headers() -> dict[str, str]:
+            timestamp = int(self.clock())
+            return {
+                "webhook-id": message_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": signature(self._key, message_id, timestamp, body),
+            }
+
+        response = self.http.request(
+            "POST",
+            self._path,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            headers_factory=signed_headers,
+        )
+        return BatchResult.from_rejections(batch, _rejections(response, batch))
+
+
+def _probe_verdict(status: int) -> Verdict:
+    """For the reachability probe: only auth failures and server errors count as failures."""
+    if status in (401, 403):
+        return Verdict.FAIL_SYNC
+    # 501 is how servers that do not implement HEAD answer: still a live receiver.
+    if status >= 500 and status != 501:
+        return Verdict.RETRY
+    return Verdict.OK
+
+
+def _rejections(response: requests.Response, batch: Batch) -> list[Rejection]:
+    """Rows the receiver refused in a 2xx ``{"rejected": [...]}`` body; anything else is ignored."""
+    if not response.content:
+        return []
+    try:
+        document = response.json()
+    except ValueError:
+        return []
+    entries = document.get("rejected") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        return []
+    keys = {member.key for member in batch.members}
+    rejected: dict[str, Rejection] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        key = entry.get("key")
+        key = str(key) if isinstance(key, str | int) and not isinstance(key, bool) else None
+        # Keys the batch does not contain cannot be attributed; the first reason wins.
+        if key is None or key not in keys or key in rejected:
+            continue
+        reason = entry.get("reason")
+        text = str(reason)[:500] if reason not in (None, "") else "rejected by the receiver"
+        rejected[key] = Rejection(key, text)
+    return list(rejected.values())
