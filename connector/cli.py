@@ -1,0 +1,622 @@
+"""The `winback` command line. Only this module uses typer and turns errors into exit codes.
+
+Results go to stdout; progress, logs and errors go to stderr. Exit codes: 0 success, 1 a sync
+failed, 2 usage or configuration error, 3 partial (rows rejected), 4 aborted by a guard, 5 locked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from connector import __version__
+from connector.config import WinbackConfig, load_config, resolve_config_path
+from connector.errors import ConfigError, WinbackError
+from destinations.base import SyncContext
+from destinations.registry import load_registry
+
+app = typer.Typer(
+    help="winback: keep inactive-customer segments from your warehouse in sync with ad "
+    "platforms and email tools.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Check the configuration file.", no_args_is_help=True)
+segments_app = typer.Typer(help="Inspect segments.", no_args_is_help=True)
+destinations_app = typer.Typer(help="Inspect destination adapters.", no_args_is_help=True)
+sync_app = typer.Typer(help="Run and inspect syncs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(segments_app, name="segments")
+app.add_typer(destinations_app, name="destinations")
+app.add_typer(sync_app, name="sync")
+
+# Pipes and CI logs get wide tables instead of the 80-column fallback.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+stderr = Console(stderr=True)
+
+
+class TextOrJson(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class RowsFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@dataclass
+class Settings:
+    config_path: Path | None = None
+    verbosity: int = 0
+
+
+settings = Settings()
+
+
+def fail(message: str, code: int) -> NoReturn:
+    stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def exit_code_for(error: WinbackError) -> int:
+    return 2 if isinstance(error, ConfigError) else 1
+
+
+def open_config() -> WinbackConfig:
+    return load_config(resolve_config_path(settings.config_path))
+
+
+def parse_as_of(value: str | None) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        fail(f"--as-of `{value}` is not a date; use YYYY-MM-DD", 2)
+
+
+@app.callback()
+def global_options(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Config file [default: ./winback.toml or $WINBACK_CONFIG]."
+        ),
+    ] = None,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More logs; -vv debug, tracebacks.")
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Global options apply to every command."""
+    if version:
+        stdout.print(f"winback {__version__}")
+        raise typer.Exit(0)
+    settings.config_path = config
+    settings.verbosity = -1 if quiet else verbose
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+        settings.verbosity, logging.DEBUG
+    )
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        force=True,
+        handlers=[RichHandler(console=stderr, show_path=False, show_time=False)],
+    )
+
+
+# -- init ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Also build a DuckDB demo warehouse.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Write winback.toml (with --demo: a demo warehouse and syncs to local files)."""
+    from connector.demo import DEMO_WAREHOUSE, build_demo_warehouse, demo_config_text
+    from connector.starter import STARTER_CONFIG
+
+    path = resolve_config_path(settings.config_path)
+    if path.exists() and not force:
+        fail(f"`{path}` already exists; pass --force to overwrite it", 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if demo:
+        counts = build_demo_warehouse(path.parent / DEMO_WAREHOUSE)
+        path.write_text(demo_config_text(), encoding="utf-8")
+        summary = ", ".join(f"{n} {table}" for table, n in counts.items())
+        stderr.print(f"built demo warehouse {path.parent / DEMO_WAREHOUSE} ({summary})")
+        stderr.print(f"wrote {path}; next: `winback sync plan`, then `winback sync run`")
+    else:
+        path.write_text(STARTER_CONFIG, encoding="utf-8")
+        stderr.print(f"wrote {path}; edit it, then run `winback config validate`")
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+@config_app.command("validate")
+def config_validate() -> None:
+    """Parse the config, resolve env vars, check that every segment compiles and runs."""
+    from connector.segments import effective_as_of, probe_columns
+    from connector.warehouse import create_warehouse_engine
+
+    config = open_config()
+    engine = create_warehouse_engine(config.warehouse.url)
+    problems: list[str] = []
+    try:
+        for name, segment in config.segments.items():
+            try:
+                probe_columns(name, segment, engine=engine, as_of=effective_as_of(segment, None))
+            except ConfigError as error:
+                problems.extend(str(p) for p in error.problems)
+            except WinbackError as error:
+                problems.append(str(error))
+        for name, sync in config.syncs.items():
+            segment = config.segments[sync.segment]
+            try:
+                columns = probe_columns(
+                    sync.segment, segment, engine=engine, as_of=effective_as_of(segment, None)
+                )
+            except WinbackError:
+                continue  # already reported for the segment
+            mapped = {
+                **{f"identifiers.{k}": v for k, v in sync.identifiers.items()},
+                **{f"fields.{k}": v for k, v in sync.fields.items()},
+            }
+            for option, column in mapped.items():
+                if column not in columns:
+                    problems.append(
+                        f"syncs.{name}.{option}: column `{column}` is not returned by segment "
+                        f"`{sync.segment}` (it returns {', '.join(columns)})"
+                    )
+    finally:
+        engine.dispose()
+    if problems:
+        raise ConfigError(problems, source=str(config.path))
+    stdout.print(
+        f"{config.path}: valid — {len(config.segments)} segments, "
+        f"{len(config.destinations)} destinations, {len(config.syncs)} syncs",
+        highlight=False,
+    )
+
+
+# -- segments -----------------------------------------------------------------------------------
+
+
+@segments_app.command("list")
+def segments_list() -> None:
+    """List the segments of the config and the syncs that use them."""
+    from connector.rules import RulesSegment
+
+    config = open_config()
+    table = Table("segment", "type", "key", "used by")
+    for name, segment in config.segments.items():
+        kind = "rules" if isinstance(segment, RulesSegment) else ("file" if segment.file else "sql")
+        users = [s for s, sync in config.syncs.items() if sync.segment == name]
+        table.add_row(name, kind, segment.key, ", ".join(users) or "-")
+    stdout.print(table)
+
+
+@segments_app.command("preview")
+def segments_preview(
+    name: Annotated[str, typer.Argument(help="Segment name.")],
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to show.")] = 20,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Reference date YYYY-MM-DD.")] = None,
+    output: Annotated[
+        RowsFormat, typer.Option("--output", "-o", help="table, json or csv.")
+    ] = RowsFormat.table,
+) -> None:
+    """Show the first rows of a segment as the warehouse returns them."""
+    from connector.report import rows_output
+    from connector.segments import effective_as_of, read_segment
+    from connector.warehouse import create_warehouse_engine
+
+    config = open_config()
+    segment = config.segments.get(name)
+    if segment is None:
+        fail(f"segment `{name}` is not defined; defined: {', '.join(config.segments) or 'none'}", 2)
+    engine = create_warehouse_engine(config.warehouse.url)
+    try:
+        rows: list[Any] = []
+        reference = effective_as_of(segment, parse_as_of(as_of))
+        chunk = limit if output is not RowsFormat.csv else 10_000
+        with read_segment(
+            name, segment, engine=engine, as_of=reference, chunk_size=min(chunk, 10_000)
+        ) as (columns, chunks):
+            for part in chunks:
+                rows.extend(part)
+                if len(rows) >= limit:
+                    break
+        rows = rows[:limit]
+    finally:
+        engine.dispose()
+    title = f"{name} (as of {reference}, first {len(rows)} rows)"
+    rows_output(columns, rows, output=output.value, console=stdout, title=title)
+
+
+@segments_app.command("explain")
+def segments_explain(
+    name: Annotated[str, typer.Argument(help="Rules segment name.")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Reference date YYYY-MM-DD.")] = None,
+) -> None:
+    """Print a rules segment's compiled SQL and how many people each signal finds inactive."""
+    from connector.rules import RulesSegment, explain_rules
+    from connector.segments import effective_as_of
+    from connector.warehouse import create_warehouse_engine
+
+    config = open_config()
+    segment = config.segments.get(name)
+    if segment is None:
+        fail(f"segment `{name}` is not defined; defined: {', '.join(config.segments) or 'none'}", 2)
+    if not isinstance(segment, RulesSegment):
+        fail(
+            f"segment `{name}` is a SQL segment; explain works on rules segments (`from = ...`)", 2
+        )
+    engine = create_warehouse_engine(config.warehouse.url)
+    try:
+        explanation = explain_rules(
+            name, segment, as_of=effective_as_of(segment, parse_as_of(as_of)), engine=engine
+        )
+    finally:
+        engine.dispose()
+    stdout.print(explanation.sql, highlight=False)
+    table = Table("signal", "inactive", "active", "never", title=f"{name}: signals")
+    for signal in explanation.signals:
+        table.add_row(signal.name, str(signal.inactive), str(signal.active), str(signal.never))
+    stdout.print(table)
+    stdout.print(f"qualifying people: {explanation.qualifying}", highlight=False)
+
+
+# -- destinations -------------------------------------------------------------------------------
+
+
+@destinations_app.command("list")
+def destinations_list() -> None:
+    """Installed adapters (from the `winback.destinations` entry points) and their options."""
+    registry = load_registry()
+    table = Table("type", "options", "sync options", "identifiers", "updates", title="adapters")
+    for name, adapter in sorted(registry.adapters.items()):
+        options = [
+            f"{field}{'' if info.is_required() else '?'}"
+            for field, info in adapter.options_model.model_fields.items()
+            if field != "type"
+        ]
+        sync_options = list(adapter.sync_options_model.model_fields)
+        table.add_row(
+            name,
+            ", ".join(options),
+            ", ".join(sync_options) or "-",
+            ", ".join(sorted(adapter.accepted_identifiers)),
+            "yes" if adapter.supports_update else "no",
+        )
+    stdout.print(table)
+    for name, problem in sorted(registry.broken.items()):
+        stderr.print(f"warning: adapter `{name}` unavailable: {problem}", style="yellow")
+
+
+@destinations_app.command("check")
+def destinations_check(
+    name: Annotated[str, typer.Argument(help="Destination name from the config.")],
+    audience: Annotated[
+        str | None,
+        typer.Option(
+            "--audience", help="Target id to check [default: from the first sync using it]."
+        ),
+    ] = None,
+) -> None:
+    """Check credentials and that the target is reachable (read-only call)."""
+    config = open_config()
+    destination = config.destinations.get(name)
+    if destination is None:
+        fail(
+            f"destination `{name}` is not defined; defined: {', '.join(config.destinations) or 'none'}",
+            2,
+        )
+    sync_name = next((s for s, sync in config.syncs.items() if sync.destination == name), None)
+    sync = config.syncs.get(sync_name) if sync_name else None
+    context = SyncContext(
+        sync=sync_name or "check",
+        run_id="check",
+        audience=audience or (sync.audience if sync else None),
+        options=config.sync_options[sync_name]
+        if sync_name
+        else destination.adapter.sync_options_model(),
+        retry=config.retry,
+        identifier_names=tuple(sync.identifiers) if sync else (),
+        field_names=tuple(sync.fields) if sync else (),
+    )
+    adapter = destination.adapter(destination.options, context)
+    try:
+        description = adapter.check()
+    finally:
+        adapter.close()
+    stdout.print(f"{name} ({destination.adapter.name}): ok — {description}", highlight=False)
+
+
+# -- sync ---------------------------------------------------------------------------------------
+
+
+class RichReporter:
+    """Progress bars on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,}"),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+        )
+        self.task: TaskID | None = None
+
+    def phase(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, amount)
+
+
+def _selected_syncs(config: WinbackConfig, names: list[str] | None) -> list[str]:
+    if not names:
+        if not config.syncs:
+            fail(f"{config.path} defines no [syncs.*]; add one (see config.example.toml)", 2)
+        return list(config.syncs)
+    unknown = [n for n in names if n not in config.syncs]
+    if unknown:
+        fail(
+            f"unknown sync {', '.join(f'`{u}`' for u in unknown)}; defined: "
+            f"{', '.join(config.syncs) or 'none'}",
+            2,
+        )
+    return names
+
+
+def _run_syncs(
+    names: list[str] | None,
+    *,
+    dry_run: bool,
+    force: bool,
+    full_resync: bool,
+    as_of: str | None,
+    output: TextOrJson,
+) -> None:
+    from connector.report import print_runs, runs_json
+    from connector.sync import RunOptions, SyncRunner, combined_exit_code
+
+    config = open_config()
+    selected = _selected_syncs(config, names)
+    options = RunOptions(
+        dry_run=dry_run, force=force, full_resync=full_resync, as_of=parse_as_of(as_of)
+    )
+    use_progress = stderr.is_terminal and settings.verbosity >= 0 and output is TextOrJson.text
+    reporter = RichReporter() if use_progress else None
+    runner = SyncRunner(config, reporter=reporter)
+    results = []
+    try:
+        if reporter is not None:
+            reporter.progress.start()
+        for name in selected:
+            result = runner.run(name, options)
+            results.append(result)
+            if settings.verbosity > 1 and result.error and sys.exc_info()[0] is None:
+                logging.getLogger("winback").debug("run %s: %s", result.run_id, result.error)
+    finally:
+        if reporter is not None:
+            reporter.progress.stop()
+        runner.close()
+    code = combined_exit_code(results)
+    if output is TextOrJson.json:
+        stdout.file.write(runs_json(results, code) + "\n")
+    else:
+        print_runs(stdout, results)
+    raise typer.Exit(code)
+
+
+SyncNames = Annotated[list[str] | None, typer.Argument(help="Syncs to run [default: all].")]
+AsOf = Annotated[
+    str | None,
+    typer.Option("--as-of", help="Reference date YYYY-MM-DD for rules segments and `:as_of`."),
+]
+Output = Annotated[
+    TextOrJson, typer.Option("--output", "-o", help="text or json (one document on stdout).")
+]
+
+
+@sync_app.command("run")
+def sync_run(
+    names: SyncNames = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Plan only: counts and samples, no writes.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Override the empty-segment and mass-removal guards.")
+    ] = False,
+    full_resync: Annotated[
+        bool, typer.Option("--full-resync", help="Re-send every member, not only changes.")
+    ] = False,
+    as_of: AsOf = None,
+    output: Output = TextOrJson.text,
+) -> None:
+    """Read each segment, diff it with the last sync and send the changes."""
+    _run_syncs(
+        names, dry_run=dry_run, force=force, full_resync=full_resync, as_of=as_of, output=output
+    )
+
+
+@sync_app.command("plan")
+def sync_plan(
+    names: SyncNames = None, as_of: AsOf = None, output: Output = TextOrJson.text
+) -> None:
+    """Same as `sync run --dry-run`: counts and samples, no writes anywhere."""
+    _run_syncs(names, dry_run=True, force=False, full_resync=False, as_of=as_of, output=output)
+
+
+@sync_app.command("status")
+def sync_status(names: SyncNames = None) -> None:
+    """Last run, audience size and lock of each sync."""
+    from connector.state import StateStore
+
+    config = open_config()
+    store = StateStore(config.state.url)
+    table = Table("sync", "destination", "audience", "members", "last run", "status", "running")
+    try:
+        for name in _selected_syncs(config, names):
+            sync = config.syncs[name]
+            last = store.history(name, 1)
+            holder = store.lock_holder(name)
+            table.add_row(
+                name,
+                sync.destination,
+                sync.audience or "-",
+                str(store.audience_size(None, name)),
+                f"{last[0].started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
+                last[0].status if last else "-",
+                f"pid {holder.pid} on {holder.host}" if holder else "no",
+            )
+    finally:
+        store.dispose()
+    stdout.print(table)
+
+
+@sync_app.command("history")
+def sync_history(
+    name: Annotated[str, typer.Argument(help="Sync name.")],
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Runs to show.")] = 20,
+    output: Output = TextOrJson.text,
+) -> None:
+    """Past runs of a sync, newest first."""
+    import json
+
+    from connector.state import StateStore
+    from connector.sync import jsonable
+
+    config = open_config()
+    _selected_syncs(config, [name])
+    store = StateStore(config.state.url)
+    try:
+        rows = store.history(name, limit)
+    finally:
+        store.dispose()
+    if output is TextOrJson.json:
+        stdout.file.write(
+            json.dumps([{k: jsonable(v) for k, v in r._mapping.items()} for r in rows], indent=2)
+            + "\n"
+        )
+        return
+    table = Table(
+        "run",
+        "started (UTC)",
+        "status",
+        "rows",
+        "skipped",
+        "+",
+        "-",
+        "~",
+        "rejected",
+        "retries",
+        "s",
+        "error",
+    )
+    for r in rows:
+        table.add_row(
+            r.run_id,
+            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+            r.status,
+            str(r.segment_rows),
+            str(r.skipped),
+            f"{r.sent_add}/{r.planned_add}",
+            f"{r.sent_remove}/{r.planned_remove}",
+            f"{r.sent_update}/{r.planned_update}",
+            str(r.rejected),
+            str(r.retries),
+            f"{r.duration_s or 0:.2f}",
+            (r.error or "")[:80],
+        )
+    stdout.print(table)
+
+
+@sync_app.command("reset")
+def sync_reset(
+    name: Annotated[str, typer.Argument(help="Sync name.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: forget the snapshot.")] = False,
+) -> None:
+    """Forget a sync's snapshot: the next run sends the whole segment as adds."""
+    from connector.state import StateStore
+
+    config = open_config()
+    _selected_syncs(config, [name])
+    if not yes:
+        fail(
+            "this forgets what winback sent for this sync (removals will no longer be possible "
+            "for those members); rerun with --yes to confirm",
+            2,
+        )
+    store = StateStore(config.state.url)
+    try:
+        holder = store.lock_holder(name)
+        if holder is not None:
+            fail(
+                f"sync `{name}` is running (pid {holder.pid} on {holder.host}); try again later", 5
+            )
+        forgotten = store.reset(name)
+    finally:
+        store.dispose()
+    stdout.print(f"{name}: forgot {forgotten} snapshot rows; the next run is a full sync")
+
+
+def main() -> None:
+    """Console entry point: runs the app and maps errors to exit codes."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except WinbackError as error:
+        if settings.verbosity > 1:
+            traceback.print_exc()
+        stderr.print(f"error: {error}", style="red", highlight=False, soft_wrap=True)
+        sys.exit(exit_code_for(error))
+    except KeyboardInterrupt:
+        stderr.print("interrupted; state is consistent, the next run resumes", style="yellow")
+        sys.exit(130)
+    except Exception as error:  # click usage errors and the truly unexpected
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show(file=sys.stderr)
+            sys.exit(2)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        if settings.verbosity > 1:
+            traceback.print_exc()
+        stderr.print(
+            f"error: unexpected {type(error).__name__}: {error}. Rerun with -vv for the traceback "
+            "and report it.",
+            style="red",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

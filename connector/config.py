@@ -1,0 +1,412 @@
+"""Loads `winback.toml`: TOML → `${ENV}` interpolation → pydantic models → cross-checks.
+
+Validation is two-phase, as for plugins everywhere: the core models read each destination's
+`type` and keep its table raw; the chosen adapter's own options model then validates that table.
+Every problem is collected and reported at once, each with the file and its TOML path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from connector.errors import ConfigError, ConfigProblem
+from connector.rules import RulesSegment
+from destinations.base import IDENTIFIER_NAMES, Destination, DestinationOptions, RetrySettings
+from destinations.registry import Registry, load_registry
+
+DEFAULT_CONFIG = "winback.toml"
+CONFIG_ENV = "WINBACK_CONFIG"
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+PATH_OPTION_NAMES = ("path", "credentials_file")
+"""Destination options holding file paths; relative ones resolve against the config folder."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WarehouseConfig(StrictModel):
+    url: str = Field("duckdb:///warehouse.duckdb", description="SQLAlchemy URL of the warehouse.")
+    chunk_size: int = Field(10_000, ge=100, le=1_000_000, description="Rows fetched per chunk.")
+
+
+class StateConfig(StrictModel):
+    url: str = Field(
+        "sqlite:///.winback/state.db", description="SQLAlchemy URL of the state store."
+    )
+    keep_runs: int = Field(100, ge=1, description="Runs kept in history per sync (older pruned).")
+
+
+class QuerySegment(StrictModel):
+    """A segment defined by SQL, inline (`sql`) or in a file (`file`)."""
+
+    key: str = Field(description="Column that identifies a person (unique per row).")
+    sql: str | None = None
+    file: Path | None = None
+    as_of: dt.date | None = Field(None, description="Value of `:as_of` in the SQL (default today).")
+    description: str | None = None
+
+    @field_validator("sql")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; write a SELECT returning the key column")
+        return value
+
+
+Segment = QuerySegment | RulesSegment
+
+SyncMode = Literal["mirror", "add_only", "upsert"]
+
+
+class SyncConfig(StrictModel):
+    segment: str
+    destination: str
+    audience: str | None = None
+    mode: SyncMode = "mirror"
+    identifiers: dict[str, str] = Field(default_factory=dict)
+    fields: dict[str, str] = Field(default_factory=dict)
+    max_removal_pct: float = Field(50.0, ge=0, le=100)
+    default_country: str | None = Field(
+        None, description="Region for phone numbers without a country code (ISO alpha-2)."
+    )
+    batch_size: int | None = Field(None, ge=1, description="Override the destination's batch size.")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("identifiers")
+    @classmethod
+    def _known_identifiers(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(IDENTIFIER_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown identifier {', '.join(f'`{u}`' for u in unknown)}; "
+                f"use one of {', '.join(IDENTIFIER_NAMES)}"
+            )
+        return value
+
+    @field_validator("default_country")
+    @classmethod
+    def _country_code(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z]{2}", value):
+            raise ValueError(f"`{value}` is not an ISO 3166 alpha-2 code such as `US` or `FR`")
+        return value.upper() if value else value
+
+
+class RawConfig(StrictModel):
+    """The file as written; destinations are still raw tables here."""
+
+    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)  # type: ignore[arg-type]
+    state: StateConfig = Field(default_factory=StateConfig)  # type: ignore[arg-type]
+    retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
+    segments: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    destinations: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    syncs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    adapter: type[Destination]
+    options: DestinationOptions
+
+
+@dataclass(frozen=True)
+class WinbackConfig:
+    """A fully validated configuration."""
+
+    path: Path
+    warehouse: WarehouseConfig
+    state: StateConfig
+    retry: RetrySettings
+    segments: dict[str, Segment]
+    destinations: dict[str, DestinationConfig]
+    syncs: dict[str, SyncConfig]
+    sync_options: dict[str, BaseModel]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def resolve_config_path(path: Path | None) -> Path:
+    """`--config`, else `$WINBACK_CONFIG`, else ./winback.toml."""
+    if path is not None:
+        return path
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text
+
+
+def _pydantic_problems(prefix: str, error: ValidationError) -> list[ConfigProblem]:
+    problems = []
+    for item in error.errors():
+        location = _format_location((*prefix.split("."), *item["loc"]) if prefix else item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against config.example.toml"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        problems.append(ConfigProblem(location, message))
+    return problems
+
+
+def interpolate_env(value: Any, location: str, problems: list[ConfigProblem]) -> Any:
+    """Replace `${VAR}` (or `${VAR:-default}`) in every string; unset variables are problems."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is None or (found == "" and default is not None):
+                if default is not None:
+                    return default
+                problems.append(
+                    ConfigProblem(
+                        location,
+                        f"environment variable `{name}` is not set; export it before running "
+                        f"winback (or write `${{{name}:-default}}`)",
+                    )
+                )
+                return ""
+            return found
+
+        return ENV_PATTERN.sub(replace, value)
+    if isinstance(value, dict):
+        return {
+            k: interpolate_env(v, f"{location}.{k}" if location else k, problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [interpolate_env(v, f"{location}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def resolve_database_url(url: str, base_dir: Path) -> str:
+    """Make a relative SQLite/DuckDB file path absolute against the config folder."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as error:
+        raise ValueError(f"`{url}` is not a SQLAlchemy URL ({error})") from error
+    database = parsed.database
+    if parsed.get_backend_name() in ("sqlite", "duckdb") and database and database != ":memory:":
+        path = Path(database).expanduser()
+        if not path.is_absolute():
+            path = base_dir / path
+        return parsed.set(database=str(path)).render_as_string(hide_password=False)
+    return url
+
+
+def load_config(path: Path, *, registry: Registry | None = None) -> WinbackConfig:
+    """Read, interpolate and validate a config file; raises ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file `{path}` not found; create one with `winback init` or pass --config"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read `{path}`: {error.strerror}", source=source) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"not valid TOML: {error}", source=source) from None
+    return build_config(document, path=path.resolve(), registry=registry)
+
+
+def build_config(
+    document: Mapping[str, Any], *, path: Path, registry: Registry | None = None
+) -> WinbackConfig:
+    """Validate a parsed TOML document (see `load_config`)."""
+    source = str(path)
+    problems: list[ConfigProblem] = []
+    document = interpolate_env(dict(document), "", problems)
+    try:
+        raw = RawConfig.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(problems + _pydantic_problems("", error), source=source) from None
+
+    base_dir = path.parent
+    warehouse, state = raw.warehouse, raw.state
+    for section, model in (("warehouse", warehouse), ("state", state)):
+        try:
+            model.url = resolve_database_url(model.url, base_dir)
+        except ValueError as error:
+            problems.append(ConfigProblem(f"{section}.url", str(error)))
+
+    segments = _build_segments(raw.segments, base_dir, problems)
+    registry = registry or load_registry()
+    destinations = _build_destinations(raw.destinations, registry, base_dir, problems)
+    syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return WinbackConfig(
+        path=path,
+        warehouse=warehouse,
+        state=state,
+        retry=raw.retry,
+        segments=segments,
+        destinations=destinations,
+        syncs=syncs,
+        sync_options=sync_options,
+    )
+
+
+def _build_segments(
+    tables: dict[str, dict[str, Any]], base_dir: Path, problems: list[ConfigProblem]
+) -> dict[str, Segment]:
+    segments: dict[str, Segment] = {}
+    for name, table in tables.items():
+        where = f"segments.{name}"
+        try:
+            segment: Segment
+            if "from" in table or "signals" in table:
+                segment = RulesSegment.model_validate(table)
+            else:
+                segment = QuerySegment.model_validate(table)
+        except ValidationError as error:
+            problems.extend(_pydantic_problems(where, error))
+            continue
+        if isinstance(segment, QuerySegment):
+            if (segment.sql is None) == (segment.file is None):
+                problems.append(
+                    ConfigProblem(
+                        where,
+                        "needs exactly one of `sql`, `file` or `from` (a rules segment)",
+                    )
+                )
+                continue
+            if segment.file is not None:
+                file = segment.file if segment.file.is_absolute() else base_dir / segment.file
+                if not file.is_file():
+                    problems.append(ConfigProblem(f"{where}.file", f"file `{file}` not found"))
+                    continue
+                segment = segment.model_copy(update={"file": file})
+        segments[name] = segment
+    return segments
+
+
+def _build_destinations(
+    tables: dict[str, dict[str, Any]],
+    registry: Registry,
+    base_dir: Path,
+    problems: list[ConfigProblem],
+) -> dict[str, DestinationConfig]:
+    destinations: dict[str, DestinationConfig] = {}
+    for name, table in tables.items():
+        where = f"destinations.{name}"
+        kind = table.get("type")
+        if not isinstance(kind, str):
+            problems.append(ConfigProblem(f"{where}.type", "required key is missing"))
+            continue
+        adapter = registry.get(kind)
+        if adapter is None:
+            hint = registry.broken.get(kind) or (
+                f"installed adapters: {', '.join(sorted(registry.adapters)) or 'none'}"
+            )
+            problems.append(ConfigProblem(f"{where}.type", f"unknown destination `{kind}`; {hint}"))
+            continue
+        table = dict(table)
+        for option in PATH_OPTION_NAMES:
+            value = table.get(option)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                table[option] = str(base_dir / value)
+        try:
+            options = adapter.options_model.model_validate(table)
+        except ValidationError as error:
+            problems.extend(_pydantic_problems(where, error))
+            continue
+        destinations[name] = DestinationConfig(name=name, adapter=adapter, options=options)
+    return destinations
+
+
+def _build_syncs(
+    tables: dict[str, dict[str, Any]],
+    segments: dict[str, Segment],
+    destinations: dict[str, DestinationConfig],
+    problems: list[ConfigProblem],
+) -> tuple[dict[str, SyncConfig], dict[str, BaseModel]]:
+    syncs: dict[str, SyncConfig] = {}
+    sync_options: dict[str, BaseModel] = {}
+    for name, table in tables.items():
+        where = f"syncs.{name}"
+        try:
+            sync = SyncConfig.model_validate(table)
+        except ValidationError as error:
+            problems.extend(_pydantic_problems(where, error))
+            continue
+        if sync.segment not in segments:
+            problems.append(
+                ConfigProblem(
+                    f"{where}.segment",
+                    f"segment `{sync.segment}` is not defined; defined: "
+                    f"{', '.join(sorted(segments)) or 'none'}",
+                )
+            )
+        destination = destinations.get(sync.destination)
+        if destination is None:
+            problems.append(
+                ConfigProblem(
+                    f"{where}.destination",
+                    f"destination `{sync.destination}` is not defined; defined: "
+                    f"{', '.join(sorted(destinations)) or 'none'}",
+                )
+            )
+            continue
+        adapter = destination.adapter
+        if adapter.requires_audience and not sync.audience:
+            problems.append(
+                ConfigProblem(
+                    f"{where}.audience",
+                    f"required by `{adapter.name}` destinations: the id of the target "
+                    "audience or list",
+                )
+            )
+        if not sync.identifiers:
+            problems.append(
+                ConfigProblem(
+                    f"{where}.identifiers",
+                    'map at least one identifier, e.g. identifiers = { email = "email" }',
+                )
+            )
+        refused = sorted(set(sync.identifiers) - adapter.accepted_identifiers)
+        if refused:
+            problems.append(
+                ConfigProblem(
+                    f"{where}.identifiers",
+                    f"`{adapter.name}` does not accept {', '.join(refused)}; it accepts "
+                    f"{', '.join(sorted(adapter.accepted_identifiers))}",
+                )
+            )
+        if sync.fields and not adapter.supports_update and sync.mode != "add_only":
+            problems.append(
+                ConfigProblem(
+                    f"{where}.fields",
+                    f"`{adapter.name}` does not store attributes; remove `fields`",
+                )
+            )
+        try:
+            sync_options[name] = adapter.sync_options_model.model_validate(sync.options)
+        except ValidationError as error:
+            problems.extend(_pydantic_problems(f"{where}.options", error))
+            continue
+        syncs[name] = sync
+    return syncs, sync_options

@@ -1,0 +1,384 @@
+"""Plans the changes of one run as SQL in the state database.
+
+The segment is staged into a temporary table (key, fingerprint of the raw values, payload); the
+plan is then computed by joining the stage against the sync's snapshot, so memory stays flat and
+the cost of an unchanged rerun is one indexed join:
+
+- staged key absent from the snapshot → normalise → ``add`` (or skipped with a reason);
+- raw fingerprint changed → normalise → ``update``, or ``remove`` + ``add`` when the identity
+  changed on a destination that matches on hashes, or ``refresh`` (state only) when nothing the
+  destination sees changed;
+- snapshot member absent from the stage → ``remove`` (mirror mode only);
+- snapshot row the destination had rejected and that left the segment → ``forget`` (state only).
+
+Only rows that changed are normalised in Python; the plan lands in a second temporary table that
+delivery reads back in pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from connector.state import RowIssue, snapshot
+
+Action = Literal["add", "remove", "update", "refresh", "forget"]
+SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
+STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
+PAGE_SIZE = 5000
+
+
+def fingerprint(value: Any) -> str:
+    """Stable short hash of a JSON-able value (sorted keys)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class Normalised:
+    """A staged row after identity normalisation; `skip_reason` set when it cannot be sent."""
+
+    identifiers: dict[str, str]
+    fields: dict[str, Any]
+    skip_reason: str | None = None
+
+
+Normaliser = Callable[[dict[str, Any]], Normalised]
+
+
+@dataclass(frozen=True)
+class PlannedChange:
+    seq: int
+    action: str
+    key: str
+    raw_fp: str
+    identity_fp: str
+    fields_fp: str
+    identifiers: dict[str, str]
+    fields: dict[str, Any]
+    platform_id: str | None
+
+
+@dataclass
+class PlanSummary:
+    add: int = 0
+    remove: int = 0
+    update: int = 0
+    refresh: int = 0
+    forget: int = 0
+
+    def planned(self) -> dict[str, int]:
+        return {"add": self.add, "remove": self.remove, "update": self.update}
+
+
+def _temp_tables() -> tuple[sa.Table, sa.Table]:
+    temp = sa.MetaData()
+    stage = sa.Table(
+        "winback_stage",
+        temp,
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("key", sa.String(500), nullable=False),
+        sa.Column("raw_fp", sa.String(40), nullable=False),
+        sa.Column("payload", sa.Text, nullable=False),
+        prefixes=["TEMPORARY"],
+    )
+    plan = sa.Table(
+        "winback_plan",
+        temp,
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("action", sa.String(16), nullable=False),
+        sa.Column("key", sa.String(500), nullable=False),
+        sa.Column("raw_fp", sa.String(40), nullable=False),
+        sa.Column("identity_fp", sa.String(40), nullable=False),
+        sa.Column("fields_fp", sa.String(40), nullable=False),
+        sa.Column("identifiers", sa.Text, nullable=False),
+        sa.Column("fields", sa.Text, nullable=False),
+        sa.Column("platform_id", sa.String(200)),
+        prefixes=["TEMPORARY"],
+    )
+    return stage, plan
+
+
+class ChangePlanner:
+    """Stages a segment and plans its changes against one sync's snapshot.
+
+    Everything happens on one connection (temporary tables are per connection); the caller
+    commits and closes it.
+    """
+
+    def __init__(
+        self,
+        connection: sa.Connection,
+        *,
+        sync: str,
+        mode: str,
+        hashes_identifiers: bool,
+        supports_update: bool,
+        full_resync: bool = False,
+    ):
+        self.connection = connection
+        self.sync = sync
+        self.mode = mode
+        self.hashes_identifiers = hashes_identifiers
+        self.supports_update = supports_update
+        self.full_resync = full_resync
+        self.stage, self.plan = _temp_tables()
+        for table in (self.stage, self.plan):
+            table.drop(connection, checkfirst=True)
+            table.create(connection)
+        self._stage_seq = 0
+        self._plan_seq = 0
+        self._plan_buffer: list[dict[str, Any]] = []
+        self.summary = PlanSummary()
+
+    # -- staging -----------------------------------------------------------------------------
+
+    def stage_rows(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Add (key, payload) rows of the segment to the stage."""
+        if not rows:
+            return
+        values = []
+        for key, payload in rows:
+            self._stage_seq += 1
+            text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+            values.append(
+                {
+                    "seq": self._stage_seq,
+                    "key": key,
+                    "raw_fp": hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest(),
+                    "payload": text,
+                }
+            )
+        self.connection.execute(self.stage.insert(), values)
+
+    def finish_staging(self) -> list[RowIssue]:
+        """Index the stage and drop duplicate keys (the first row of each key is kept)."""
+        sa.Index("winback_stage_key", self.stage.c.key).create(self.connection)
+        counts = (
+            sa.select(
+                self.stage.c.key,
+                sa.func.min(self.stage.c.seq).label("first_seq"),
+                sa.func.count().label("n"),
+            )
+            .group_by(self.stage.c.key)
+            .having(sa.func.count() > 1)
+        )
+        issues = []
+        for key, first_seq, n in self.connection.execute(counts).all():
+            issues.extend(
+                RowIssue(
+                    "skipped",
+                    key,
+                    f"duplicate key `{key}`: the segment returns it {n} times; the first row was "
+                    "kept; make the segment return one row per key",
+                )
+                for _ in range(n - 1)
+            )
+            self.connection.execute(
+                self.stage.delete().where(self.stage.c.key == key, self.stage.c.seq != first_seq)
+            )
+        return issues
+
+    def staged_count(self) -> int:
+        return int(
+            self.connection.execute(sa.select(sa.func.count()).select_from(self.stage)).scalar_one()
+        )
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def build(self, normalise: Normaliser) -> list[RowIssue]:
+        """Fill the plan table; returns the rows skipped because they cannot be sent."""
+        issues = self._plan_candidates(normalise)
+        self._flush_plan()
+        self._plan_departures()
+        return issues
+
+    def _candidate_query(self, after_seq: int) -> sa.Select[Any]:
+        s, snap = self.stage, snapshot
+        joined = s.outerjoin(snap, sa.and_(snap.c.sync == self.sync, snap.c.key == s.c.key))
+        query = sa.select(
+            s.c.seq,
+            s.c.key,
+            s.c.raw_fp,
+            s.c.payload,
+            snap.c.status,
+            snap.c.raw_fp.label("old_fp"),
+            snap.c.identity_fp,
+            snap.c.fields_fp,
+            snap.c.identifiers,
+            snap.c.platform_id,
+        ).select_from(joined)
+        if not self.full_resync:
+            query = query.where(sa.or_(snap.c.key.is_(None), snap.c.raw_fp != s.c.raw_fp))
+        return query.where(s.c.seq > after_seq).order_by(s.c.seq).limit(PAGE_SIZE)
+
+    def _plan_candidates(self, normalise: Normaliser) -> list[RowIssue]:
+        issues: list[RowIssue] = []
+        after = 0
+        while True:
+            page = self.connection.execute(self._candidate_query(after)).all()
+            if not page:
+                return issues
+            after = page[-1].seq
+            for row in page:
+                issue = self._plan_candidate(row, normalise(json.loads(row.payload)))
+                if issue is not None:
+                    issues.append(issue)
+
+    def _plan_candidate(self, row: sa.Row[Any], new: Normalised) -> RowIssue | None:
+        is_member = row.status == "member"
+        if new.skip_reason is not None:
+            if is_member and self.mode == "mirror":
+                self._add_to_plan(
+                    "remove",
+                    row.key,
+                    row.old_fp,
+                    row.identity_fp,
+                    row.fields_fp,
+                    json.loads(row.identifiers),
+                    {},
+                    row.platform_id,
+                )
+            return RowIssue("skipped", row.key, new.skip_reason)
+        identity_fp, fields_fp = fingerprint(new.identifiers), fingerprint(new.fields)
+        values = (row.key, row.raw_fp, identity_fp, fields_fp, new.identifiers, new.fields)
+        if not is_member:
+            self._add_to_plan("add", *values, None)
+        elif self.full_resync:
+            self._add_to_plan("add", *values, row.platform_id)
+        elif identity_fp != row.identity_fp and self.hashes_identifiers:
+            if self.mode == "mirror":
+                self._add_to_plan(
+                    "remove",
+                    row.key,
+                    row.old_fp,
+                    row.identity_fp,
+                    row.fields_fp,
+                    json.loads(row.identifiers),
+                    {},
+                    row.platform_id,
+                )
+            self._add_to_plan("add", *values, None)
+        elif identity_fp == row.identity_fp and fields_fp == row.fields_fp:
+            self._add_to_plan("refresh", *values, row.platform_id)
+        elif self.supports_update and self.mode in ("mirror", "upsert"):
+            self._add_to_plan("update", *values, row.platform_id)
+        elif not self.supports_update:
+            self._add_to_plan("refresh", *values, row.platform_id)
+        return None
+
+    def _add_to_plan(
+        self,
+        action: Action,
+        key: str,
+        raw_fp: str,
+        identity_fp: str,
+        fields_fp: str,
+        identifiers: dict[str, str],
+        fields: dict[str, Any],
+        platform_id: str | None,
+    ) -> None:
+        self._plan_seq += 1
+        self._plan_buffer.append(
+            {
+                "seq": self._plan_seq,
+                "action": action,
+                "key": key,
+                "raw_fp": raw_fp,
+                "identity_fp": identity_fp,
+                "fields_fp": fields_fp,
+                "identifiers": json.dumps(identifiers, sort_keys=True),
+                "fields": json.dumps(fields, sort_keys=True, default=str),
+                "platform_id": platform_id,
+            }
+        )
+        setattr(self.summary, action, getattr(self.summary, action) + 1)
+        if len(self._plan_buffer) >= PAGE_SIZE:
+            self._flush_plan()
+
+    def _flush_plan(self) -> None:
+        if self._plan_buffer:
+            self.connection.execute(self.plan.insert(), self._plan_buffer)
+            self._plan_buffer = []
+
+    def _plan_departures(self) -> None:
+        """Members and rejected rows whose key is no longer in the segment."""
+        s, snap = self.stage, snapshot
+        gone = (
+            sa.select(
+                snap.c.key,
+                snap.c.status,
+                snap.c.raw_fp,
+                snap.c.identity_fp,
+                snap.c.fields_fp,
+                snap.c.identifiers,
+                snap.c.platform_id,
+            )
+            .where(snap.c.sync == self.sync)
+            .where(~sa.exists().where(s.c.key == snap.c.key))
+            .order_by(snap.c.key)
+        )
+        for row in self.connection.execute(gone).all():
+            if row.status != "member":
+                action: Action = "forget"
+            elif self.mode == "mirror":
+                action = "remove"
+            else:
+                continue
+            self._add_to_plan(
+                action,
+                row.key,
+                row.raw_fp,
+                row.identity_fp,
+                row.fields_fp,
+                json.loads(row.identifiers),
+                {},
+                row.platform_id,
+            )
+        self._flush_plan()
+
+    # -- reading the plan --------------------------------------------------------------------
+
+    def changes(self, action: Action, page_size: int = PAGE_SIZE) -> Iterator[PlannedChange]:
+        """The planned changes of one action, in plan order, read back in pages."""
+        after = 0
+        while True:
+            page = self.connection.execute(
+                sa.select(self.plan)
+                .where(self.plan.c.action == action, self.plan.c.seq > after)
+                .order_by(self.plan.c.seq)
+                .limit(page_size)
+            ).all()
+            if not page:
+                return
+            after = page[-1].seq
+            for row in page:
+                yield PlannedChange(
+                    seq=row.seq,
+                    action=row.action,
+                    key=row.key,
+                    raw_fp=row.raw_fp,
+                    identity_fp=row.identity_fp,
+                    fields_fp=row.fields_fp,
+                    identifiers=json.loads(row.identifiers),
+                    fields=json.loads(row.fields),
+                    platform_id=row.platform_id,
+                )
+
+    def samples(self, action: Action, limit: int = 5) -> list[str]:
+        rows = self.connection.execute(
+            sa.select(self.plan.c.key)
+            .where(self.plan.c.action == action)
+            .order_by(self.plan.c.seq)
+            .limit(limit)
+        )
+        return [row.key for row in rows]
+
+    def drop(self) -> None:
+        for table in (self.plan, self.stage):
+            table.drop(self.connection, checkfirst=True)

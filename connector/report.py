@@ -1,0 +1,100 @@
+"""Turns run results, histories and previews into text, JSON or CSV for the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from connector.sync import RunResult, jsonable
+
+STATUS_STYLE = {
+    "success": "green",
+    "dry_run": "cyan",
+    "partial": "yellow",
+    "aborted": "red",
+    "failed": "red",
+    "locked": "magenta",
+    "running": "blue",
+}
+
+
+def runs_json(results: Sequence[RunResult], exit_code: int) -> str:
+    return json.dumps({"runs": [r.to_json() for r in results], "exit_code": exit_code}, indent=2)
+
+
+def run_summary(result: RunResult) -> str:
+    """One line per run: counts planned and sent."""
+    planned, sent = result.planned, result.sent
+    if result.status == "dry_run":
+        changes = (
+            f"would add {planned['add']}, remove {planned['remove']}, update {planned['update']}"
+        )
+    else:
+        changes = (
+            f"added {sent['add']}/{planned['add']}, removed {sent['remove']}/{planned['remove']}, "
+            f"updated {sent['update']}/{planned['update']}"
+        )
+    parts = [
+        f"{result.sync}: {result.status}",
+        f"{result.segment_rows} segment rows",
+        f"{result.skipped} skipped",
+        changes,
+    ]
+    if result.status != "dry_run":
+        parts += [
+            f"{result.rejected} rejected",
+            f"{result.batches} batches",
+            f"{result.retries} retries",
+        ]
+    parts.append(f"{result.duration_s:.2f}s")
+    return " · ".join(parts)
+
+
+def print_runs(console: Console, results: Sequence[RunResult]) -> None:
+    for result in results:
+        style = STATUS_STYLE.get(result.status, "white")
+        console.print(run_summary(result), style=style, highlight=False, soft_wrap=True)
+        if result.status == "dry_run":
+            for action, keys in result.samples.items():
+                if keys:
+                    console.print(f"  {action} e.g. {', '.join(keys)}", highlight=False)
+            if result.audience_size is not None:
+                console.print(f"  audience now: {result.audience_size} members", highlight=False)
+        if result.error:
+            console.print(f"  error: {result.error}", style=style, highlight=False, soft_wrap=True)
+
+
+def rows_output(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    output: str,
+    console: Console,
+    title: str | None = None,
+) -> None:
+    """Print rows as a rich table, JSON (list of objects) or CSV."""
+    materialised = [[jsonable(v) for v in row] for row in rows]
+    if output == "json":
+        console.print_json(
+            json.dumps([dict(zip(columns, row, strict=True)) for row in materialised])
+        )
+        return
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(materialised)
+        console.file.write(buffer.getvalue())
+        return
+    table = Table(title=title, show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in materialised:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)

@@ -1,0 +1,128 @@
+"""Turns a segment definition into one query and reads it from the warehouse in chunks."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+
+from connector.config import QuerySegment, Segment
+from connector.errors import WarehouseError
+from connector.rules import RulesSegment, compile_rules
+from connector.warehouse import first_line, stream_rows, warehouse_connection
+
+
+def effective_as_of(segment: Segment, as_of: dt.date | None) -> dt.date:
+    """`--as-of`, else the segment's `as_of`, else today (UTC)."""
+    if as_of is not None:
+        return as_of
+    if segment.as_of is not None:
+        return segment.as_of
+    return dt.datetime.now(dt.UTC).date()
+
+
+def segment_query(
+    name: str, segment: Segment, *, as_of: dt.date, engine: sa.Engine
+) -> sa.Executable:
+    """The segment's query; SQL segments may use the `:as_of` bind parameter."""
+    if isinstance(segment, RulesSegment):
+        return compile_rules(name, segment, as_of=as_of, engine=engine)
+    sql = segment.sql if segment.sql is not None else _read_sql_file(name, segment)
+    query = sa.text(sql.strip().rstrip(";"))
+    if "as_of" in query._bindparams:
+        query = query.bindparams(as_of=as_of)
+    return query
+
+
+def probe_columns(name: str, segment: Segment, *, engine: sa.Engine, as_of: dt.date) -> list[str]:
+    """Run the segment with `LIMIT 0` and return its columns; WarehouseError if it fails."""
+    query = segment_query(name, segment, as_of=as_of, engine=engine)
+    if isinstance(query, sa.Select):
+        probe: sa.Executable = query.limit(0)
+    else:
+        assert isinstance(query, sa.TextClause)
+        probe = sa.text(f"SELECT * FROM ({query.text}) AS winback_probe LIMIT 0")
+        if "as_of" in probe._bindparams:  # type: ignore[attr-defined]
+            probe = probe.bindparams(as_of=as_of)
+    with warehouse_connection(engine) as connection:
+        try:
+            columns = list(connection.execute(probe).keys())
+        except sa.exc.DBAPIError as error:
+            raise WarehouseError(
+                f"the query failed: {first_line(error)}; {where_to_fix(name, segment)}",
+                segment=name,
+            ) from None
+    if segment.key not in columns:
+        raise WarehouseError(
+            f"the query returns no key column `{segment.key}` (it returns "
+            f"{', '.join(columns) or 'nothing'}); {where_to_fix(name, segment)}",
+            segment=name,
+        )
+    return columns
+
+
+def _read_sql_file(name: str, segment: QuerySegment) -> str:
+    sql_path = segment.file
+    if sql_path is None:
+        raise WarehouseError("has neither `sql` nor `file`", segment=name)
+    try:
+        return sql_path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise WarehouseError(f"cannot read `{sql_path}`: {error.strerror}", segment=name) from None
+
+
+def where_to_fix(name: str, segment: Segment) -> str:
+    if isinstance(segment, RulesSegment):
+        return f"check segments.{name} (run `winback segments explain {name}`)"
+    if segment.file is not None:
+        return f"check the query in `{segment.file}`"
+    return f"check segments.{name}.sql"
+
+
+@contextmanager
+def read_segment(
+    name: str,
+    segment: Segment,
+    *,
+    engine: sa.Engine,
+    as_of: dt.date,
+    chunk_size: int,
+    required_columns: Sequence[str] = (),
+) -> Iterator[tuple[Sequence[str], Iterator[Sequence[sa.Row[Any]]]]]:
+    """Open the segment and yield its column names and a chunk iterator.
+
+    Raises WarehouseError naming the segment when the query fails or a needed column is absent.
+    """
+    query = segment_query(name, segment, as_of=as_of, engine=engine)
+    with warehouse_connection(engine) as connection:
+        try:
+            columns, chunks = stream_rows(connection, query, chunk_size=chunk_size)
+        except sa.exc.DBAPIError as error:
+            raise WarehouseError(
+                f"the query failed: {first_line(error)}; {where_to_fix(name, segment)}",
+                segment=name,
+            ) from None
+        missing = [c for c in (segment.key, *required_columns) if c not in columns]
+        if missing:
+            raise WarehouseError(
+                f"the query returns no column {', '.join(f'`{c}`' for c in missing)} "
+                f"(it returns {', '.join(columns) or 'nothing'}); "
+                f"{where_to_fix(name, segment)} or the sync's identifiers/fields mapping",
+                segment=name,
+            )
+        yield columns, _guarded(name, segment, chunks)
+
+
+def _guarded(
+    name: str, segment: Segment, chunks: Iterator[Sequence[sa.Row[Any]]]
+) -> Iterator[Sequence[sa.Row[Any]]]:
+    try:
+        yield from chunks
+    except sa.exc.DBAPIError as error:
+        raise WarehouseError(
+            f"reading the result failed: {first_line(error)}; {where_to_fix(name, segment)}",
+            segment=name,
+        ) from None

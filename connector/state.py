@@ -1,0 +1,365 @@
+"""The state store: snapshots, run history, row issues and per-sync locks.
+
+Any SQLAlchemy database works (SQLite by default, PostgreSQL for teams). The schema is created on
+first use and carries a version number so later releases can migrate it in place.
+
+Tables:
+- ``snapshot``: one row per (sync, key) that winback added to the destination (``status =
+  'member'``) or that the destination rejected (``'rejected'``, so it is not re-sent until it
+  changes). It keeps what later runs need: fingerprints for the diff, the normalised identifiers
+  and the platform id to remove the member again.
+- ``runs``: one row per run with its counts, duration and outcome.
+- ``row_issues``: rows skipped before sending (null/duplicate key, no usable identifier) and rows
+  the destination rejected, with the reason.
+- ``locks``: who runs which sync now; a lock whose process is gone or whose heartbeat is older
+  than ``LOCK_TTL`` is taken over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from connector.errors import LockedError, StateError
+from connector.warehouse import first_line, redact_url
+
+SCHEMA_VERSION = 1
+LOCK_TTL = dt.timedelta(minutes=30)
+
+metadata = sa.MetaData()
+
+schema_info = sa.Table(
+    "winback_schema",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+snapshot = sa.Table(
+    "snapshot",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(500), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("raw_fp", sa.String(40), nullable=False),
+    sa.Column("identity_fp", sa.String(40), nullable=False),
+    sa.Column("fields_fp", sa.String(40), nullable=False),
+    sa.Column("identifiers", sa.Text, nullable=False),
+    sa.Column("platform_id", sa.String(200)),
+    sa.Column("first_added_at", sa.DateTime),
+    sa.Column("last_sent_at", sa.DateTime),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("sync", sa.String(200), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("duration_s", sa.Float),
+    sa.Column("segment_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("planned_add", sa.Integer, nullable=False, default=0),
+    sa.Column("planned_remove", sa.Integer, nullable=False, default=0),
+    sa.Column("planned_update", sa.Integer, nullable=False, default=0),
+    sa.Column("sent_add", sa.Integer, nullable=False, default=0),
+    sa.Column("sent_remove", sa.Integer, nullable=False, default=0),
+    sa.Column("sent_update", sa.Integer, nullable=False, default=0),
+    sa.Column("rejected", sa.Integer, nullable=False, default=0),
+    sa.Column("batches", sa.Integer, nullable=False, default=0),
+    sa.Column("retries", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.Text),
+)
+
+row_issues = sa.Table(
+    "row_issues",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(40), nullable=False, index=True),
+    sa.Column("sync", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(16)),
+    sa.Column("key", sa.String(500)),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+locks = sa.Table(
+    "locks",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("acquired_at", sa.DateTime, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime, nullable=False),
+)
+
+RUN_COUNT_COLUMNS = (
+    "segment_rows",
+    "skipped",
+    "planned_add",
+    "planned_remove",
+    "planned_update",
+    "sent_add",
+    "sent_remove",
+    "sent_update",
+    "rejected",
+    "batches",
+    "retries",
+)
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC timestamp (portable across SQLite, DuckDB and PostgreSQL)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    kind: str  # "skipped" | "rejected"
+    key: str | None
+    reason: str
+    action: str | None = None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StateStore:
+    """Opens (and creates or migrates) the state database."""
+
+    def __init__(self, url: str):
+        self.url = url
+        parsed = sa.engine.make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine = sa.create_engine(url)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
+            raise StateError(
+                f"cannot use state URL `{redact_url(url)}`: {first_line(error)}"
+            ) from None
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._ensure_schema()
+
+    def _ensure_schema(self) -> None:
+        try:
+            with self.engine.begin() as connection:
+                metadata.create_all(connection)
+                version = connection.execute(sa.select(schema_info.c.version)).scalar()
+                if version is None:
+                    connection.execute(schema_info.insert().values(version=SCHEMA_VERSION))
+                elif version > SCHEMA_VERSION:
+                    raise StateError(
+                        f"the state store `{redact_url(self.url)}` has schema version {version}, "
+                        f"newer than this winback ({SCHEMA_VERSION}); upgrade winback"
+                    )
+        except sa.exc.DBAPIError as error:
+            raise StateError(
+                f"cannot open the state store `{redact_url(self.url)}`: {first_line(error)}; "
+                "check [state] url"
+            ) from None
+
+    def connect(self) -> sa.Connection:
+        return self.engine.connect()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- locks -------------------------------------------------------------------------------
+
+    def acquire_lock(self, sync: str, run_id: str) -> None:
+        """Take the sync's lock or raise LockedError; stale locks are taken over."""
+        now = utcnow()
+        host, pid = socket.gethostname(), os.getpid()
+        with self.engine.begin() as connection:
+            held = connection.execute(sa.select(locks).where(locks.c.sync == sync)).first()
+            if held is not None:
+                if not self._is_stale(held, now):
+                    raise LockedError(
+                        sync,
+                        f"run {held.run_id}, process {held.pid} on {held.host}, "
+                        f"since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC",
+                    )
+                connection.execute(
+                    locks.delete().where(locks.c.sync == sync, locks.c.run_id == held.run_id)
+                )
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    locks.insert().values(
+                        sync=sync,
+                        run_id=run_id,
+                        host=host,
+                        pid=pid,
+                        acquired_at=now,
+                        heartbeat_at=now,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            raise LockedError(sync, "another process took the lock at the same moment") from None
+
+    @staticmethod
+    def _is_stale(held: sa.Row[Any], now: dt.datetime) -> bool:
+        if held.host == socket.gethostname():
+            return not _pid_alive(held.pid)
+        heartbeat: dt.datetime = held.heartbeat_at
+        return now - heartbeat > LOCK_TTL
+
+    def heartbeat(self, connection: sa.Connection, sync: str, run_id: str) -> None:
+        connection.execute(
+            locks.update()
+            .where(locks.c.sync == sync, locks.c.run_id == run_id)
+            .values(heartbeat_at=utcnow())
+        )
+
+    def release_lock(self, sync: str, run_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(locks.delete().where(locks.c.sync == sync, locks.c.run_id == run_id))
+
+    def lock_holder(self, sync: str) -> sa.Row[Any] | None:
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(locks).where(locks.c.sync == sync)).first()
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def start_run(self, sync: str, run_id: str) -> None:
+        values: dict[str, Any] = dict.fromkeys(RUN_COUNT_COLUMNS, 0)
+        with self.engine.begin() as connection:
+            connection.execute(
+                runs.insert().values(
+                    run_id=run_id, sync=sync, status="running", started_at=utcnow(), **values
+                )
+            )
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        counts: dict[str, int],
+        duration_s: float,
+        error: str | None,
+    ) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                runs.update()
+                .where(runs.c.run_id == run_id)
+                .values(
+                    status=status,
+                    finished_at=utcnow(),
+                    duration_s=round(duration_s, 3),
+                    error=error,
+                    **counts,
+                )
+            )
+
+    def prune_history(self, sync: str, keep: int) -> None:
+        """Keep the newest `keep` runs of a sync and their row issues."""
+        with self.engine.begin() as connection:
+            old = (
+                connection.execute(
+                    sa.select(runs.c.run_id)
+                    .where(runs.c.sync == sync)
+                    .order_by(runs.c.started_at.desc())
+                    .offset(keep)
+                )
+                .scalars()
+                .all()
+            )
+            for start in range(0, len(old), 500):
+                chunk = old[start : start + 500]
+                connection.execute(row_issues.delete().where(row_issues.c.run_id.in_(chunk)))
+                connection.execute(runs.delete().where(runs.c.run_id.in_(chunk)))
+
+    def history(self, sync: str, limit: int) -> list[sa.Row[Any]]:
+        with self.engine.connect() as connection:
+            return list(
+                connection.execute(
+                    sa.select(runs)
+                    .where(runs.c.sync == sync)
+                    .order_by(runs.c.started_at.desc())
+                    .limit(limit)
+                )
+            )
+
+    def issues(self, run_id: str, limit: int = 20) -> list[sa.Row[Any]]:
+        with self.engine.connect() as connection:
+            return list(
+                connection.execute(
+                    sa.select(row_issues)
+                    .where(row_issues.c.run_id == run_id)
+                    .order_by(row_issues.c.id)
+                    .limit(limit)
+                )
+            )
+
+    # -- snapshot ----------------------------------------------------------------------------
+
+    def audience_size(self, connection: sa.Connection | None, sync: str) -> int:
+        query = (
+            sa.select(sa.func.count())
+            .select_from(snapshot)
+            .where(snapshot.c.sync == sync, snapshot.c.status == "member")
+        )
+        if connection is not None:
+            return int(connection.execute(query).scalar_one())
+        with self.engine.connect() as own:
+            return int(own.execute(query).scalar_one())
+
+    def reset(self, sync: str) -> int:
+        """Forget a sync's snapshot; returns how many rows were forgotten."""
+        with self.engine.begin() as connection:
+            result = connection.execute(snapshot.delete().where(snapshot.c.sync == sync))
+            return int(result.rowcount or 0)
+
+    @staticmethod
+    def record_issues(
+        connection: sa.Connection, *, run_id: str, sync: str, issues: Iterable[RowIssue]
+    ) -> None:
+        rows = [
+            {
+                "run_id": run_id,
+                "sync": sync,
+                "kind": i.kind,
+                "action": i.action,
+                "key": i.key,
+                "reason": i.reason[:2000],
+            }
+            for i in issues
+        ]
+        if rows:
+            connection.execute(row_issues.insert(), rows)
+
+    @staticmethod
+    def delete_snapshot_keys(connection: sa.Connection, sync: str, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), 500):
+            connection.execute(
+                snapshot.delete().where(
+                    snapshot.c.sync == sync, snapshot.c.key.in_(keys[start : start + 500])
+                )
+            )

@@ -1,0 +1,78 @@
+"""Connections to the warehouse (read-only) and streaming of query results in chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from connector.errors import WarehouseError
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<invalid URL>"
+
+
+def first_line(error: BaseException) -> str:
+    """The database's own message, first line only (drivers append long context)."""
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip().splitlines()
+    return text[0] if text else type(original).__name__
+
+
+def create_warehouse_engine(url: str) -> sa.Engine:
+    """An engine for the warehouse; DuckDB files are opened read-only and must exist."""
+    parsed = sa.engine.make_url(url)
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    database = parsed.database
+    if backend in ("duckdb", "sqlite") and database and database != ":memory:":
+        if not Path(database).exists():
+            raise WarehouseError(
+                f"warehouse file `{database}` does not exist; check [warehouse] url "
+                "(relative paths are relative to the config file) or run `winback init --demo`"
+            )
+        if backend == "duckdb":
+            connect_args["read_only"] = True
+    try:
+        return sa.create_engine(url, connect_args=connect_args)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
+        raise WarehouseError(
+            f"cannot use warehouse URL `{redact_url(url)}`: {first_line(error)}; install the "
+            "driver for this database (e.g. pip install 'winback[postgres]')"
+        ) from None
+
+
+@contextmanager
+def warehouse_connection(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """Connect, turning an unreachable warehouse into a WarehouseError that says what to check."""
+    try:
+        connection = engine.connect()
+    except sa.exc.DBAPIError as error:
+        raise WarehouseError(
+            f"cannot connect to the warehouse `{redact_url(str(engine.url))}`: "
+            f"{first_line(error)}; check [warehouse] url, the network and the credentials"
+        ) from None
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def stream_rows(
+    connection: sa.Connection, query: sa.Executable, *, chunk_size: int
+) -> tuple[Sequence[str], Iterator[Sequence[sa.Row[Any]]]]:
+    """Execute with a server-side cursor; return the column names and an iterator of chunks.
+
+    `stream_results` + `partitions` keep memory flat whatever the segment size (duckdb-engine
+    ignores `yield_per` for text queries).
+    """
+    result = connection.execution_options(stream_results=True).execute(query)
+    return list(result.keys()), result.partitions(chunk_size)
