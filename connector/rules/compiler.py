@@ -1,0 +1,292 @@
+"""Check a rules segment against the warehouse, compile it, and explain what it selects.
+
+``compile_rules`` reflects every table and column the segment names (reporting all the missing
+ones at once, with their TOML paths), learns how each `at` column stores time, builds the query
+(see ``connector.rules.query``) and runs it with ``LIMIT 0`` so that a `where` or `having` that
+is not a valid expression is a config error, not a failed sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+
+from connector.errors import ConfigError, ConfigProblem, WarehouseError
+from connector.rules.dialects import AtKind
+from connector.rules.model import RulesSegment, Signal
+from connector.rules.query import RulesQuery, build_rules_query, condition, table_of
+
+_LISTED_NAMES = 30
+
+
+class SignalCounts(NamedTuple):
+    """How the segment's population splits on one signal."""
+
+    name: str
+    inactive: int
+    active: int
+    never: int
+
+
+@dataclass(frozen=True)
+class RulesExplanation:
+    """What ``winback segments preview`` shows about a rules segment."""
+
+    sql: str
+    """The query, compiled for the warehouse's dialect with the values inlined."""
+    signals: list[SignalCounts]
+    """Per signal, over the `from` rows that pass `where`: inactive, active, no events."""
+    qualifying: int
+    """Rows the segment returns."""
+
+
+def compile_rules(
+    name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine
+) -> sa.Select[Any]:
+    """Compile segment ``name`` to one SELECT for ``engine``'s warehouse, as of ``as_of``.
+
+    Raises ``ConfigError`` listing every unknown table or column and any SQL fragment the
+    warehouse rejects; ``WarehouseError`` when the warehouse cannot be reached.
+    """
+    return _compile(name, segment, as_of=as_of, engine=engine).select
+
+
+def explain_rules(
+    name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine
+) -> RulesExplanation:
+    """Compile segment ``name`` and count, per signal and overall, whom it selects."""
+    query = _compile(name, segment, as_of=as_of, engine=engine)
+    total = sa.select(sa.func.count()).select_from(query.select.subquery())
+    try:
+        with engine.connect() as connection:
+            counts = connection.execute(query.signal_counts()).one()
+            qualifying = connection.execute(total).scalar_one()
+    except sa.exc.DBAPIError as error:
+        raise WarehouseError(_first_line(error), segment=name) from error
+    signals = [
+        SignalCounts(signal.name, *(int(counts[3 * i + j]) for j in range(3)))
+        for i, signal in enumerate(segment.signals)
+    ]
+    sql = query.select.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+    return RulesExplanation(sql=str(sql), signals=signals, qualifying=int(qualifying))
+
+
+def _compile(name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine) -> RulesQuery:
+    try:
+        resolver = _Resolver(name, engine)
+        resolved, at_kinds = resolver.resolve(segment)
+    except sa.exc.DBAPIError as error:
+        raise WarehouseError(
+            f"cannot read the warehouse's tables: {_first_line(error)}", segment=name
+        ) from error
+    if resolver.problems:
+        raise ConfigError(resolver.problems)
+    dialect = engine.dialect.name
+    query = build_rules_query(resolved, as_of=as_of, dialect=dialect, at_kinds=at_kinds)
+    failure = _try_run(engine, query.select)
+    if failure is not None:
+        raise ConfigError(_locate_failure(name, resolved, engine, as_of, at_kinds, failure))
+    return query
+
+
+def _first_line(error: sa.exc.DBAPIError) -> str:
+    text = str(error.orig) if error.orig is not None else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error.orig).__name__
+
+
+def _try_run(engine: sa.Engine, query: sa.Select[Any]) -> str | None:
+    """Run ``query`` with LIMIT 0; the database's error message, or None when it runs."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(query.limit(0)).close()
+    except sa.exc.DBAPIError as error:
+        return _first_line(error)
+    return None
+
+
+def _locate_failure(
+    name: str,
+    segment: RulesSegment,
+    engine: sa.Engine,
+    as_of: date,
+    at_kinds: Sequence[AtKind],
+    failure: str,
+) -> list[ConfigProblem]:
+    """Find which SQL fragment made the compiled query fail, by trying each one on its table."""
+    base = f"segments.{name}"
+    fragments: list[tuple[str, str, str | None]] = [(f"{base}.where", segment.from_, segment.where)]
+    fragments += [
+        (f"{base}.signals[{i}].where", s.table, s.where) for i, s in enumerate(segment.signals)
+    ]
+    fragments += [
+        (f"{base}.exclude[{i}].where", e.table, e.where) for i, e in enumerate(segment.exclude)
+    ]
+    problems = []
+    for location, table, fragment in fragments:
+        if fragment is None:
+            continue
+        probe = sa.select(sa.literal(1)).select_from(table_of(table, [])).where(condition(fragment))
+        error = _try_run(engine, probe)
+        if error is not None:
+            problems.append(
+                ConfigProblem(
+                    location, f"`{fragment}` is not a valid condition on `{table}`: {error}"
+                )
+            )
+    if problems:
+        return problems
+    if segment.having is not None:
+        dialect = engine.dialect.name
+        without = build_rules_query(
+            segment, as_of=as_of, dialect=dialect, at_kinds=at_kinds, with_having=False
+        )
+        if _try_run(engine, without.select) is None:
+            return [
+                ConfigProblem(
+                    f"{base}.having",
+                    f"`{segment.having}` is not a valid condition on the segment's columns and "
+                    f"computed columns: {failure}",
+                )
+            ]
+    return [ConfigProblem(base, f"the compiled rules query fails in the warehouse: {failure}")]
+
+
+@dataclass
+class _Resolver:
+    """Checks names against the warehouse, collecting every problem with its TOML path."""
+
+    segment_name: str
+    engine: sa.Engine
+    problems: list[ConfigProblem] = field(default_factory=list)
+    _columns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._inspector = sa.inspect(self.engine)
+
+    def resolve(self, segment: RulesSegment) -> tuple[RulesSegment, list[AtKind]]:
+        """The segment with names spelled as in the warehouse, and each signal's time kind."""
+        base = f"segments.{self.segment_name}"
+        names = {"key": segment.key}
+        names.update({f"columns[{i}]": column for i, column in enumerate(segment.columns)})
+        if segment.group_by is not None:
+            names["group_by"] = segment.group_by
+        found = self._columns_of(f"{base}.from", base, segment.from_, names)
+        signals, kinds = [], []
+        for index, signal in enumerate(segment.signals):
+            resolved, kind = self._resolve_signal(f"{base}.signals[{index}]", signal)
+            signals.append(resolved)
+            kinds.append(kind)
+        exclusions = []
+        for index, exclusion in enumerate(segment.exclude):
+            location = f"{base}.exclude[{index}]"
+            key = self._columns_of(
+                f"{location}.table", location, exclusion.table, {"key": exclusion.key}
+            )
+            exclusions.append(exclusion.model_copy(update=key))
+        update: dict[str, Any] = {
+            "key": found.get("key", segment.key),
+            "group_by": found.get("group_by", segment.group_by),
+            "columns": [found.get(f"columns[{i}]", c) for i, c in enumerate(segment.columns)],
+            "signals": signals,
+            "exclude": exclusions,
+        }
+        return segment.model_copy(update=update), kinds
+
+    def _resolve_signal(self, location: str, signal: Signal) -> tuple[Signal, AtKind]:
+        names = {"key": signal.key, "at": signal.at}
+        if signal.value is not None:
+            names["value"] = signal.value
+        found = self._columns_of(f"{location}.table", location, signal.table, names)
+        reflected = self._columns.get(signal.table)
+        if reflected is None or "at" not in found:
+            return signal.model_copy(update=found), "text"
+        at_type = reflected[found["at"]]["type"]
+        kind = self._at_kind(location, signal.table, found["at"], at_type)
+        return signal.model_copy(update=found), kind
+
+    def _columns_of(
+        self, table_location: str, location: str, table: str, names: dict[str, str]
+    ) -> dict[str, str]:
+        """Resolve ``{option: column}`` in ``table``; unknown tables and columns are problems."""
+        columns = self._reflect(table_location, table)
+        if columns is None:
+            return {}
+        found = {}
+        for option, wanted in names.items():
+            actual = _match_name(wanted, columns)
+            if actual is not None:
+                found[option] = actual
+                continue
+            listed = ", ".join(list(columns)[:_LISTED_NAMES])
+            message = f"column `{wanted}` not found in table `{table}` (columns: {listed})"
+            self.problems.append(ConfigProblem(f"{location}.{option}", message))
+        return found
+
+    def _reflect(self, location: str, table: str) -> dict[str, Any] | None:
+        if table in self._columns:
+            return self._columns[table]
+        schema, _, name = table.rpartition(".")
+        columns: dict[str, Any] | None = None
+        if self._inspector.has_table(name, schema=schema or None):
+            reflected = self._inspector.get_columns(name, schema=schema or None)
+            columns = {str(column["name"]): column for column in reflected}
+        else:
+            known = self._inspector.get_table_names(schema or None)
+            known += self._inspector.get_view_names(schema or None)
+            listed = ", ".join(sorted(known)[:_LISTED_NAMES]) or "none"
+            if not any(p.location == location for p in self.problems):
+                self.problems.append(
+                    ConfigProblem(
+                        location, f"table `{table}` not found in the warehouse (tables: {listed})"
+                    )
+                )
+        self._columns[table] = columns
+        return columns
+
+    def _at_kind(self, location: str, table: str, column: str, column_type: Any) -> AtKind:
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            return "text"
+        type_name = type(column_type).__name__.upper()
+        if isinstance(column_type, sa.DateTime) or type_name.startswith("TIMESTAMP"):
+            aware = bool(getattr(column_type, "timezone", False)) or type_name in (
+                "TIMESTAMP_TZ",
+                "TIMESTAMP_LTZ",
+            )
+            if dialect == "duckdb":
+                aware = "TIME ZONE" in self._duckdb_type(table, column).upper()
+            return "timestamptz" if aware else "timestamp"
+        if isinstance(column_type, sa.Date):
+            return "date"
+        self.problems.append(
+            ConfigProblem(
+                f"{location}.at",
+                f"column `{column}` of table `{table}` has type {column_type}; `at` must be a DATE "
+                "or TIMESTAMP column (cast it in a view)",
+            )
+        )
+        return "text"
+
+    def _duckdb_type(self, table: str, column: str) -> str:
+        """DuckDB reflects TIMESTAMPTZ as a naive TIMESTAMP; its information schema does not."""
+        schema, _, name = table.rpartition(".")
+        query = sa.text(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_name = :table AND column_name = :column"
+            + (" AND table_schema = :schema" if schema else "")
+        )
+        params = {"table": name, "column": column, **({"schema": schema} if schema else {})}
+        with self.engine.connect() as connection:
+            return str(connection.execute(query, params).scalar() or "")
+
+
+def _match_name(wanted: str, columns: dict[str, Any]) -> str | None:
+    """The warehouse's spelling of a column: exact, else the only case-insensitive match."""
+    if wanted in columns:
+        return wanted
+    folded = [name for name in columns if name.lower() == wanted.lower()]
+    return folded[0] if len(folded) == 1 else None

@@ -1,0 +1,321 @@
+"""Build the SQLAlchemy Core query of a rules segment (no warehouse access here).
+
+The query is one ``SELECT`` made of CTEs, read top to bottom:
+
+``wb_people``
+    the ``from`` table: key, ``columns``, the ``group_by`` column. Its ``where`` filters rows here,
+    or, with ``group_by``, becomes a ``_wb_wanted`` flag (the account check needs every contact).
+``wb_events_N``
+    signal N's rows (its ``where``, non-null key and time) with the UTC event date ``d`` and the
+    whole days ``age`` from ``d`` to ``as_of``; events after ``as_of`` are left out here.
+``wb_stats_N``
+    per person: ``elapsed`` (smallest age), ``last`` date, ``n`` events and, for usage signals,
+    ``w``/``b``: SUM(value) over the window and the baseline.
+``wb_median_N`` (cadence signals)
+    per person: twice the median gap between distinct event dates (``MIN + MAX`` of the one or
+    two middle gaps, ranked with ``ROW_NUMBER``; ``LAG`` gives the gaps) and the count of dates.
+``wb_flags``
+    the people left-joined to every signal: ``_wb_has_N``, ``_wb_inactive_N`` (0/1) and the
+    per-signal elapsed, last date and event count.
+``wb_segment``
+    computed columns (score, inactive_signals, days_inactive, last_activity_at, events) and
+    ``_wb_keep``: match (or, with ``group_by``, match of every contact of the group), no
+    ``never = "exclude"`` signal without events, not lost, wanted.
+
+The final ``SELECT`` reads ``wb_segment`` where ``_wb_keep = 1``, no exclusion matches
+(``NOT EXISTS``) and ``having`` holds, ordered by key (NULL keys last).
+
+All arithmetic is on whole days and integers, so DuckDB, SQLite and PostgreSQL agree: the
+median is kept doubled and compared as ``2 * elapsed > cadence * (2 * median)``; the usage rule
+``W < drop_below * B * window / baseline`` is compared as
+``W * baseline < drop_below * B * window``. ``inactive_signals`` is an empty string (not NULL)
+when no signal is inactive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement, TextClause
+
+from connector.rules.dialects import AtKind, as_of_literal, days_between, utc_date
+from connector.rules.model import COMPUTED_COLUMNS, RulesSegment, Signal
+
+_WANTED = "_wb_wanted"
+_KEEP = "_wb_keep"
+_NEVER_VALUE = {"inactive": 1, "active": 0, "exclude": 1}
+
+
+@dataclass(frozen=True)
+class RulesQuery:
+    """The segment query and the per-person flags it is built on (``explain_rules`` reads them)."""
+
+    select: sa.Select[Any]
+    flags: sa.CTE
+    signals: tuple[Signal, ...]
+
+    def signal_counts(self) -> sa.Select[Any]:
+        """One row: for every signal, how many people are inactive, active, and without events."""
+        has_wanted = _WANTED in self.flags.c
+        columns: list[ColumnElement[Any]] = []
+        for index, _ in enumerate(self.signals):
+            has = self.flags.c[f"_wb_has_{index}"]
+            inactive = self.flags.c[f"_wb_inactive_{index}"]
+            columns += [
+                _count_if((has == 1) & (inactive == 1)),
+                _count_if((has == 1) & (inactive == 0)),
+                _count_if(has == 0),
+            ]
+        query = sa.select(*columns).select_from(self.flags)
+        return query.where(self.flags.c[_WANTED] == 1) if has_wanted else query
+
+
+def build_rules_query(
+    segment: RulesSegment,
+    *,
+    as_of: date,
+    dialect: str,
+    at_kinds: Sequence[AtKind],
+    with_having: bool = True,
+) -> RulesQuery:
+    """Compile ``segment`` for ``dialect``; ``at_kinds[i]`` tells how signal i stores its time.
+
+    Table and column names are used as given (``compile_rules`` resolves them against the
+    warehouse first); SQL fragments are spliced in as ``text()``.
+    """
+    as_of_value = as_of_literal(as_of, dialect)
+    people = _people(segment)
+    joined: sa.FromClause = people
+    flag_columns: list[ColumnElement[Any]] = [*people.c]
+    person = people.c[segment.key]
+    for index, signal in enumerate(segment.signals):
+        events = _events(index, signal, at_kinds[index], as_of_value, dialect)
+        stats = _stats(index, signal, events)
+        median = _median(index, events) if signal.cadence is not None else None
+        joined = joined.outerjoin(stats, stats.c.k == person)
+        if median is not None:
+            joined = joined.outerjoin(median, median.c.k == person)
+        flag_columns += _signal_flags(index, signal, stats, median)
+    flags = sa.select(*flag_columns).select_from(joined).cte("wb_flags")
+    scored = _scored(segment, flags)
+    final = _final(segment, scored, with_having=with_having)
+    return RulesQuery(select=final, flags=flags, signals=tuple(segment.signals))
+
+
+def condition(fragment: str) -> TextClause:
+    """A user SQL condition as ``text()``, parenthesised, with ``:`` never read as a parameter."""
+    return sa.text("(" + fragment.replace(":", "\\:") + ")")
+
+
+def table_of(qualified: str, columns: Iterable[str]) -> sa.TableClause:
+    """A lightweight table construct (``schema.table`` allowed) with the named columns."""
+    schema, _, name = qualified.rpartition(".")
+    return sa.table(name, *(sa.column(c) for c in dict.fromkeys(columns)), schema=schema or None)
+
+
+def _count_if(predicate: ColumnElement[bool]) -> ColumnElement[int]:
+    return sa.func.coalesce(sa.func.sum(sa.case((predicate, 1), else_=0)), 0)
+
+
+def _people(segment: RulesSegment) -> sa.CTE:
+    names = [segment.key, *segment.columns, *([segment.group_by] if segment.group_by else [])]
+    source = table_of(segment.from_, names)
+    columns: list[ColumnElement[Any]] = [source.c[name] for name in dict.fromkeys(names)]
+    query = sa.select(*columns)
+    if segment.where is not None:
+        if segment.group_by is not None:
+            wanted = sa.case((condition(segment.where), 1), else_=0)
+            query = query.add_columns(wanted.label(_WANTED))
+        else:
+            query = query.where(condition(segment.where))
+    return query.cte("wb_people")
+
+
+def _events(
+    index: int, signal: Signal, kind: AtKind, as_of: ColumnElement[date], dialect: str
+) -> sa.CTE:
+    value = [signal.value] if signal.value is not None else []
+    source = table_of(signal.table, [signal.key, signal.at, *value])
+    day = utc_date(source.c[signal.at], kind, dialect)
+    columns: list[ColumnElement[Any]] = [
+        source.c[signal.key].label("k"),
+        day.label("d"),
+        days_between(as_of, day, dialect).label("age"),
+    ]
+    if signal.value is not None:
+        columns.append(source.c[signal.value].label("v"))
+    query = sa.select(*columns).where(
+        source.c[signal.key].is_not(None), source.c[signal.at].is_not(None), day <= as_of
+    )
+    if signal.where is not None:
+        query = query.where(condition(signal.where))
+    return query.cte(f"wb_events_{index}")
+
+
+def _stats(index: int, signal: Signal, events: sa.CTE) -> sa.CTE:
+    columns: list[ColumnElement[Any]] = [
+        events.c.k,
+        sa.func.min(events.c.age).label("elapsed"),
+        sa.func.max(events.c.d).label("last"),
+        sa.func.count().label("n"),
+    ]
+    if signal.window is not None and signal.baseline is not None:
+        window, end = signal.window, signal.window + signal.baseline
+        in_window = events.c.age < window
+        in_baseline = (events.c.age >= window) & (events.c.age < end)
+        columns += [
+            sa.func.sum(sa.case((in_window, events.c.v))).label("w"),
+            sa.func.sum(sa.case((in_baseline, events.c.v))).label("b"),
+        ]
+    return sa.select(*columns).group_by(events.c.k).cte(f"wb_stats_{index}")
+
+
+def _median(index: int, events: sa.CTE) -> sa.CTE:
+    dates = sa.select(events.c.k, events.c.age).distinct().subquery()
+    previous = sa.func.lag(dates.c.age).over(partition_by=dates.c.k, order_by=dates.c.age)
+    gaps = sa.select(dates.c.k, (dates.c.age - previous).label("gap")).subquery()
+    ranked = (
+        sa.select(
+            gaps.c.k,
+            gaps.c.gap,
+            sa.func.row_number().over(partition_by=gaps.c.k, order_by=gaps.c.gap).label("rn"),
+            sa.func.count().over(partition_by=gaps.c.k).label("c"),
+        )
+        .where(gaps.c.gap.is_not(None))
+        .subquery()
+    )
+    # The middle gap (odd count) or the two middle gaps (even count): 2*rn ∈ [c, c + 2].
+    middle = (2 * ranked.c.rn >= ranked.c.c) & (2 * ranked.c.rn <= ranked.c.c + 2)
+    return (
+        sa.select(
+            ranked.c.k,
+            (sa.func.min(ranked.c.gap) + sa.func.max(ranked.c.gap)).label("median2"),
+            (sa.func.max(ranked.c.c) + 1).label("dates"),
+        )
+        .where(middle)
+        .group_by(ranked.c.k)
+        .cte(f"wb_median_{index}")
+    )
+
+
+def _inactive_rule(signal: Signal, stats: sa.CTE, median: sa.CTE | None) -> ColumnElement[bool]:
+    """Whether a person *with* events is inactive on ``signal``."""
+    if signal.window is not None and signal.baseline is not None and signal.drop_below is not None:
+        recent = sa.func.coalesce(stats.c.w, 0)
+        before = sa.func.coalesce(stats.c.b, 0)
+        below = recent * signal.baseline < sa.literal(signal.drop_below) * before * signal.window
+        return below | ((recent == 0) & (before == 0))
+    recency = stats.c.elapsed > (signal.inactive_after or 0)
+    if median is None or signal.cadence is None:
+        return recency
+    enough = median.c.dates >= signal.min_events
+    by_cadence = 2 * stats.c.elapsed > sa.literal(signal.cadence) * median.c.median2
+    return (enough & by_cadence) | (
+        sa.func.coalesce(median.c.dates, 0) < signal.min_events
+    ) & recency
+
+
+def _signal_flags(
+    index: int, signal: Signal, stats: sa.CTE, median: sa.CTE | None
+) -> list[ColumnElement[Any]]:
+    no_events = stats.c.k.is_(None)
+    inactive = sa.case(
+        (no_events, _NEVER_VALUE[signal.never]),
+        (_inactive_rule(signal, stats, median), 1),
+        else_=0,
+    )
+    return [
+        sa.case((no_events, 0), else_=1).label(f"_wb_has_{index}"),
+        inactive.label(f"_wb_inactive_{index}"),
+        stats.c.elapsed.label(f"_wb_elapsed_{index}"),
+        stats.c["last"].label(f"_wb_last_{index}"),
+        sa.func.coalesce(stats.c.n, 0).label(f"_wb_n_{index}"),
+    ]
+
+
+def _fold(values: list[ColumnElement[Any]], *, pick_later: bool) -> ColumnElement[Any]:
+    """NULL-ignoring LEAST/GREATEST (SQLite's scalar MIN/MAX return NULL on any NULL)."""
+    result = values[0]
+    for value in values[1:]:
+        better = value > result if pick_later else value < result
+        result = sa.case((result.is_(None) | (value.is_not(None) & better), value), else_=result)
+    return result
+
+
+def _total(values: Sequence[ColumnElement[Any]]) -> ColumnElement[Any]:
+    result = values[0]
+    for value in values[1:]:
+        result = result + value
+    return result
+
+
+def _sql_string(text: str) -> ColumnElement[str]:
+    return sa.literal_column("'" + text.replace("'", "''") + "'", sa.String())
+
+
+def _scored(segment: RulesSegment, flags: sa.CTE) -> sa.CTE:
+    signals = list(enumerate(segment.signals))
+    inactive = [flags.c[f"_wb_inactive_{i}"] for i, _ in signals]
+    score = _total([s.weight * flag for (_, s), flag in zip(signals, inactive, strict=True)])
+    count = _total(inactive)
+    names: ColumnElement[str] = _sql_string("")
+    for (_, signal), flag in zip(signals, inactive, strict=True):
+        names = names + sa.case((flag == 1, _sql_string("," + signal.name)), else_=_sql_string(""))
+    days_inactive = _fold([flags.c[f"_wb_elapsed_{i}"] for i, _ in signals], pick_later=False)
+    last = _fold([flags.c[f"_wb_last_{i}"] for i, _ in signals], pick_later=True)
+    events = _total([flags.c[f"_wb_n_{i}"] for i, _ in signals])
+
+    if segment.match == "all":
+        matched = count == len(signals)
+    elif segment.match == "any":
+        matched = count >= 1
+    else:
+        matched = score >= (segment.min_score or 0)
+    match = sa.case((matched, 1), else_=0)
+    if segment.group_by is not None:
+        group = flags.c[segment.group_by]
+        match = sa.case((group.is_(None), match), else_=sa.func.min(match).over(partition_by=group))
+
+    keep = [match == 1]
+    never_excluded = [flags.c[f"_wb_has_{i}"] == 0 for i, s in signals if s.never == "exclude"]
+    if never_excluded:
+        keep.append(sa.not_(sa.or_(*never_excluded)))
+    if segment.lost_after is not None:
+        keep.append(days_inactive.is_(None) | (days_inactive <= segment.lost_after))
+    if _WANTED in flags.c:
+        keep.append(flags.c[_WANTED] == 1)
+
+    computed: dict[str, ColumnElement[Any]] = {
+        "last_activity_at": sa.type_coerce(last, sa.Date()),
+        "days_inactive": sa.cast(days_inactive, sa.Integer()),
+        "score": sa.cast(score, sa.Integer()),
+        "inactive_signals": sa.func.substr(names, 2, type_=sa.String()),
+        "events": sa.cast(events, sa.Integer()),
+    }
+    own = [flags.c[name] for name in dict.fromkeys([segment.key, *segment.columns])]
+    return sa.select(
+        *own,
+        *(computed[name].label(name) for name in COMPUTED_COLUMNS),
+        sa.case((sa.and_(*keep), 1), else_=0).label(_KEEP),
+    ).cte("wb_segment")
+
+
+def _final(segment: RulesSegment, scored: sa.CTE, *, with_having: bool) -> sa.Select[Any]:
+    key = scored.c[segment.key]
+    query = sa.select(
+        key, *(scored.c[name] for name in segment.columns), *(scored.c[c] for c in COMPUTED_COLUMNS)
+    ).where(scored.c[_KEEP] == 1)
+    for index, exclusion in enumerate(segment.exclude):
+        source = table_of(exclusion.table, [exclusion.key])
+        excluded = sa.select(source.c[exclusion.key].label("k"))
+        if exclusion.where is not None:
+            excluded = excluded.where(condition(exclusion.where))
+        rows = excluded.cte(f"wb_exclude_{index}")
+        query = query.where(~sa.exists().where(rows.c.k == key))
+    if with_having and segment.having is not None:
+        query = query.where(condition(segment.having))
+    return query.order_by(key.asc().nulls_last())
