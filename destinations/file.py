@@ -261,26 +261,19 @@ def _jsonl_line(action: str, member: Member) -> bytes:
 
 
 def _cut_partial_line(handle: IO[bytes]) -> int:
-    """Truncate a last line left unfinished by a crash; returns the remaining size."""
-    size = handle.seek(0, os.SEEK_END)
-    if size == 0:
-        return 0
-    position = size
-    while position > 0:
-        step = min(65536, position)
-        handle.seek(position - step)
-        chunk = handle.read(step)
-        if position == size and chunk.endswith(b"\n"):
-            return size
-        newline = chunk.rfind(b"\n")
+    """Truncate a last line left unfinished by a crash; returns the size kept."""
+    end = keep = handle.seek(0, os.SEEK_END)
+    while keep > 0:
+        start = max(0, keep - 65536)
+        handle.seek(start)
+        newline = handle.read(keep - start).rfind(b"\n")
+        keep = start + newline + 1 if newline >= 0 else start
         if newline >= 0:
-            position = position - step + newline + 1
             break
-        position -= step
-    handle.truncate(position)
-    handle.flush()
-    os.fsync(handle.fileno())
-    return position
+    if keep != end:
+        handle.truncate(keep)
+        os.fsync(handle.fileno())
+    return keep
 
 
 def _fsync_folder(folder: Path) -> None:
