@@ -1,0 +1,274 @@
+"""The file destination: exact CSV/JSONL contents, placeholders, lazy creation, durable appends."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import decimal
+import errno
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from connector.errors import FatalDestinationError
+from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
+from destinations.file import FileDestination, FileOptions, csv_cell
+from tests.contract import ContractHarness, DestinationContract
+
+
+def context(
+    run_id: str = "run-1", identifiers: tuple[str, ...] = ("email", "phone")
+) -> SyncContext:
+    return SyncContext(
+        "lapsed", run_id, None, NoSyncOptions(), RetrySettings(), identifiers, ("FNAME", "since")
+    )
+
+
+def make(path: Path | str, run_id: str = "run-1", **options: Any) -> FileDestination:
+    return FileDestination(FileOptions(type="file", path=str(path), **options), context(run_id))
+
+
+def replay(folder: Path) -> dict[str, dict[str, Any]]:
+    """Membership as a consumer of the change log sees it: add/update set, remove drops."""
+    members: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.rglob("*.*")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle] if path.suffix == ".jsonl" else []
+            if path.suffix == ".csv":
+                rows = list(csv.DictReader(handle))
+        for row in rows:
+            if row["action"] == "remove":
+                members.pop(row["key"], None)
+            else:
+                members[row["key"]] = row
+    return members
+
+
+def change_lines(folder: Path) -> int:
+    files = [p for p in folder.rglob("*.*") if p.is_file()]
+    return sum(len(p.read_text().splitlines()) - (p.suffix == ".csv") for p in files)
+
+
+class TestFileContract(DestinationContract):
+    @pytest.fixture(params=["csv", "jsonl"])
+    def harness(self, request: pytest.FixtureRequest, tmp_path: Path) -> ContractHarness:
+        template = str(tmp_path / "out" / f"{{sync}}-{{run_id}}.{request.param}")
+        return ContractHarness(
+            build=lambda ctx: FileDestination(FileOptions(type="file", path=template), ctx),
+            members=lambda: replay(tmp_path),
+            calls=lambda: change_lines(tmp_path),
+        )
+
+
+MEMBERS = [
+    Member(
+        "k1",
+        {"email": "zoë@example.com", "phone": "+33612345678"},
+        {"FNAME": 'Zoë, "Z"', "since": dt.date(2024, 5, 1)},
+    ),
+    Member("k2", {"email": "b@example.com"}, {"FNAME": None, "since": None}),
+]
+
+
+def test_csv_contents(tmp_path: Path) -> None:
+    adapter = make(tmp_path / "out.csv")
+    adapter.add(Batch(1, MEMBERS))
+    adapter.remove(Batch(2, MEMBERS[1:]))
+    adapter.close()
+    assert (tmp_path / "out.csv").read_text(encoding="utf-8") == (
+        "action,key,email,phone,FNAME,since\n"
+        'add,k1,zoë@example.com,+33612345678,"Zoë, ""Z""",2024-05-01\n'
+        "add,k2,b@example.com,,,\n"
+        "remove,k2,b@example.com,,,\n"
+    )
+
+
+def test_jsonl_contents(tmp_path: Path) -> None:
+    adapter = make(tmp_path / "out.jsonl")
+    adapter.update(Batch(1, MEMBERS))
+    adapter.close()
+    lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines == [
+        '{"action":"update","key":"k1","identifiers":{"email":"zoë@example.com","phone":'
+        '"+33612345678"},"fields":{"FNAME":"Zoë, \\"Z\\"","since":"2024-05-01"}}',
+        '{"action":"update","key":"k2","identifiers":{"email":"b@example.com"},'
+        '"fields":{"FNAME":null,"since":null}}',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        (None, ""),
+        (True, "true"),
+        (3, "3"),
+        (1.5, "1.5"),
+        (float("nan"), ""),
+        (decimal.Decimal("12.50"), "12.50"),
+        (dt.datetime(2024, 5, 1, 12, 30), "2024-05-01T12:30:00"),
+        (["a", 1], '["a", 1]'),
+    ],
+)
+def test_csv_cells(value: Any, cell: str) -> None:
+    assert csv_cell(value) == cell
+
+
+def test_placeholders_and_unsafe_characters(tmp_path: Path) -> None:
+    ctx = SyncContext("team/lapsed", "2026-11-01T10:00:00Z", None, NoSyncOptions(), RetrySettings())
+    options = FileOptions(type="file", path=str(tmp_path / "{sync}" / "{run_id}.jsonl"))
+    adapter = FileDestination(options, ctx)
+    adapter.add(Batch(1, MEMBERS[:1]))
+    adapter.close()
+    assert adapter.path == tmp_path / "team_lapsed" / "2026-11-01T10_00_00Z.jsonl"
+    assert adapter.path.exists()
+
+
+def test_default_path_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    adapter = FileDestination(FileOptions(type="file"), context("r7"))
+    adapter.add(Batch(1, MEMBERS))
+    adapter.close()
+    assert (tmp_path / "exports" / "lapsed" / "r7.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"path": "out.txt"}, "cannot tell it from the extension"),
+        ({"path": "{date}.csv"}, "unknown placeholder `{date}`"),
+        ({"path": "out.csv", "format": "xml"}, "csv"),
+        ({"path": " "}, "must not be empty"),
+    ],
+)
+def test_invalid_options(options: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        FileOptions(type="file", **options)
+
+
+def test_format_is_inferred_or_explicit() -> None:
+    assert FileOptions(type="file", path="a.NDJSON").format == "jsonl"
+    assert FileOptions(type="file", path="a.log", format="jsonl").format == "jsonl"
+
+
+def test_no_file_when_nothing_is_sent(tmp_path: Path) -> None:
+    adapter = make(tmp_path / "sub" / "out.csv")
+    adapter.check()
+    adapter.add(Batch(1, []))
+    adapter.close()
+    assert not (tmp_path / "sub").exists()
+
+
+def spy_fsync(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[int]:
+    """Record fsync calls (and optionally fail them like a full disk would)."""
+    calls: list[int] = []
+    real: Callable[[int], None] = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        calls.append(descriptor)
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_every_batch_is_on_disk_before_it_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make(tmp_path / "out.csv")
+    adapter.add(Batch(1, MEMBERS[:1]))  # creates the file and its folder entry
+    calls = spy_fsync(monkeypatch)
+    adapter.add(Batch(2, MEMBERS[1:]))
+    assert len(calls) == 1
+    # Another reader sees both batches while the adapter still holds the file open.
+    assert len((tmp_path / "out.csv").read_text().splitlines()) == 3
+    adapter.close()
+
+
+def test_a_failed_write_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make(tmp_path / "out.csv")
+    adapter.add(Batch(1, MEMBERS[:1]))
+    before = (tmp_path / "out.csv").read_bytes()
+    spy_fsync(monkeypatch, fail=True)
+    with pytest.raises(FatalDestinationError, match="No space left"):
+        adapter.add(Batch(2, MEMBERS[1:]))
+    monkeypatch.undo()
+    adapter.close()
+    assert (tmp_path / "out.csv").read_bytes() == before
+
+
+def test_later_runs_append_and_a_half_written_line_is_cut(tmp_path: Path) -> None:
+    first = make(tmp_path / "log.csv", run_id="r1")
+    first.add(Batch(1, MEMBERS[:1]))
+    first.close()
+    with (tmp_path / "log.csv").open("ab") as handle:
+        handle.write(b"add,k9,half-writ")  # a crash in the middle of a line
+    second = make(tmp_path / "log.csv", run_id="r2")
+    second.remove(Batch(1, MEMBERS[:1]))
+    second.close()
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert lines[0] == "action,key,email,phone,FNAME,since" and len(lines) == 3
+    assert [line.split(",")[0] for line in lines[1:]] == ["add", "remove"]
+
+
+def test_a_csv_with_other_columns_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "log.csv").write_text("action,key,email\nadd,k1,a@example.com\n")
+    adapter = make(tmp_path / "log.csv")
+    with pytest.raises(FatalDestinationError, match="other columns"):
+        adapter.add(Batch(1, MEMBERS))
+    adapter.close()
+
+
+def test_concurrent_batches_never_interleave(tmp_path: Path) -> None:
+    adapter = make(tmp_path / "out.jsonl")
+    batches = [
+        Batch(n, [Member(f"k{n}-{i}", {"email": f"{n}.{i}@example.com"}) for i in range(50)])
+        for n in range(8)
+    ]
+    threads = [threading.Thread(target=adapter.add, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    adapter.close()
+    keys = [json.loads(line)["key"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(keys) == 400 and len(set(keys)) == 400
+
+
+def test_check_reports_the_target(tmp_path: Path) -> None:
+    description = make(tmp_path / "new" / "out.csv").check()
+    assert str(tmp_path / "new" / "out.csv") in description and "will be created" in description
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FatalDestinationError, match="is not a folder"):
+        make(tmp_path / "a-file" / "out.csv").check()
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(FatalDestinationError, match="not a writable file"):
+        make(tmp_path / "dir.csv").check()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_check_refuses_a_read_only_folder(tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(FatalDestinationError, match="cannot write"):
+        make(tmp_path / "ro" / "out.csv").check()
+
+
+def test_a_header_cut_by_a_crash_is_rewritten(tmp_path: Path) -> None:
+    (tmp_path / "log.csv").write_bytes(b"action,ke")
+    adapter = make(tmp_path / "log.csv")
+    adapter.add(Batch(1, MEMBERS[1:]))
+    adapter.close()
+    assert (tmp_path / "log.csv").read_text() == (
+        "action,key,email,phone,FNAME,since\nadd,k2,b@example.com,,,\n"
+    )
