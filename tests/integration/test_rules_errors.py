@@ -1,0 +1,146 @@
+"""compile_rules against a real warehouse: unknown names and broken fragments are config errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from connector.errors import ConfigError
+from connector.rules import RulesSegment, compile_rules
+from tests.rules_reference import load_warehouse
+
+AS_OF = date(2024, 3, 1)
+PURCHASE = {
+    "name": "purchase",
+    "table": "orders",
+    "key": "customer_id",
+    "at": "ordered_at",
+    "inactive_after": "60d",
+}
+EMAIL = {
+    "name": "email",
+    "table": "email_events",
+    "key": "customer_id",
+    "at": "occurred_at",
+    "inactive_after": "30d",
+}
+
+
+@pytest.fixture(params=["duckdb", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    """A warehouse of each kind holding the (empty) test tables."""
+    if request.param == "duckdb":
+        url = "duckdb:///:memory:"
+    elif request.param == "sqlite":
+        url = "sqlite://"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    created = sa.create_engine(url)
+    load_warehouse(created, {})
+    yield created
+    created.dispose()
+
+
+def problems(engine: sa.Engine, **config: Any) -> dict[str, str]:
+    """Compile and return the reported problems as {location: message}."""
+    segment = RulesSegment.model_validate(
+        {"from": "customers", "key": "customer_id", "signals": [PURCHASE], **config}
+    )
+    with pytest.raises(ConfigError) as caught:
+        compile_rules("lapsed", segment, as_of=AS_OF, engine=engine)
+    return {problem.location: problem.message for problem in caught.value.problems}
+
+
+def test_unknown_column_names_segment_signal_and_column(engine: sa.Engine) -> None:
+    found = problems(engine, signals=[EMAIL, {**PURCHASE, "at": "ordred_at"}])
+    assert list(found) == ["segments.lapsed.signals[1].at"]
+    message = found["segments.lapsed.signals[1].at"]
+    assert message.startswith("column `ordred_at` not found in table `orders` (columns: ")
+    assert "ordered_at" in message
+
+
+def test_every_problem_is_reported_at_once(engine: sa.Engine) -> None:
+    found = problems(
+        engine,
+        columns=["email", "phone"],
+        group_by="acount_id",
+        signals=[{**PURCHASE, "table": "ordres"}, {**EMAIL, "key": "cust"}],
+        exclude=[{"table": "tickets", "key": "id"}],
+    )
+    assert sorted(found) == [
+        "segments.lapsed.columns[1]",
+        "segments.lapsed.exclude[0].key",
+        "segments.lapsed.group_by",
+        "segments.lapsed.signals[0].table",
+        "segments.lapsed.signals[1].key",
+    ]
+    assert "table `ordres` not found in the warehouse" in found["segments.lapsed.signals[0].table"]
+    assert "orders" in found["segments.lapsed.signals[0].table"]  # the known tables are listed
+
+
+def test_unknown_from_table(engine: sa.Engine) -> None:
+    segment = RulesSegment.model_validate(
+        {"from": "custmers", "key": "customer_id", "signals": [PURCHASE]}
+    )
+    with pytest.raises(ConfigError, match=r"segments\.lapsed\.from: table `custmers` not found"):
+        compile_rules("lapsed", segment, as_of=AS_OF, engine=engine)
+
+
+def test_where_that_is_not_an_expression(engine: sa.Engine) -> None:
+    found = problems(engine, signals=[{**PURCHASE, "where": "status = "}])
+    assert list(found) == ["segments.lapsed.signals[0].where"]
+    assert found["segments.lapsed.signals[0].where"].startswith(
+        "`status = ` is not a valid condition on `orders`: "
+    )
+
+
+def test_where_naming_an_unknown_column(engine: sa.Engine) -> None:
+    found = problems(
+        engine,
+        where="opted_in = 1",
+        exclude=[{"table": "tickets", "key": "customer_id", "where": "state = 'open'"}],
+    )
+    assert sorted(found) == ["segments.lapsed.exclude[0].where", "segments.lapsed.where"]
+    assert (
+        "`opted_in = 1` is not a valid condition on `customers`" in found["segments.lapsed.where"]
+    )
+
+
+def test_having_on_an_unknown_column(engine: sa.Engine) -> None:
+    found = problems(engine, having="days_inactiv > 3")
+    assert list(found) == ["segments.lapsed.having"]
+    assert "`days_inactiv > 3`" in found["segments.lapsed.having"]
+
+
+def test_message_of_the_raised_error(engine: sa.Engine) -> None:
+    segment = RulesSegment.model_validate(
+        {"from": "customers", "key": "customer_id", "signals": [{**PURCHASE, "at": "ordred_at"}]}
+    )
+    with pytest.raises(ConfigError) as caught:
+        compile_rules("lapsed", segment, as_of=AS_OF, engine=engine)
+    assert str(caught.value).startswith(
+        "invalid configuration: segments.lapsed.signals[0].at: column `ordred_at` not found"
+    )
+
+
+def test_column_names_match_case_insensitively(engine: sa.Engine) -> None:
+    segment = RulesSegment.model_validate(
+        {"from": "Customers", "key": "Customer_ID", "columns": ["EMAIL"], "signals": [PURCHASE]}
+    )
+    if engine.dialect.name != "sqlite":
+        with pytest.raises(ConfigError, match="table `Customers` not found"):
+            compile_rules("lapsed", segment, as_of=AS_OF, engine=engine)
+        segment = segment.model_copy(update={"from_": "customers"})
+    query = compile_rules("lapsed", segment, as_of=AS_OF, engine=engine)
+    assert [column.name for column in query.selected_columns][:2] == ["customer_id", "email"]
+
+
+def test_at_column_must_hold_dates(engine: sa.Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite stores dates as text; any column is read with date()")
+    found = problems(engine, signals=[{**PURCHASE, "at": "status"}])
+    assert "`at` must be a DATE or TIMESTAMP column" in found["segments.lapsed.signals[0].at"]
