@@ -196,7 +196,34 @@ class ChangePlanner:
         issues = self._plan_candidates(normalise)
         self._flush_plan()
         self._plan_departures()
+        if self.hashes_identifiers:
+            self._keep_shared_identities()
         return issues
+
+    def _keep_shared_identities(self) -> None:
+        """Turn removals into `forget` when another member still needs the same identity.
+
+        On platforms that match on hashes, two keys with the same identifiers are one audience
+        member: removing the identity for one key would drop the other one too.
+        """
+        plan, snap, stage = self.plan, snapshot, self.stage
+        other_plan = plan.alias("other_plan")
+        removing = sa.select(other_plan.c.key).where(other_plan.c.action == "remove")
+        still_member = sa.exists().where(
+            snap.c.sync == self.sync,
+            snap.c.status == "member",
+            snap.c.identity_fp == plan.c.identity_fp,
+            snap.c.key != plan.c.key,
+            snap.c.key.in_(sa.select(stage.c.key)),
+            snap.c.key.not_in(removing),
+        )
+        re_added = sa.exists().where(
+            other_plan.c.action == "add", other_plan.c.identity_fp == plan.c.identity_fp
+        )
+        shared = plan.update().where(plan.c.action == "remove", sa.or_(still_member, re_added))
+        kept = self.connection.execute(shared.values(action="forget")).rowcount or 0
+        self.summary.remove -= kept
+        self.summary.forget += kept
 
     def _candidate_query(self, after_seq: int) -> sa.Select[Any]:
         s, snap = self.stage, snapshot

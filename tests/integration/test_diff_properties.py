@@ -1,0 +1,142 @@
+"""Property tests: whatever the sequence of segments and failures, the audience follows.
+
+Each example runs the real engine (SQLite warehouse, SQLite state store, the real planner and
+delivery) against an in-memory destination, over several successive segment states.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connector.config import build_config
+from connector.errors import BatchFailedError
+from connector.sync import RunOptions, SyncRunner
+from destinations.base import Batch
+from destinations.registry import Registry
+from tests.fakes.memory_destination import HashedMemoryDestination, MemoryDestination, transient
+
+KEYS = [f"k{i}" for i in range(14)]
+EMAILS = [f"u{i}@example.com" for i in range(6)] + ["  U1@Example.COM ", "not-an-email", None]
+
+row = st.tuples(st.sampled_from(EMAILS), st.integers(0, 3))
+segment_state = st.dictionaries(st.sampled_from(KEYS), row, max_size=len(KEYS))
+failure = st.sampled_from([None, "transient", "batch"])
+
+
+def write_warehouse(path: Path, state: dict[str, tuple[str | None, int]]) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE IF EXISTS seg")
+        db.execute("CREATE TABLE seg (id TEXT, email TEXT, score INTEGER)")
+        db.executemany(
+            "INSERT INTO seg VALUES (?, ?, ?)", [(k, e, s) for k, (e, s) in state.items()]
+        )
+
+
+def make_runner(folder: Path, *, mode: str, adapter: str) -> SyncRunner:
+    document: dict[str, Any] = {
+        "warehouse": {"url": f"sqlite:///{folder / 'warehouse.db'}"},
+        "state": {"url": f"sqlite:///{folder / 'state.db'}"},
+        "segments": {"seg": {"key": "id", "sql": "SELECT id, email, score FROM seg"}},
+        "destinations": {"mem": {"type": adapter}},
+        "syncs": {
+            "s": {
+                "segment": "seg",
+                "destination": "mem",
+                "audience": "A",
+                "mode": mode,
+                "identifiers": {"email": "email"},
+                "fields": {"score": "score"} if adapter == "memory" else {},
+            }
+        },
+    }
+    registry = Registry(
+        adapters={"memory": MemoryDestination, "memory_hashed": HashedMemoryDestination}
+    )
+    config = build_config(document, path=folder / "winback.toml", registry=registry)
+    return SyncRunner(config)
+
+
+def valid(state: dict[str, tuple[str | None, int]]) -> dict[str, tuple[str, int]]:
+    out = {}
+    for key, (email, score) in state.items():
+        if email is not None and "@" in email:
+            out[key] = (email.strip().lower(), score)
+    return out
+
+
+def inject(kind: str | None, seed: int) -> None:
+    def fail(action: str, batch: Batch) -> Exception | None:
+        if kind is None or (batch.number + seed) % 2:
+            return None
+        return transient() if kind == "transient" else BatchFailedError("injected 400")
+
+    MemoryDestination.fail_batch = staticmethod(fail)
+
+
+@pytest.mark.parametrize("mode", ["mirror", "add_only", "upsert"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    states=st.lists(st.tuples(segment_state, failure, st.integers(0, 1)), min_size=1, max_size=4)
+)
+def test_audience_follows_segment(mode: str, states: list[Any]) -> None:
+    MemoryDestination.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        runner = make_runner(folder, mode=mode, adapter="memory")
+        seen: set[str] = set()
+        try:
+            for state, kind, seed in states:
+                write_warehouse(folder / "warehouse.db", state)
+                seen |= set(valid(state))
+                inject(kind, seed)
+                runner.run("s", RunOptions(force=True))  # may fail: injected
+                inject(None, 0)
+                result = runner.run("s", RunOptions(force=True))
+                assert result.status == "success", result.error
+                audience = MemoryDestination.audiences.get("A", {})
+                expected = valid(state)
+                got = {
+                    k: (v["identifiers"]["email"], v["fields"]["score"])
+                    for k, v in audience.items()
+                }
+                if mode == "mirror":
+                    assert got == expected
+                else:
+                    assert set(expected) <= set(got) <= seen
+                    if mode == "upsert":
+                        assert {k: got[k] for k in expected} == expected
+                assert runner.store.audience_size(None, "s") == len(got)
+                rerun = runner.run("s", RunOptions(force=True))
+                assert rerun.batches == 0, "an unchanged segment must send nothing"
+        finally:
+            runner.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    states=st.lists(st.tuples(segment_state, failure, st.integers(0, 1)), min_size=1, max_size=4)
+)
+def test_hashed_audience_holds_exactly_the_current_identities(states: list[Any]) -> None:
+    MemoryDestination.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        runner = make_runner(folder, mode="mirror", adapter="memory_hashed")
+        try:
+            for state, kind, seed in states:
+                write_warehouse(folder / "warehouse.db", state)
+                inject(kind, seed)
+                runner.run("s", RunOptions(force=True))
+                inject(None, 0)
+                result = runner.run("s", RunOptions(force=True))
+                assert result.status == "success", result.error
+                expected = {f"email={e}" for e, _ in valid(state).values()}
+                assert set(MemoryDestination.audiences.get("A", {})) == expected
+        finally:
+            runner.close()
