@@ -1,0 +1,611 @@
+"""End to end through the real CLI process: demo, webhook syncs, modes, guards, errors, exit codes.
+
+Every test starts `python -m connector` as a subprocess against real DuckDB warehouses, a real
+SQLite (or PostgreSQL) state store and the fake webhook receiver listening on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.helpers import (
+    SECRET,
+    build_warehouse,
+    database_dump,
+    run_cli,
+    segment_members,
+    snapshot_members,
+    sqlite_rows,
+    state_db,
+    warehouse_sql,
+    webhook_destination,
+    webhook_project,
+    webhook_sync,
+    write_config,
+)
+
+RUN_FIELDS = {
+    "sync",
+    "run_id",
+    "status",
+    "segment_rows",
+    "skipped",
+    "planned",
+    "sent",
+    "rejected",
+    "batches",
+    "retries",
+    "duration_s",
+    "error",
+}
+ACTION_FIELDS = {"add", "remove", "update"}
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver(secret=SECRET) as server:
+        yield server
+
+
+def emails(receiver: WebhookReceiver) -> dict[str, str]:
+    """The receiver's audience: key -> email."""
+    return {key: record["identifiers"]["email"] for key, record in receiver.members.items()}
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def change_segment(warehouse: Path) -> None:
+    """Customers 1-5 leave, 6-8 change email, 51-55 join (on top of a 50-customer warehouse)."""
+    warehouse_sql(
+        warehouse,
+        "UPDATE customers SET lapsed = false WHERE customer_id <= 5",
+        "UPDATE customers SET email = 'NEW.' || email WHERE customer_id BETWEEN 6 AND 8",
+        "INSERT INTO customers SELECT i, 'user' || i || '@example.com', NULL, 'Name' || i, 'US', "
+        "'t0', true FROM range(51, 56) AS r(i)",
+    )
+
+
+# -- the demo -----------------------------------------------------------------------------------
+
+
+def test_demo_commands_end_to_end(tmp_path: Path) -> None:
+    init = run_cli("init", "--demo", cwd=tmp_path)
+    assert init.returncode == 0, init
+    assert (tmp_path / "winback.toml").is_file()
+    assert run_cli("init", "--demo", cwd=tmp_path).returncode == 2  # never overwrites silently
+
+    validate = run_cli("config", "validate", cwd=tmp_path)
+    assert validate.returncode == 0, validate
+    assert "valid" in validate.stdout
+
+    plan = run_cli("sync", "plan", "--output", "json", cwd=tmp_path)
+    assert plan.returncode == 0, plan
+    assert {r["status"] for r in plan.json()["runs"]} == {"dry_run"}
+    assert plan.run("lapsed_to_csv")["planned"]["add"] > 0
+    assert not (tmp_path / "exports").exists()
+    assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM runs")
+    assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot")
+
+    first = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert first.returncode == 0, first
+    document = first.json()
+    assert set(document) == {"runs", "exit_code"}
+    assert document["exit_code"] == 0
+    assert [r["sync"] for r in document["runs"]] == ["lapsed_to_csv", "prospects_to_jsonl"]
+    for run in document["runs"]:
+        assert set(run) == RUN_FIELDS
+        assert set(run["planned"]) == set(run["sent"]) == ACTION_FIELDS
+        assert run["status"] == "success"
+        assert run["error"] is None
+        assert run["sent"] == run["planned"]
+        assert run["planned"]["add"] == run["segment_rows"] - run["skipped"] > 0
+        assert run["skipped"] > 0  # the demo has dirty rows, reported, not dropped
+        assert run["batches"] >= 1
+        assert run["retries"] == 0
+        assert isinstance(run["duration_s"], float)
+    lapsed = first.run("lapsed_to_csv")
+    export = tmp_path / "exports" / "lapsed_to_csv" / f"{lapsed['run_id']}.csv"
+    with export.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == lapsed["sent"]["add"]
+    assert {row["action"] for row in rows} == {"add"}
+    assert len({row["key"] for row in rows}) == len(rows)
+    prospects = first.run("prospects_to_jsonl")
+    jsonl = tmp_path / "exports" / "prospects_to_jsonl" / f"{prospects['run_id']}.jsonl"
+    lines = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == prospects["sent"]["add"]
+    assert snapshot_members(tmp_path, "lapsed_to_csv") == {row["key"] for row in rows}
+
+    # An unchanged rerun sends nothing and writes no file.
+    again = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert again.returncode == 0, again
+    for run in again.json()["runs"]:
+        assert run["status"] == "success"
+        assert run["planned"] == run["sent"] == dict.fromkeys(ACTION_FIELDS, 0)
+        assert run["batches"] == 0
+    assert len(list((tmp_path / "exports" / "lapsed_to_csv").iterdir())) == 1
+
+    # Some lapsed buyers leave: `sync plan` shows the removals and writes nothing anywhere.
+    gone = sorted(int(row["key"]) for row in rows)[:7]
+    warehouse_sql(
+        tmp_path / "demo_warehouse.duckdb",
+        f"DELETE FROM customers WHERE customer_id IN ({', '.join(map(str, gone))})",
+    )
+    before = database_dump(state_db(tmp_path))
+    plan = run_cli("sync", "plan", "lapsed_to_csv", "--output", "json", cwd=tmp_path)
+    assert plan.returncode == 0, plan
+    assert plan.run()["status"] == "dry_run"
+    assert plan.run()["planned"] == {"add": 0, "remove": 7, "update": 0}
+    assert plan.run()["sent"] == dict.fromkeys(ACTION_FIELDS, 0)
+    assert database_dump(state_db(tmp_path)) == before
+    assert len(list((tmp_path / "exports" / "lapsed_to_csv").iterdir())) == 1
+    text_plan = run_cli("sync", "plan", "lapsed_to_csv", cwd=tmp_path)
+    assert text_plan.returncode == 0, text_plan
+    assert "remove 7" in text_plan.stdout
+    assert database_dump(state_db(tmp_path)) == before
+
+    removal = run_cli("sync", "run", "lapsed_to_csv", "--output", "json", cwd=tmp_path)
+    assert removal.returncode == 0, removal
+    assert removal.run()["sent"] == {"add": 0, "remove": 7, "update": 0}
+    removal_file = tmp_path / "exports" / "lapsed_to_csv" / f"{removal.run()['run_id']}.csv"
+    with removal_file.open(newline="", encoding="utf-8") as handle:
+        removed = list(csv.DictReader(handle))
+    assert sorted(int(row["key"]) for row in removed) == gone
+    assert {row["action"] for row in removed} == {"remove"}
+    audience = len(rows) - 7
+
+    status = run_cli("sync", "status", cwd=tmp_path)
+    assert status.returncode == 0, status
+    assert "lapsed_to_csv" in status.stdout and "prospects_to_jsonl" in status.stdout
+    assert str(audience) in status.stdout
+    assert "success" in status.stdout
+
+    history = run_cli("sync", "history", "lapsed_to_csv", "--output", "json", cwd=tmp_path)
+    assert history.returncode == 0, history
+    runs = history.json()
+    assert [r["run_id"] for r in runs] == [
+        removal.run()["run_id"],
+        again.run("lapsed_to_csv")["run_id"],
+        lapsed["run_id"],
+    ]
+    assert [r["sent_remove"] for r in runs] == [7, 0, 0]
+    assert runs[-1]["sent_add"] == lapsed["sent"]["add"]
+    text_history = run_cli("sync", "history", "lapsed_to_csv", "--limit", "1", cwd=tmp_path)
+    assert text_history.returncode == 0, text_history
+    assert removal.run()["run_id"] in text_history.stdout
+    assert lapsed["run_id"] not in text_history.stdout
+
+    refused = run_cli("sync", "reset", "lapsed_to_csv", cwd=tmp_path)
+    assert refused.returncode == 2, refused
+    assert "--yes" in refused.stderr
+    assert snapshot_members(tmp_path, "lapsed_to_csv")
+    reset = run_cli("sync", "reset", "lapsed_to_csv", "--yes", cwd=tmp_path)
+    assert reset.returncode == 0, reset
+    assert f"forgot {audience}" in reset.stdout
+    assert not snapshot_members(tmp_path, "lapsed_to_csv")
+    assert snapshot_members(tmp_path, "prospects_to_jsonl")  # the other sync is untouched
+    resend = run_cli("sync", "run", "lapsed_to_csv", "--output", "json", cwd=tmp_path)
+    assert resend.returncode == 0, resend
+    assert resend.run()["sent"] == {"add": audience, "remove": 0, "update": 0}
+
+    segments = run_cli("segments", "list", cwd=tmp_path)
+    assert segments.returncode == 0, segments
+    assert "lapsed_buyers" in segments.stdout and "dormant_prospects" in segments.stdout
+    preview = run_cli(
+        "segments", "preview", "lapsed_buyers", "--limit", "5", "--output", "json", cwd=tmp_path
+    )
+    assert preview.returncode == 0, preview
+    previewed = preview.json()
+    assert len(previewed) == 5
+    assert {"customer_id", "email", "days_inactive"} <= set(previewed[0])
+    as_csv = run_cli(
+        "segments", "preview", "lapsed_buyers", "-n", "4", "--output", "csv", cwd=tmp_path
+    )
+    assert as_csv.returncode == 0, as_csv
+    table = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert table[0][:2] == ["customer_id", "email"]
+    assert len(table) == 5
+
+    adapters = run_cli("destinations", "list", cwd=tmp_path)
+    assert adapters.returncode == 0, adapters
+    assert "file" in adapters.stdout and "webhook" in adapters.stdout
+    assert "secret" in adapters.stdout  # the webhook's options are listed
+
+
+# -- webhook syncs ------------------------------------------------------------------------------
+
+
+def test_webhook_mirror_follows_the_segment(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    webhook_project(tmp_path, receiver.url, customers=50, destination={"batch_size": 20})
+    warehouse = tmp_path / "warehouse.duckdb"
+
+    first = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert first.returncode == 0, first
+    run = first.run("s")
+    assert run["sent"] == {"add": 50, "remove": 0, "update": 0}
+    assert run["batches"] == 3
+    assert emails(receiver) == segment_members(warehouse)
+    assert receiver.members["3"]["identifiers"]["phone"] == "+14155550003"
+    assert receiver.members["3"]["fields"] == {"FNAME": "Name3", "tier": "t3"}
+    assert receiver.signature_failures == 0
+    assert {d.audience for d in receiver.deliveries} == {"winback-e2e"}
+
+    change_segment(warehouse)
+    second = run_cli("sync", "run", "s", "--output", "json", cwd=tmp_path)
+    assert second.returncode == 0, second
+    assert second.run()["sent"] == {"add": 5, "remove": 5, "update": 3}
+    assert emails(receiver) == segment_members(warehouse)
+    assert receiver.members["6"]["identifiers"]["email"] == "new.user6@example.com"
+    assert snapshot_members(tmp_path, "s") == set(segment_members(warehouse))
+
+    requests = len(receiver.requests)
+    third = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert third.returncode == 0, third
+    assert third.run()["planned"] == {"add": 0, "remove": 0, "update": 0}
+    assert len(receiver.requests) == requests
+
+    # --full-resync re-sends every member (idempotent on the receiver's side).
+    full = run_cli("sync", "run", "--full-resync", "--output", "json", cwd=tmp_path)
+    assert full.returncode == 0, full
+    assert full.run()["sent"] == {"add": 50, "remove": 0, "update": 0}
+    assert len(receiver.requests) == requests + 3
+    assert emails(receiver) == segment_members(warehouse)
+
+
+@pytest.mark.parametrize("mode", ["add_only", "upsert"])
+def test_webhook_modes(tmp_path: Path, receiver: WebhookReceiver, mode: str) -> None:
+    webhook_project(tmp_path, receiver.url, customers=50, sync={"mode": mode})
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    original = segment_members(warehouse)
+    assert emails(receiver) == original
+
+    change_segment(warehouse)
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 0, result
+    now = segment_members(warehouse)
+    if mode == "add_only":
+        # Nobody is removed and nobody is updated: only newcomers are sent.
+        assert result.run()["sent"] == {"add": 5, "remove": 0, "update": 0}
+        assert emails(receiver) == {**now, **original}
+    else:
+        # Members are added and updated, never removed.
+        assert result.run()["sent"] == {"add": 5, "remove": 0, "update": 3}
+        assert emails(receiver) == {**original, **now}
+    assert set(receiver.members) == set(original) | set(now)
+
+
+@pytest.mark.postgres
+def test_state_store_on_postgres(
+    tmp_path: Path, receiver: WebhookReceiver, postgres_url: str
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=50, state_url=postgres_url)
+    warehouse = tmp_path / "warehouse.duckdb"
+    first = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert first.returncode == 0, first
+    assert first.run()["sent"]["add"] == 50
+    change_segment(warehouse)
+    second = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert second.returncode == 0, second
+    assert second.run()["sent"] == {"add": 5, "remove": 5, "update": 3}
+    assert emails(receiver) == segment_members(warehouse)
+    rerun = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert rerun.run()["planned"] == {"add": 0, "remove": 0, "update": 0}
+
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            keys = connection.execute(
+                sa.text("SELECT key FROM snapshot WHERE sync = 's' AND status = 'member'")
+            ).scalars()
+            assert set(keys) == set(segment_members(warehouse))
+            statuses = connection.execute(
+                sa.text("SELECT status FROM runs WHERE sync = 's'")
+            ).scalars()
+            assert list(statuses) == ["success"] * 3
+            assert connection.execute(sa.text("SELECT count(*) FROM locks")).scalar_one() == 0
+    finally:
+        engine.dispose()
+    assert not state_db(tmp_path).exists()
+    history = run_cli("sync", "history", "s", "--output", "json", cwd=tmp_path)
+    assert [r["status"] for r in history.json()] == ["success"] * 3
+    status = run_cli("sync", "status", cwd=tmp_path)
+    assert status.returncode == 0, status
+    assert " 50 " in status.stdout
+
+
+# -- guards -------------------------------------------------------------------------------------
+
+
+def test_empty_segment_guard_and_force(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30)
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    assert len(receiver.members) == 30
+    warehouse_sql(warehouse, "UPDATE customers SET lapsed = false")
+    requests = len(receiver.requests)
+
+    aborted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert aborted.returncode == 4, aborted
+    run = aborted.run()
+    assert run["status"] == "aborted"
+    assert run["planned"]["remove"] == 30
+    assert run["sent"] == {"add": 0, "remove": 0, "update": 0}
+    assert "empty" in run["error"] and "--force" in run["error"]
+    assert len(receiver.requests) == requests
+    assert len(snapshot_members(tmp_path, "s")) == 30
+
+    forced = run_cli("sync", "run", "--force", "--output", "json", cwd=tmp_path)
+    assert forced.returncode == 0, forced
+    assert forced.run()["sent"]["remove"] == 30
+    assert receiver.members == {}
+    assert snapshot_members(tmp_path, "s") == set()
+
+
+def test_mass_removal_guard(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    webhook_project(tmp_path, receiver.url, customers=120, destination={"batch_size": 500})
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    warehouse_sql(warehouse, "UPDATE customers SET lapsed = false WHERE customer_id <= 70")
+    requests = len(receiver.requests)
+
+    aborted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert aborted.returncode == 4, aborted
+    assert aborted.run()["status"] == "aborted"
+    assert "70 of 120" in aborted.run()["error"]
+    assert len(receiver.requests) == requests
+    assert len(receiver.members) == 120
+
+    forced = run_cli("sync", "run", "--force", "--output", "json", cwd=tmp_path)
+    assert forced.returncode == 0, forced
+    assert emails(receiver) == segment_members(warehouse)
+
+
+def test_max_removal_pct_is_respected(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    webhook_project(tmp_path, receiver.url, customers=100, sync={"max_removal_pct": 20})
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+
+    warehouse_sql(warehouse, "UPDATE customers SET lapsed = false WHERE customer_id <= 25")
+    aborted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert aborted.returncode == 4, aborted
+    assert "max_removal_pct = 20" in aborted.run()["error"]
+    assert len(receiver.members) == 100
+
+    # 15% is within the limit.
+    warehouse_sql(warehouse, "UPDATE customers SET lapsed = true WHERE customer_id <= 10")
+    allowed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed
+    assert allowed.run()["sent"]["remove"] == 15
+    assert emails(receiver) == segment_members(warehouse)
+
+
+def test_small_audiences_may_shrink_by_more_than_half(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=40)
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    warehouse_sql(warehouse, "UPDATE customers SET lapsed = false WHERE customer_id <= 35")
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 0, result
+    assert result.run()["sent"]["remove"] == 35
+    assert emails(receiver) == segment_members(warehouse)
+
+
+# -- partial, retries, failures -----------------------------------------------------------------
+
+
+def test_rejected_rows_are_recorded_and_not_resent(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 10})
+    warehouse = tmp_path / "warehouse.duckdb"
+    receiver.reject_keys({"4", "17"})
+
+    partial = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert partial.returncode == 3, partial
+    run = partial.run()
+    assert run["status"] == "partial"
+    assert run["rejected"] == 2
+    assert run["sent"]["add"] == 28
+    assert set(receiver.members) == set(segment_members(warehouse)) - {"4", "17"}
+    issues = sqlite_rows(
+        state_db(tmp_path),
+        "SELECT key, kind, action, reason FROM row_issues WHERE run_id = ? ORDER BY key",
+        [run["run_id"]],
+    )
+    assert [(key, kind, action) for key, kind, action, _ in issues] == [
+        ("17", "rejected", "add"),
+        ("4", "rejected", "add"),
+    ]
+    assert all("rejected by the fake receiver" in reason for *_, reason in issues)
+    history = run_cli("sync", "history", "s", "--output", "json", cwd=tmp_path)
+    assert history.returncode == 0, history
+    assert history.json()[0]["status"] == "partial"
+    assert history.json()[0]["rejected"] == 2
+    text = run_cli("sync", "history", "s", cwd=tmp_path)
+    assert "partial" in text.stdout
+
+    # The unchanged rejected rows are not sent again, even once the receiver would take them.
+    receiver.reject_keys(set())
+    requests = len(receiver.requests)
+    rerun = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun
+    assert rerun.run()["planned"] == {"add": 0, "remove": 0, "update": 0}
+    assert len(receiver.requests) == requests
+
+    # Once a rejected row changes it is tried again.
+    warehouse_sql(
+        warehouse, "UPDATE customers SET email = 'fixed4@example.com' WHERE customer_id = 4"
+    )
+    retried = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert retried.returncode == 0, retried
+    assert retried.run()["sent"] == {"add": 1, "remove": 0, "update": 0}
+    assert receiver.members["4"]["identifiers"]["email"] == "fixed4@example.com"
+
+
+def test_throttling_and_server_errors_are_retried(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 10})
+    receiver.fail_next(429, 503, retry_after=0.05)
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 0, result
+    run = result.run()
+    assert run["status"] == "success"
+    assert run["retries"] == 2
+    assert run["sent"]["add"] == 30
+    assert run["batches"] == 3
+    assert len(receiver.requests) == 5
+    assert emails(receiver) == segment_members(tmp_path / "warehouse.duckdb")
+    history = run_cli("sync", "history", "s", "--output", "json", cwd=tmp_path)
+    assert history.json()[0]["retries"] == 2
+
+
+def test_exhausted_retries_fail_and_the_next_run_sends_what_is_missing(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 10})
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    change_segment(warehouse)
+
+    receiver.fail_always(500)
+    failed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert failed.returncode == 1, failed
+    run = failed.run()
+    assert run["status"] == "failed"
+    assert "500" in run["error"]
+    assert run["sent"] == {"add": 0, "remove": 0, "update": 0}
+    assert run["retries"] == 2  # max_attempts = 3
+    assert "error" in failed.stderr or "500" in failed.stdout
+
+    receiver.fail_always(None)
+    before = len(receiver.deliveries)
+    healed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert healed.returncode == 0, healed
+    assert healed.run()["sent"] == {"add": 5, "remove": 5, "update": 3}
+    sent = receiver.deliveries[before:]
+    assert sorted(k for d in sent if d.action == "remove" for k in d.keys) == list("12345")
+    assert sorted(k for d in sent if d.action == "update" for k in d.keys) == ["6", "7", "8"]
+    added = sorted(k for d in sent if d.action == "add" for k in d.keys)
+    assert added == ["51", "52", "53", "54", "55"]
+    assert emails(receiver) == segment_members(warehouse)
+
+
+def test_unauthorised_fails_at_once(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 10})
+    receiver.fail_always(401)
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 1, result
+    run = result.run()
+    assert run["status"] == "failed"
+    assert "401" in run["error"]
+    assert "credentials" in run["error"]
+    assert run["retries"] == 0
+    assert len(receiver.requests) == 1
+    assert snapshot_members(tmp_path, "s") == set()
+
+
+def test_payload_too_large_splits_batches(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    webhook_project(tmp_path, receiver.url, customers=50, destination={"batch_size": 50})
+    receiver.max_records = 7
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 0, result
+    run = result.run()
+    assert run["sent"]["add"] == 50
+    assert run["rejected"] == 0
+    assert all(len(d.keys) <= 7 for d in receiver.deliveries)
+    assert sum(len(d.keys) for d in receiver.deliveries) == 50
+    assert emails(receiver) == segment_members(tmp_path / "warehouse.duckdb")
+
+
+def test_exit_code_combines_several_syncs(tmp_path: Path) -> None:
+    build_warehouse(tmp_path / "warehouse.duckdb", 20)
+    with (
+        WebhookReceiver(secret=SECRET) as healthy,
+        WebhookReceiver(secret=SECRET) as picky,
+        WebhookReceiver(secret=SECRET) as other,
+    ):
+        picky.reject_keys({"12"})
+        write_config(
+            tmp_path,
+            segments={
+                "lapsed": {"key": "customer_id", "sql": "SELECT * FROM customers WHERE lapsed"},
+                "few": {
+                    "key": "customer_id",
+                    "sql": "SELECT * FROM customers WHERE lapsed AND customer_id <= 5",
+                },
+            },
+            destinations={
+                "healthy": webhook_destination(healthy.url),
+                "picky": webhook_destination(picky.url),
+                "other": webhook_destination(other.url),
+                "down": webhook_destination(f"http://127.0.0.1:{closed_port()}/hook"),
+            },
+            syncs={
+                "ok": webhook_sync(destination="healthy"),
+                "partial": webhook_sync(destination="picky"),
+                "aborted": webhook_sync(segment="few", destination="other"),
+                "locked": webhook_sync(destination="healthy"),
+                "failed": webhook_sync(destination="down"),
+            },
+        )
+        assert run_cli("sync", "run", "aborted", cwd=tmp_path).returncode == 0
+        warehouse_sql(tmp_path / "warehouse.duckdb", "DELETE FROM customers WHERE customer_id <= 5")
+        # A live run of `locked` on another machine.
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        engine = sa.create_engine(f"sqlite:///{state_db(tmp_path)}")
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO locks (sync, run_id, host, pid, acquired_at, heartbeat_at) "
+                    "VALUES ('locked', 'elsewhere-1', 'another-host', 1, :now, :now)"
+                ),
+                {"now": now},
+            )
+        engine.dispose()
+
+        cases = [
+            (["ok"], 0),
+            (["ok", "partial"], 3),
+            (["partial", "locked", "ok"], 5),
+            (["locked", "aborted", "partial"], 4),
+            (["aborted", "failed", "locked", "partial", "ok"], 1),
+        ]
+        expected_status = {
+            "ok": "success",
+            "partial": "partial",
+            "locked": "locked",
+            "aborted": "aborted",
+            "failed": "failed",
+        }
+        for names, code in cases:
+            # --full-resync re-sends the rejected row, so `partial` stays partial every time.
+            result = run_cli(
+                "sync", "run", *names, "--full-resync", "--output", "json", cwd=tmp_path
+            )
+            assert result.returncode == code, result
+            assert result.json()["exit_code"] == code
+            assert [r["sync"] for r in result.json()["runs"]] == names
+            for name in names:
+                assert result.run(name)["status"] == expected_status[name], result
+        text = run_cli("sync", "run", "locked", cwd=tmp_path)
+        assert text.returncode == 5, text
+        assert "another-host" in text.stdout
