@@ -74,6 +74,7 @@ PHONE_PREFIX = {
 DEMO_CONFIG = """\
 # winback demo configuration, written by `winback init --demo`.
 # Edit it freely; `winback config validate` checks it. Every option: config.example.toml.
+# Try: winback segments explain lapsed_buyers · winback sync plan · winback sync run
 
 [warehouse]
 url = "duckdb:///{warehouse}"
@@ -81,33 +82,87 @@ url = "duckdb:///{warehouse}"
 [state]
 url = "sqlite:///.winback/state.db"
 
-# Customers whose last non-cancelled order is more than 180 days old, who opted in to marketing
-# and have no open support ticket. `:as_of` is the run's reference date (--as-of, default today).
+# Lapsed buyers, scored: a purchase lapse (beyond 180 days, or beyond twice the person's own
+# buying rhythm) weighs 2, email silence for 90 days weighs 1; a score of 2 qualifies. People
+# with an open support ticket are left out, and so are those gone for more than two years.
 [segments.lapsed_buyers]
+from = "customers"
 key = "customer_id"
+columns = ["email", "phone", "first_name", "country"]
+where = "marketing_opt_in"
+match = "score"
+min_score = 2
+lost_after = "730d"
 as_of = 2026-11-01          # fixed so the demo gives the same result every day; remove for "today"
-sql = \"\"\"
-SELECT c.customer_id, c.email, c.phone, c.first_name, c.last_name, c.country,
-       max(o.ordered_at)::DATE AS last_order_on,
-       date_diff('day', max(o.ordered_at)::DATE, CAST(:as_of AS DATE)) AS days_inactive
-FROM customers c
-JOIN orders o ON o.customer_id = c.customer_id AND o.status <> 'cancelled'
-WHERE c.marketing_opt_in
-  AND NOT EXISTS (SELECT 1 FROM support_tickets t
-                  WHERE t.customer_id = c.customer_id AND t.status = 'open')
-GROUP BY ALL
-HAVING max(o.ordered_at)::DATE < CAST(:as_of AS DATE) - INTERVAL 180 DAY
-   AND max(o.ordered_at)::DATE >= CAST(:as_of AS DATE) - INTERVAL 730 DAY
-\"\"\"
 
-# Sign-ups who never ordered anything: dormant prospects.
-[segments.dormant_prospects]
+[[segments.lapsed_buyers.signals]]
+name = "purchase"
+table = "orders"
 key = "customer_id"
+at = "ordered_at"
+where = "status <> 'cancelled'"
+inactive_after = "180d"
+cadence = 2.0
+never = "exclude"
+weight = 2
+
+[[segments.lapsed_buyers.signals]]
+name = "email"
+table = "email_events"
+key = "customer_id"
+at = "occurred_at"
+inactive_after = "90d"
+weight = 1
+
+[[segments.lapsed_buyers.exclude]]
+table = "support_tickets"
+key = "customer_id"
+where = "status = 'open'"
+
+# Dormant prospects: signed up more than a month ago, never ordered anything.
+[segments.dormant_prospects]
+from = "customers"
+key = "customer_id"
+columns = ["email", "first_name", "country"]
+where = "marketing_opt_in AND signup_date < DATE '2026-10-01'"
+as_of = 2026-11-01
+
+[[segments.dormant_prospects.signals]]
+name = "purchase"
+table = "orders"
+key = "customer_id"
+at = "ordered_at"
+inactive_after = "36500d"   # nobody with an order is inactive: only `never` people qualify
+never = "inactive"
+
+# B2B: an account qualifies only when none of its contacts bought for 120 days; the campaign
+# goes to the buyers of those accounts.
+[segments.dormant_accounts]
+from = "customers"
+key = "customer_id"
+columns = ["email", "first_name", "account_id", "role"]
+group_by = "account_id"
+where = "account_id IS NOT NULL AND role = 'buyer'"
+as_of = 2026-11-01
+
+[[segments.dormant_accounts.signals]]
+name = "purchase"
+table = "orders"
+key = "customer_id"
+at = "ordered_at"
+inactive_after = "120d"
+
+# A plain SQL segment works too; `:as_of` is the run's reference date.
+[segments.big_spenders_lapsed]
+key = "customer_id"
+as_of = 2026-11-01
 sql = \"\"\"
-SELECT c.customer_id, c.email, c.first_name, c.country
-FROM customers c
-WHERE c.marketing_opt_in
-  AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.customer_id = c.customer_id)
+SELECT c.customer_id, c.email, c.first_name, sum(o.amount) AS lifetime_value
+FROM customers c JOIN orders o USING (customer_id)
+WHERE c.marketing_opt_in AND o.status <> 'cancelled'
+GROUP BY ALL
+HAVING sum(o.amount) > 1000
+   AND max(o.ordered_at)::DATE < CAST(:as_of AS DATE) - INTERVAL 180 DAY
 \"\"\"
 
 [destinations.exports]
@@ -123,15 +178,27 @@ segment = "lapsed_buyers"
 destination = "exports"
 mode = "mirror"
 identifiers = {{ email = "email", phone = "phone", country = "country", first_name = "first_name" }}
-fields = {{ days_inactive = "days_inactive", last_order_on = "last_order_on" }}
+fields = {{ days_inactive = "days_inactive", inactive_signals = "inactive_signals" }}
 default_country = "US"
 
 [syncs.prospects_to_jsonl]
 segment = "dormant_prospects"
 destination = "exports_jsonl"
-mode = "mirror"
 identifiers = {{ email = "email", country = "country" }}
 fields = {{ first_name = "first_name" }}
+
+[syncs.accounts_to_csv]
+segment = "dormant_accounts"
+destination = "exports"
+identifiers = {{ email = "email" }}
+fields = {{ account_id = "account_id", days_inactive = "days_inactive" }}
+
+[syncs.big_spenders_to_jsonl]
+segment = "big_spenders_lapsed"
+destination = "exports_jsonl"
+mode = "upsert"
+identifiers = {{ email = "email" }}
+fields = {{ lifetime_value = "lifetime_value" }}
 """
 
 
