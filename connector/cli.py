@@ -23,7 +23,7 @@ from rich.table import Table
 
 from connector import __version__
 from connector.config import WinbackConfig, load_config, resolve_config_path
-from connector.errors import ConfigError, WinbackError
+from connector.errors import ConfigError, ConfigProblem, WinbackError
 from destinations.base import SyncContext
 from destinations.registry import load_registry
 
@@ -161,15 +161,15 @@ def config_validate() -> None:
 
     config = open_config()
     engine = create_warehouse_engine(config.warehouse.url)
-    problems: list[str] = []
+    problems: list[ConfigProblem] = []
     try:
         for name, segment in config.segments.items():
             try:
                 probe_columns(name, segment, engine=engine, as_of=effective_as_of(segment, None))
             except ConfigError as error:
-                problems.extend(str(p) for p in error.problems)
+                problems.extend(error.problems)
             except WinbackError as error:
-                problems.append(str(error))
+                problems.append(ConfigProblem(f"segments.{name}", str(error)))
         for name, sync in config.syncs.items():
             segment = config.segments[sync.segment]
             try:
@@ -185,8 +185,11 @@ def config_validate() -> None:
             for option, column in mapped.items():
                 if column not in columns:
                     problems.append(
-                        f"syncs.{name}.{option}: column `{column}` is not returned by segment "
-                        f"`{sync.segment}` (it returns {', '.join(columns)})"
+                        ConfigProblem(
+                            f"syncs.{name}.{option}",
+                            f"column `{column}` is not returned by segment `{sync.segment}` "
+                            f"(it returns {', '.join(columns)})",
+                        )
                     )
     finally:
         engine.dispose()

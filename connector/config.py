@@ -105,9 +105,9 @@ class SyncConfig(StrictModel):
 class RawConfig(StrictModel):
     """The file as written; destinations are still raw tables here."""
 
-    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)  # type: ignore[arg-type]
-    state: StateConfig = Field(default_factory=StateConfig)  # type: ignore[arg-type]
-    retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
+    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     segments: dict[str, dict[str, Any]] = Field(default_factory=dict)
     destinations: dict[str, dict[str, Any]] = Field(default_factory=dict)
     syncs: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -207,8 +207,8 @@ def _customers(rng: random.Random) -> list[list[object]]:
     for n in range(1, CUSTOMERS + 1):
         country = rng.choice(COUNTRIES)
         first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-        email: str | None = f"{first.lower()}.{n}@example-shop.com".replace("é", "e")
-        email = email.replace("è", "e").replace("ü", "u").replace("í", "i")
+        plain_first = first.lower().replace("é", "e").replace("è", "e").replace("ü", "u")
+        email: str | None = f"{plain_first}.{n}@example-shop.com"
         phone: str | None = (
             f"{PHONE_PREFIX[country]}{n % 10000:04d}" if rng.random() < 0.6 else None
         )

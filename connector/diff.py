@@ -168,7 +168,7 @@ class ChangePlanner:
             .group_by(self.stage.c.key)
             .having(sa.func.count() > 1)
         )
-        issues = []
+        issues: list[RowIssue] = []
         for key, first_seq, n in self.connection.execute(counts).all():
             issues.extend(
                 RowIssue(

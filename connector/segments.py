@@ -43,9 +43,9 @@ def probe_columns(name: str, segment: Segment, *, engine: sa.Engine, as_of: dt.d
     if isinstance(query, sa.Select):
         probe: sa.Executable = query.limit(0)
     else:
-        assert isinstance(query, sa.TextClause)
-        probe = sa.text(f"SELECT * FROM ({query.text}) AS winback_probe LIMIT 0")
-        if "as_of" in probe._bindparams:  # type: ignore[attr-defined]
+        sql = query.text if isinstance(query, sa.TextClause) else str(query)
+        probe = sa.text(f"SELECT * FROM ({sql}) AS winback_probe LIMIT 0")
+        if "as_of" in probe._bindparams:
             probe = probe.bindparams(as_of=as_of)
     with warehouse_connection(engine) as connection:
         try:

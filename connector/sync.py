@@ -21,7 +21,14 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from connector.config import WinbackConfig
-from connector.diff import STATE_ONLY_ACTIONS, Action, ChangePlanner, Normalised, PlannedChange
+from connector.diff import (
+    SENT_ACTIONS,
+    STATE_ONLY_ACTIONS,
+    Action,
+    ChangePlanner,
+    Normalised,
+    PlannedChange,
+)
 from connector.errors import (
     BatchFailedError,
     ConfigError,
@@ -37,7 +44,7 @@ from connector.identity import normalise_identifiers
 from connector.segments import effective_as_of, read_segment
 from connector.state import RowIssue, StateStore, snapshot, utcnow
 from connector.warehouse import create_warehouse_engine
-from destinations.base import Batch, BatchResult, Destination, Member, SyncContext
+from destinations.base import Batch, BatchResult, Destination, Member, Rejection, SyncContext
 
 log = logging.getLogger("winback.sync")
 
@@ -339,7 +346,7 @@ class SyncRunner:
             MATCHING_IDENTIFIERS & adapter.accepted_identifiers
         ) | adapter.required_identifiers
         if adapter.required_identifiers:
-            matching = set(adapter.required_identifiers)
+            matching = adapter.required_identifiers
 
         def normalise(payload: dict[str, Any]) -> Normalised:
             normalised = normalise_identifiers(payload["i"], default_country=sync.default_country)
@@ -399,13 +406,13 @@ class Delivery:
         self.batch_errors: list[str] = []
 
     def run(self, *, batch_size: int) -> None:
-        for action in ("refresh", "forget"):
-            self._apply_state_only(action)  # type: ignore[arg-type]
-        for action in ("remove", "update", "add"):
+        for state_action in STATE_ONLY_ACTIONS:
+            self._apply_state_only(state_action)
+        for action in SENT_ACTIONS:
             planned = self.result.planned[action]
             if planned:
                 self.reporter.phase(f"{self.result.sync}: {action}", planned)
-                self._send_action(action, batch_size)  # type: ignore[arg-type]
+                self._send_action(action, batch_size)
         if self.batch_errors:
             failed = len(self.batch_errors)
             raise BatchFailedError(
@@ -475,8 +482,6 @@ class Delivery:
     ) -> list[list[PlannedChange]]:
         changes = [by_key[m.key] for m in batch.members]
         if len(changes) == 1:
-            from destinations.base import Rejection
-
             only = changes[0]
             self._checkpoint(
                 action,
@@ -588,7 +593,6 @@ class Delivery:
 
     def _apply_state_only(self, action: Action) -> None:
         """`refresh` and `forget`: nothing to send, only the snapshot changes."""
-        assert action in STATE_ONLY_ACTIONS
         page: list[PlannedChange] = []
         for change in self.planner.changes(action):
             page.append(change)
