@@ -11,7 +11,7 @@ import logging
 import sys
 import traceback
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -48,12 +48,12 @@ stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True)
 
 
-class TextOrJson(str, Enum):
+class TextOrJson(StrEnum):
     text = "text"
     json = "json"
 
 
-class RowsFormat(str, Enum):
+class RowsFormat(StrEnum):
     table = "table"
     json = "json"
     csv = "csv"

@@ -395,7 +395,7 @@ class HttpClient:
             self.retries += 1
 
     def _wait(self, state: RetryCallState) -> float:
-        # Full jitter: a random wait up to initial × 2^attempt, so parallel clients spread out.
+        # Full jitter: a random wait up to initial * 2^attempt, so parallel clients spread out.
         exponential = wait_random_exponential(
             multiplier=self.retry.initial_backoff_s, max=self.retry.max_backoff_s
         )
