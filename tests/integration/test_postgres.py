@@ -1,0 +1,95 @@
+"""The engine with PostgreSQL as the warehouse and as the state store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from connector.config import build_config
+from connector.errors import LockedError
+from connector.state import StateStore
+from connector.sync import RunOptions, SyncRunner
+from destinations.registry import Registry
+from tests.fakes.memory_destination import MemoryDestination
+
+pytestmark = pytest.mark.postgres
+
+
+def load_customers(url: str, rows: list[tuple[int, str | None, str | None]]) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE IF EXISTS lapsed"))
+        connection.execute(sa.text("CREATE TABLE lapsed (id INTEGER, email TEXT, phone TEXT)"))
+        if rows:
+            connection.execute(
+                sa.text("INSERT INTO lapsed VALUES (:id, :email, :phone)"),
+                [{"id": i, "email": e, "phone": p} for i, e, p in rows],
+            )
+    engine.dispose()
+
+
+def runner_for(tmp_path: Path, warehouse_url: str, state_url: str) -> SyncRunner:
+    document: dict[str, Any] = {
+        "warehouse": {"url": warehouse_url, "chunk_size": 100},
+        "state": {"url": state_url},
+        "segments": {"lapsed": {"key": "id", "sql": "SELECT id, email, phone FROM lapsed"}},
+        "destinations": {"mem": {"type": "memory", "batch_size": 50}},
+        "syncs": {
+            "to_mem": {
+                "segment": "lapsed",
+                "destination": "mem",
+                "audience": "pg",
+                "identifiers": {"email": "email", "phone": "phone"},
+                "default_country": "FR",
+            }
+        },
+    }
+    registry = Registry(adapters={"memory": MemoryDestination})
+    return SyncRunner(build_config(document, path=tmp_path / "winback.toml", registry=registry))
+
+
+def test_postgres_warehouse_and_state(tmp_path: Path, postgres_url: str) -> None:
+    MemoryDestination.reset()
+    rows = [(i, f"user{i}@example.com", None) for i in range(1, 501)]
+    rows += [(501, None, "06 12 34 56 78"), (502, "broken@", None), (503, None, None)]
+    load_customers(postgres_url, rows)
+    runner = runner_for(tmp_path, postgres_url, postgres_url)
+    try:
+        first = runner.run("to_mem", RunOptions())
+        assert first.status == "success", first.error
+        assert first.segment_rows == 503
+        assert first.skipped == 2  # no usable identifier: 502 (malformed), 503 (nothing)
+        assert first.sent["add"] == 501
+        audience = MemoryDestination.audiences["pg"]
+        assert audience["501"]["identifiers"] == {"phone": "+33612345678"}
+
+        load_customers(postgres_url, rows[20:])  # 20 leave
+        second = runner.run("to_mem", RunOptions())
+        assert second.status == "success", second.error
+        assert (second.sent["remove"], second.sent["add"]) == (20, 0)
+        assert len(MemoryDestination.audiences["pg"]) == 481
+
+        store = StateStore(postgres_url)
+        assert store.audience_size(None, "to_mem") == 481
+        history = store.history("to_mem", 10)
+        assert [r.status for r in history] == ["success", "success"]
+        reasons = [i.reason for i in store.issues(first.run_id)]
+        assert any("broken@" in r for r in reasons)
+        store.dispose()
+    finally:
+        runner.close()
+
+
+def test_postgres_state_lock_is_exclusive(tmp_path: Path, postgres_url: str) -> None:
+    store = StateStore(postgres_url)
+    try:
+        store.acquire_lock("s", "run-1")
+        with pytest.raises(LockedError, match="already running"):
+            store.acquire_lock("s", "run-2")
+        store.release_lock("s", "run-1")
+        store.acquire_lock("s", "run-3")
+    finally:
+        store.dispose()
