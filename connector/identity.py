@@ -1,0 +1,508 @@
+"""Identifier normalisation: one canonical form per identifier before diffing, hashing or sending.
+
+The sync engine runs every segment row through ``normalise_identifiers`` (DESIGN.md, "Flow of one
+sync", step 4); platform adapters then apply their own last-mile rules (``meta_phone``,
+``google_email``, ``hashed_name``, ...) and hash with ``sha256_hex``. Canonical forms:
+
+===============  ====================================================================
+email            trimmed, lowercased, syntax-checked by ``email_validator`` (no DNS)
+phone            E.164 with ``+`` via ``phonenumbers``; must be a valid number
+country          ISO 3166-1 alpha-2, uppercase (from alpha-2, alpha-3, numeric or name)
+postal_code      trimmed, uppercased, single spaces; US ZIP cut to 5 digits, zeros kept
+first/last name  trimmed, inner whitespace collapsed, NFC; case and accents kept
+city             as names
+external_id,     ``str(value).strip()``; integral numbers without ``.0``
+mobile_id
+===============  ====================================================================
+
+A value that cannot be normalised raises ``InvalidIdentifier`` (a ``ValueError``) whose message
+names the identifier, shows the value in backticks and says what is wrong with it.
+
+Emails take a fast path: a strict ASCII pattern accepts the common shape without calling
+``email_validator`` (about 25 µs a call). It only ever *accepts* addresses that
+``email_validator`` accepts with an identical normalised form; everything else, including every
+rejection, goes through ``email_validator``. ``tests/unit/test_identity.py`` checks that claim
+with hypothesis.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+import email_validator
+import phonenumbers
+import pycountry
+
+__all__ = [
+    "InvalidIdentifier",
+    "NormalisedIdentifiers",
+    "google_email",
+    "hashed_name",
+    "meta_city",
+    "meta_phone",
+    "meta_postal_code",
+    "normalise_country",
+    "normalise_email",
+    "normalise_identifiers",
+    "normalise_name",
+    "normalise_phone",
+    "normalise_postal_code",
+    "normalise_text_id",
+    "sha256_hex",
+]
+
+_MAX_SHOWN = 80
+"""Longest value quoted in full in an error message; longer ones are cut with an ellipsis."""
+
+
+class InvalidIdentifier(ValueError):
+    """An identifier value that cannot be normalised; the row keeps its other identifiers.
+
+    ``identifier`` is the identifier's name (``email``, ``first_name``...), ``value`` the raw
+    value and ``problem`` what is wrong with it; the message reads
+    ``email `foo@` is not a valid address: <reason>``.
+    """
+
+    def __init__(self, identifier: str, value: object, problem: str) -> None:
+        self.identifier = identifier
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{identifier} `{_shown(value)}` {problem}")
+
+
+def _shown(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 1] + "…"
+
+
+def _is_absent(value: object) -> bool:
+    """None, NaN (how dataframes spell null) and empty or whitespace-only text are absent."""
+    if value is None:
+        return True
+    if isinstance(value, str | bytes):
+        return not value.strip()
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, Decimal):
+        return value.is_nan()
+    return False
+
+
+def _as_text(value: object, field: str) -> str:
+    """The value as text: integral numbers without ``.0``, bytes decoded as UTF-8."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise InvalidIdentifier(field, value, "is a boolean, not an identifier")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidIdentifier(field, value, "is not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidIdentifier(field, value, "is not a finite number")
+        return str(int(value)) if value == value.to_integral_value() else str(value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidIdentifier(field, value, "is not valid UTF-8 text") from exc
+    return str(value)
+
+
+def _stripped(value: object, field: str) -> str:
+    text = _as_text(value, field).strip()
+    if not text:
+        raise InvalidIdentifier(field, value, "is empty")
+    return text
+
+
+# ---------------------------------------------------------------------------------------- email
+
+_EMAIL_SPECIAL_USE_SUFFIXES = tuple("." + name for name in email_validator.SPECIAL_USE_DOMAIN_NAMES)
+
+# Only lowercase ASCII: a dot-atom local part over a subset of RFC 5322 atext, then at least two
+# hostname labels (no "--" anywhere, so no Punycode or R-LDH labels) ending in an all-letter TLD.
+# Lengths are checked separately. Anything else goes to email_validator.
+_FAST_EMAIL = re.compile(
+    r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*"
+    r"@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}",
+    re.ASCII,
+)
+_FAST_EMAIL_MAX = 254
+_FAST_LOCAL_MAX = 64
+
+
+def _fast_email(text: str) -> bool:
+    """True when ``text`` (already lowercased) is certainly valid and already normalised."""
+    if len(text) > _FAST_EMAIL_MAX or _FAST_EMAIL.fullmatch(text) is None:
+        return False
+    local, _, domain = text.partition("@")
+    return (
+        len(local) <= _FAST_LOCAL_MAX
+        and "--" not in domain
+        and not ("." + domain).endswith(_EMAIL_SPECIAL_USE_SUFFIXES)
+    )
+
+
+def _email(value: object, field: str) -> str:
+    text = _stripped(value, field).lower()
+    if _fast_email(text):
+        return text
+    try:
+        result = email_validator.validate_email(
+            text,
+            check_deliverability=False,
+            allow_smtputf8=True,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+            allow_display_name=False,
+            allow_empty_local=False,
+            globally_deliverable=True,
+            test_environment=False,
+        )
+    except (email_validator.EmailNotValidError, UnicodeError) as exc:
+        raise InvalidIdentifier(field, value, f"is not a valid address: {exc}") from exc
+    return result.normalized.lower()
+
+
+def normalise_email(value: object) -> str:
+    """Trim, lowercase and syntax-check an email address (no DNS lookups).
+
+    Internationalised addresses come back in email_validator's normalised form (NFC local part,
+    Unicode domain). Raises ``InvalidIdentifier`` with email_validator's reason.
+    """
+    return _email(value, "email")
+
+
+# ---------------------------------------------------------------------------------------- phone
+
+_PARSE_PROBLEMS = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "has no valid country code",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "is not a phone number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "is too short",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "is too short",
+    phonenumbers.NumberParseException.TOO_LONG: "is too long",
+}
+
+
+def _phone(value: object, region: str | None, field: str) -> str:
+    text = _stripped(value, field)
+    region_code = _region_code(region)
+    international = text.startswith(("+", "00"))
+    if not international and region_code is None:
+        raise InvalidIdentifier(
+            field, value, "has no country code (write it as +<code>… or set a default country)"
+        )
+    # "00" is the international prefix almost everywhere; where it is not (e.g. "0011" in
+    # Australia), the region's own reading is tried next.
+    attempts: list[tuple[str, str | None]] = []
+    if text.startswith("00"):
+        attempts.append(("+" + text[2:], None))
+    attempts.append((text, None if text.startswith("+") else region_code))
+    problem = "is not a phone number"
+    for attempt_text, attempt_region in attempts:
+        try:
+            number = phonenumbers.parse(attempt_text, attempt_region)
+        except phonenumbers.NumberParseException as exc:
+            problem = _PARSE_PROBLEMS.get(exc.error_type, "is not a phone number")
+            continue
+        if phonenumbers.is_valid_number(number):
+            e164: str = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+            return e164
+        problem = (
+            f"is not a valid phone number in region {attempt_region}"
+            if attempt_region
+            else f"is not a valid phone number for country code +{number.country_code}"
+        )
+    raise InvalidIdentifier(field, value, problem)
+
+
+def normalise_phone(value: object, *, region: str | None = None) -> str:
+    """Return the number in E.164 form with ``+`` (``+18005550100``).
+
+    ``region`` (ISO alpha-2) is how a number written without ``+`` or ``00`` is read; without it
+    such numbers are rejected. Raises ``InvalidIdentifier`` when the value does not parse or is
+    not a valid number according to ``phonenumbers.is_valid_number``.
+    """
+    return _phone(value, region, "phone")
+
+
+# -------------------------------------------------------------------------------------- country
+
+_COUNTRY_ALIASES = {
+    "uk": "GB",
+    "great britain": "GB",
+    "britain": "GB",
+    "england": "GB",
+    "scotland": "GB",
+    "wales": "GB",
+    "northern ireland": "GB",
+    "russia": "RU",
+    "turkey": "TR",
+    "ivory coast": "CI",
+    "cape verde": "CV",
+    "swaziland": "SZ",
+    "macedonia": "MK",
+    "holland": "NL",
+    "vatican": "VA",
+    "vatican city": "VA",
+    "brunei": "BN",
+    "palestine": "PS",
+    "dr congo": "CD",
+    "democratic republic of the congo": "CD",
+    "republic of korea": "KR",
+    "micronesia": "FM",
+}
+"""Everyday names pycountry does not know (``UK`` is reserved, not assigned, in ISO 3166)."""
+
+
+def _country_key(text: str) -> str:
+    """Lookup key ignoring case, accents, punctuation and spacing: ``U.S.`` -> ``us``."""
+    folded = unicodedata.normalize("NFKD", text.casefold().replace("-", " "))
+    kept = "".join(c for c in folded if unicodedata.category(c)[0] not in "MP")
+    return " ".join(kept.split()).removeprefix("the ")
+
+
+@functools.cache
+def _country_index() -> dict[str, str]:
+    index: dict[str, str] = {}
+    for country in pycountry.countries:
+        code: str = country.alpha_2
+        names = [country.alpha_2, country.alpha_3, country.name, country.numeric]
+        names += [getattr(country, a, None) or "" for a in ("official_name", "common_name")]
+        names.append(str(int(country.numeric)))
+        for name in names:
+            if name:
+                index.setdefault(_country_key(name), code)
+    for alias, code in _COUNTRY_ALIASES.items():
+        index.setdefault(alias, code)
+    return index
+
+
+def _country(value: object, field: str) -> str:
+    text = _stripped(value, field)
+    index = _country_index()
+    # Plain codes and names are keys as they are; only the rest pays for accent folding.
+    code = index.get(text.casefold()) or index.get(_country_key(text))
+    if code is None:
+        raise InvalidIdentifier(field, value, "is not an ISO 3166 country code or country name")
+    return code
+
+
+@functools.lru_cache(maxsize=256)
+def _region_code(region: str | None) -> str | None:
+    """A default region as an alpha-2 code (``uk`` -> ``GB``); unknown ones pass through upper."""
+    if region is None or not region.strip():
+        return None
+    return _country_index().get(_country_key(region), region.strip().upper())
+
+
+def normalise_country(value: object) -> str:
+    """Return the ISO 3166-1 alpha-2 code, uppercase: ``"germany"``/``"DEU"``/``"de"`` -> ``DE``.
+
+    Accepts alpha-2, alpha-3 and numeric codes and the English names pycountry knows (short,
+    official and common), ignoring case, accents and dots, plus a few everyday names such as
+    ``UK`` and ``England`` (both ``GB``). Raises ``InvalidIdentifier`` for anything else.
+    """
+    return _country(value, "country")
+
+
+# ---------------------------------------------------------------------------------------- names
+
+
+def _name(value: object, field: str) -> str:
+    text = " ".join(unicodedata.normalize("NFC", _stripped(value, field)).split())
+    if not any(c.isalpha() for c in text):
+        raise InvalidIdentifier(field, value, "has no letters")
+    return text
+
+
+def normalise_name(value: object) -> str:
+    """Trim, collapse inner whitespace and compose accents (NFC); case and accents are kept.
+
+    Adapters lowercase, strip punctuation or hash per platform (see ``hashed_name``). Raises
+    ``InvalidIdentifier`` when the value is empty or has no letters at all.
+    """
+    return _name(value, "name")
+
+
+# ---------------------------------------------------------------------------------- postal code
+
+_ZIP_COUNTRIES = frozenset({"US", "PR", "VI", "GU", "AS", "MP"})
+"""The US and the territories that use US ZIP codes."""
+_ZIP = re.compile(r"(\d{5})(?:[- ]?\d{4})?", re.ASCII)
+
+
+def _postal_code(value: object, country: str | None, field: str) -> str:
+    text = " ".join(_stripped(value, field).upper().split())
+    if _region_code(country) not in _ZIP_COUNTRIES:
+        return text
+    digits = text.isascii() and text.isdigit()
+    if digits and isinstance(value, int | float | Decimal) and len(text) != 6:
+        # A numeric column has lost the leading zeros: 2134 is 02134, 21341234 is 02134-1234.
+        text = text.zfill(5 if len(text) <= 5 else 9)
+    elif digits and len(text) in (3, 4):
+        text = text.zfill(5)  # text that went through a spreadsheet and lost its zeros
+    match = _ZIP.fullmatch(text)
+    if match is None:
+        raise InvalidIdentifier(field, value, "is not a US ZIP code (12345 or 12345-6789)")
+    return match.group(1)
+
+
+def normalise_postal_code(value: object, *, country: str | None = None) -> str:
+    """Trim, uppercase and collapse spaces (``" sw1a   1aa"`` -> ``SW1A 1AA``).
+
+    For the US and its ZIP-code territories the result is the 5-digit ZIP: ZIP+4 is cut and
+    leading zeros lost by numeric columns are restored (``2134`` -> ``02134``). Raises
+    ``InvalidIdentifier`` when empty or, for the US, not a ZIP code.
+    """
+    return _postal_code(value, country, "postal_code")
+
+
+# ------------------------------------------------------------------------------------ plain ids
+
+
+def _text_id(value: object, field: str) -> str:
+    return _stripped(value, field)
+
+
+def normalise_text_id(value: object) -> str:
+    """Return an opaque id (external id, mobile ad id) as trimmed text; ``42.0`` becomes ``42``.
+
+    Raises ``InvalidIdentifier`` when empty.
+    """
+    return _text_id(value, "id")
+
+
+# ---------------------------------------------------------------------------------------- a row
+
+
+@dataclass(frozen=True)
+class NormalisedIdentifiers:
+    """The usable identifiers of one row and a message for each one that was present but bad."""
+
+    identifiers: dict[str, str]
+    problems: list[str]
+
+
+_Normaliser = Callable[[object, str | None, str], str]
+
+_ROW_NORMALISERS: dict[str, _Normaliser] = {
+    "email": lambda value, _region, field: _email(value, field),
+    "phone": _phone,
+    "first_name": lambda value, _region, field: _name(value, field),
+    "last_name": lambda value, _region, field: _name(value, field),
+    "city": lambda value, _region, field: _name(value, field),
+    "postal_code": _postal_code,
+    "external_id": lambda value, _region, field: _text_id(value, field),
+    "mobile_id": lambda value, _region, field: _text_id(value, field),
+}
+
+
+def _other(value: object, _region: str | None, field: str) -> str:
+    return _text_id(value, field)
+
+
+def normalise_identifiers(
+    raw: Mapping[str, object], *, default_country: str | None = None
+) -> NormalisedIdentifiers:
+    """Normalise one row's identifiers, keyed by identifier name; never raises for bad values.
+
+    Absent values (None, NaN, empty or whitespace-only text) are left out silently; invalid ones
+    are left out with a message in ``problems``. Phones and postal codes are read in the row's
+    country when it is valid, else in ``default_country``. Names outside ``IDENTIFIER_NAMES``
+    are treated as plain text ids.
+    """
+    identifiers: dict[str, str] = {}
+    problems: list[str] = []
+    region = default_country
+    country = raw.get("country")
+    if not _is_absent(country):
+        try:
+            region = identifiers["country"] = _country(country, "country")
+        except InvalidIdentifier as exc:
+            problems.append(str(exc))
+    for name, value in raw.items():
+        if name == "country" or _is_absent(value):
+            continue
+        try:
+            identifiers[name] = _ROW_NORMALISERS.get(name, _other)(value, region, name)
+        except InvalidIdentifier as exc:
+            problems.append(str(exc))
+    return NormalisedIdentifiers(identifiers=identifiers, problems=problems)
+
+
+# -------------------------------------------------------------------- per-platform last mile
+
+
+def sha256_hex(value: str) -> str:
+    """SHA-256 of the UTF-8 bytes of ``value`` as 64 lowercase hex characters (``H(x)``)."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}", re.ASCII)
+
+
+def meta_phone(e164: str) -> str:
+    """Meta's phone form: digits only with the country code, no ``+`` (``18005550100``).
+
+    Takes the output of ``normalise_phone``; E.164 has already dropped the ``00`` prefix and the
+    national trunk ``0`` Meta asks to remove. Raises ``InvalidIdentifier`` for anything else.
+    """
+    if _E164.fullmatch(e164) is None:
+        raise InvalidIdentifier("phone", e164, "is not in E.164 form (+ and 7 to 15 digits)")
+    return e164[1:]
+
+
+_GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+
+
+def google_email(email: str) -> str:
+    """Google Data Manager's email form: lowercase with all whitespace removed.
+
+    For ``gmail.com`` and ``googlemail.com`` addresses the local part also loses its dots and
+    any ``+suffix`` (``Jane.Doe+promo@GMail.com`` -> ``janedoe@gmail.com``); other domains keep
+    theirs. The domain itself is not rewritten.
+    """
+    text = "".join(email.lower().split())
+    local, at, domain = text.rpartition("@")
+    if at and domain in _GMAIL_DOMAINS:
+        return local.partition("+")[0].replace(".", "") + "@" + domain
+    return text
+
+
+def _without_punctuation(text: str) -> str:
+    return "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
+
+
+def hashed_name(name: str) -> str:
+    """A first or last name as Meta (``FN``/``LN``) and Google (``givenName``...) hash it.
+
+    Lowercase, drop punctuation and symbols (``O'Brien-Smith`` -> ``obriensmith``), collapse
+    whitespace to single spaces and trim. Letters keep their accents (NFC), as Meta's docs allow
+    UTF-8 letters; digits are kept. Titles and suffixes (``Mrs.``, ``Jr.``) are not removed.
+    """
+    text = _without_punctuation(unicodedata.normalize("NFC", name).lower())
+    return " ".join(text.split())
+
+
+def meta_postal_code(postal_code: str, *, country: str | None = None) -> str:
+    """Meta's ``ZIP`` form: lowercase without spaces; US (and ZIP territories) first 5 digits."""
+    if _region_code(country) in _ZIP_COUNTRIES:
+        return _postal_code(postal_code, "US", "postal_code")
+    return "".join(postal_code.lower().split())
+
+
+def meta_city(city: str) -> str:
+    """Meta's ``CT`` form: lowercase letters and digits only, no spaces or punctuation."""
+    return "".join(c for c in unicodedata.normalize("NFC", city).lower() if c.isalnum())
