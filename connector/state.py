@@ -208,6 +208,12 @@ class StateStore:
                 connection.execute(
                     locks.delete().where(locks.c.sync == sync, locks.c.run_id == held.run_id)
                 )
+                # The previous run died holding the lock (killed, machine lost): say so.
+                connection.execute(
+                    runs.update()
+                    .where(runs.c.run_id == held.run_id, runs.c.status == "running")
+                    .values(status="interrupted", error="the process died during the run")
+                )
         try:
             with self.engine.begin() as connection:
                 connection.execute(

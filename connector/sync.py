@@ -51,7 +51,14 @@ log = logging.getLogger("winback.sync")
 MATCHING_IDENTIFIERS = frozenset({"email", "phone", "external_id", "mobile_id"})
 GUARD_MIN_AUDIENCE = 100
 MAX_CONSECUTIVE_BATCH_FAILURES = 3
-EXIT_CODES = {"success": 0, "dry_run": 0, "partial": 3, "locked": 5, "aborted": 4, "failed": 1}
+EXIT_CODES = {
+    "success": 0,
+    "dry_run": 0,
+    "partial": 3,
+    "locked": 5,
+    "aborted": 4,
+    "failed": 1,
+}
 
 
 class Reporter(Protocol):
@@ -224,6 +231,15 @@ class SyncRunner:
             result.status, result.error = "failed", str(error)
         except WinbackError as error:
             result.status, result.error = "failed", str(error)
+        except KeyboardInterrupt:
+            result.status, result.error = "failed", "interrupted by the user"
+            raise
+        except Exception as error:  # a bug must not stop the other syncs of a scheduled run
+            log.debug("unexpected error in sync %s", sync_name, exc_info=True)
+            result.status = "failed"
+            result.error = (
+                f"unexpected {type(error).__name__}: {error} (rerun with -vv for details)"
+            )
         finally:
             result.duration_s = round(time.monotonic() - started, 3)
             if locked:

@@ -19,6 +19,7 @@ import datetime
 import decimal
 import email.utils
 import enum
+import logging
 import math
 import threading
 import time
@@ -45,6 +46,8 @@ from connector.errors import (
     PayloadTooLargeError,
     TransientError,
 )
+
+log = logging.getLogger("winback.http")
 
 IDENTIFIER_NAMES = (
     "email",
@@ -82,7 +85,9 @@ class DestinationOptions(BaseModel):
 class HttpDestinationOptions(DestinationOptions):
     """Options every HTTP adapter accepts on top of its own."""
 
-    base_url: str | None = Field(None, description="Override the platform's API root (tests, proxies).")
+    base_url: str | None = Field(
+        None, description="Override the platform's API root (tests, proxies)."
+    )
     retry: RetrySettings | None = Field(None, description="Overrides the top-level [retry] table.")
     max_concurrency: int = Field(1, ge=1, le=32, description="Batches in flight at once.")
     requests_per_second: float | None = Field(
@@ -228,7 +233,7 @@ class Destination(ABC):
     def update(self, batch: Batch) -> BatchResult:
         """Update stored attributes; only called when ``supports_update`` is true."""
         raise FatalDestinationError(
-            "this destination does not store attributes; use mode = \"mirror\" without fields",
+            'this destination does not store attributes; use mode = "mirror" without fields',
             destination=self.name,
         )
 
@@ -393,6 +398,15 @@ class HttpClient:
     def _count_retry(self, state: RetryCallState) -> None:
         with self._retry_lock:
             self.retries += 1
+        error = state.outcome.exception() if state.outcome else None
+        wait_s = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s; retrying in %.1fs (attempt %d of %d)",
+            error,
+            wait_s,
+            state.attempt_number + 1,
+            self.retry.max_attempts,
+        )
 
     def _wait(self, state: RetryCallState) -> float:
         # Full jitter: a random wait up to initial * 2^attempt, so parallel clients spread out.
@@ -444,7 +458,9 @@ class HttpClient:
             return response
         raise self.error_for(verdict, response, what)
 
-    def error_for(self, verdict: Verdict, response: requests.Response, what: str) -> DestinationError:
+    def error_for(
+        self, verdict: Verdict, response: requests.Response, what: str
+    ) -> DestinationError:
         """The exception for a non-OK verdict, with a short, redacted excerpt of the body."""
         status = response.status_code
         excerpt = self.redact(response.text[:200].replace("\n", " ")) if response.text else ""
