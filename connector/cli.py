@@ -484,7 +484,16 @@ def sync_status(names: SyncNames = None) -> None:
 
     config = open_config()
     store = StateStore(config.state.url)
-    table = Table("sync", "destination", "audience", "members", "last run", "status", "running")
+    table = Table(
+        "sync",
+        "destination",
+        "audience",
+        "members",
+        "last run (UTC)",
+        "status",
+        "pending",
+        "running",
+    )
     try:
         for name in _selected_syncs(config, names):
             sync = config.syncs[name]
@@ -497,11 +506,25 @@ def sync_status(names: SyncNames = None) -> None:
                 str(store.audience_size(None, name)),
                 f"{last[0].started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
                 last[0].status if last else "-",
+                _pending(last[0]) if last else "full sync",
                 f"pid {holder.pid} on {holder.host}" if holder else "no",
             )
     finally:
         store.dispose()
     stdout.print(table)
+
+
+def _pending(run: Any) -> str:
+    """Changes the last run planned but did not get acknowledged (resent by the next run)."""
+    left = {
+        "+": run.planned_add - run.sent_add,
+        "-": run.planned_remove - run.sent_remove,
+        "~": run.planned_update - run.sent_update,
+    }
+    if run.status in ("success", "partial"):
+        return "none"
+    parts = [f"{sign}{count}" for sign, count in left.items() if count > 0]
+    return " ".join(parts) or "none"
 
 
 @sync_app.command("history")
