@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +316,8 @@ class LoggedReceiverProcess:
     """The fake webhook receiver in its own process, logging every change it applies.
 
     Each applied request (a `webhook-id` seen for the first time) appends one JSON line
-    ``{"id", "action", "keys"}`` to ``log_file``; the state file holds the membership.
+    ``{"action", "keys"}`` to ``log_file``; the state file holds the number of POST requests
+    received (for tests that act after N requests) and ``GET /state`` answers the membership.
     """
 
     def __init__(self, folder: Path, *, delay_s: float = 0.0, secret: str = SECRET):
@@ -346,17 +348,17 @@ class LoggedReceiverProcess:
             self.close()
             raise RuntimeError(f"the receiver did not start: {self.url!r}")
 
-    def state(self) -> dict[str, Any]:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            state: dict[str, Any] = json.loads(self.state_file.read_text())
-            return state
-        return {"members": {}, "answers": {}, "requests": 0}
-
     def requests(self) -> int:
-        return int(self.state().get("requests", 0))
+        """POST requests received so far (failed ones included)."""
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            return int(json.loads(self.state_file.read_text())["requests"])
+        return 0
 
     def members(self) -> dict[str, Any]:
-        members: dict[str, Any] = self.state()["members"]
+        """The receiver's audience now: key -> {"identifiers", "fields"}."""
+        state_url = self.url.rsplit("/", 1)[0] + "/state"
+        with urllib.request.urlopen(state_url, timeout=30) as response:
+            members: dict[str, Any] = json.loads(response.read())["members"]
         return members
 
     def log(self) -> list[dict[str, Any]]:
@@ -387,6 +389,7 @@ def receiver_main(argv: list[str] | None = None) -> int:
     import argparse
     import threading
 
+    from tests.fakes.http_server import RecordedRequest, ScriptedResponse
     from tests.fakes.webhook_receiver import WebhookReceiver
 
     parser = argparse.ArgumentParser()
@@ -404,6 +407,22 @@ def receiver_main(argv: list[str] | None = None) -> int:
             log_handle.write(json.dumps(entry) + "\n")
             log_handle.flush()
             return answer
+
+        def _process(self, request: RecordedRequest) -> ScriptedResponse:
+            if request.method == "GET" and request.path == "/state":
+                # A copy taken under the receiver's lock: the answer is encoded after it.
+                members = {key: dict(record) for key, record in self._members.items()}
+                return ScriptedResponse(200, {"members": members})
+            return super()._process(request)
+
+        def _save(self) -> None:
+            # Only the request count: the membership (20,000 members in the crash tests) is
+            # served by `GET /state` instead of being rewritten to disk after every request.
+            assert self.state_file is not None
+            posts = sum(1 for r in self.requests if r.method == "POST")
+            temporary = self.state_file.with_name(self.state_file.name + ".tmp")
+            temporary.write_text(json.dumps({"requests": posts}))
+            os.replace(temporary, self.state_file)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

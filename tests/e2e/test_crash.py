@@ -1,0 +1,165 @@
+"""`kill -9` at any point loses nothing: the next run re-sends exactly what was not acknowledged.
+
+A 20,000-customer warehouse is synced to the fake webhook receiver running as its own process
+(batches of 200, a small delay per request). `winback sync run` is SIGKILLed while it reads the
+segment, twice while it adds, and while it removes during a second run; each time the next run
+must finish the job: the receiver's audience equals the segment exactly, the state snapshot
+equals the segment, and the only keys added twice are those of the batch in flight at a kill.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import (
+    LoggedReceiverProcess,
+    build_warehouse,
+    finish,
+    segment_members,
+    snapshot_members,
+    sqlite_rows,
+    start_cli,
+    state_db,
+    wait_until,
+    warehouse_sql,
+    webhook_destination,
+    webhook_sync,
+    write_config,
+)
+
+CUSTOMERS = 20_000
+BATCH = 200
+RUN = ("sync", "run", "s", "--output", "json")
+
+
+def lock_holder(folder: Path) -> int | None:
+    rows = sqlite_rows(state_db(folder), "SELECT pid FROM locks WHERE sync = 's'")
+    return rows[0][0] if rows else None
+
+
+def running_runs(folder: Path) -> list[tuple[object, ...]]:
+    return sqlite_rows(state_db(folder), "SELECT run_id FROM runs WHERE status = 'running'")
+
+
+def kill_when(process: subprocess.Popen[str], condition: Callable[[], bool]) -> None:
+    """SIGKILL the run as soon as `condition()` holds (it must still be running then)."""
+    wait_until(lambda: bool(condition()) or process.poll() is not None, timeout=60, every=0.005)
+    assert process.poll() is None, finish(process, RUN)
+    process.kill()
+    process.wait(timeout=10)
+    finish(process, RUN)
+
+
+def complete_run(folder: Path) -> dict[str, object]:
+    result = finish(start_cli(*RUN, cwd=folder), RUN, timeout=120)
+    assert result.returncode == 0, result
+    run: dict[str, object] = result.run()
+    return run
+
+
+def duplicate_adds(log: list[dict[str, object]]) -> dict[str, int]:
+    """Keys added again while already in the audience (no remove in between): key -> times."""
+    present: set[str] = set()
+    again: dict[str, int] = {}
+    for entry in log:
+        keys = entry["keys"]
+        assert isinstance(keys, list)
+        for key in keys:
+            if entry["action"] == "add":
+                if key in present:
+                    again[key] = again.get(key, 0) + 1
+                present.add(key)
+            elif entry["action"] == "remove":
+                present.discard(key)
+    return again
+
+
+def assert_in_sync(folder: Path, receiver: LoggedReceiverProcess) -> None:
+    segment = segment_members(folder / "warehouse.duckdb")
+    members = receiver.members()
+    assert set(members) == set(segment)
+    assert {k: m["identifiers"]["email"] for k, m in members.items()} == segment
+    assert snapshot_members(folder, "s") == set(segment)
+    assert lock_holder(folder) is None
+
+
+@pytest.mark.slow
+def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
+    build_warehouse(tmp_path / "warehouse.duckdb", CUSTOMERS)
+    with LoggedReceiverProcess(tmp_path, delay_s=0.005) as receiver:
+        write_config(
+            tmp_path,
+            destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
+            syncs={"s": webhook_sync()},
+        )
+
+        # 1. Killed once its run is recorded, while it reads and plans the segment: nothing sent.
+        early = start_cli(*RUN, cwd=tmp_path)
+        kill_when(early, lambda: bool(running_runs(tmp_path)))
+        assert receiver.requests() == 0
+        # Its lock stays behind, held by a dead process on this host.
+        assert lock_holder(tmp_path) == early.pid
+        assert not psutil.pid_exists(early.pid)
+
+        # 2. and 3. Killed twice while adding; each run takes over the dead run's lock.
+        first = start_cli(*RUN, cwd=tmp_path)
+        kill_when(first, lambda: receiver.requests() >= 10)
+        assert lock_holder(tmp_path) == first.pid
+        sent_before = receiver.requests()
+        second = start_cli(*RUN, cwd=tmp_path)
+        kill_when(second, lambda: receiver.requests() >= sent_before + 25)
+        assert 0 < len(receiver.members()) < CUSTOMERS
+
+        run = complete_run(tmp_path)
+        assert run["status"] == "success"
+        sent = run["sent"]
+        assert isinstance(sent, dict)
+        assert 0 < sent["add"] < CUSTOMERS
+        assert_in_sync(tmp_path, receiver)
+        again = duplicate_adds(receiver.log())
+        # At-least-once: only the batch in flight at each of the two kills may come twice.
+        assert len(again) <= 2 * BATCH, len(again)
+        assert set(again.values()) <= {1}
+
+        # 4. A second run removes 30% (below the guard), changes 500 emails, adds 1,000 people;
+        # it is killed during the removals, which come first.
+        warehouse = tmp_path / "warehouse.duckdb"
+        warehouse_sql(
+            warehouse,
+            "UPDATE customers SET lapsed = false WHERE customer_id % 10 IN (1, 2, 3)",
+            "UPDATE customers SET email = 'moved.' || email "
+            "WHERE customer_id % 10 = 5 AND customer_id <= 5000",
+            "INSERT INTO customers SELECT i, 'user' || i || '@example.com', NULL, 'Name' || i, "
+            "'US', 't0', true FROM range(20001, 21001) AS r(i)",
+        )
+        applied = len(receiver.log())
+        sent_before = receiver.requests()
+        removing = start_cli(*RUN, cwd=tmp_path)
+        kill_when(removing, lambda: receiver.requests() >= sent_before + 5)
+        in_killed_run = receiver.log()[applied:]
+        assert in_killed_run
+        assert {entry["action"] for entry in in_killed_run} == {"remove"}
+
+        run = complete_run(tmp_path)
+        assert run["status"] == "success"
+        planned = run["planned"]
+        assert isinstance(planned, dict)
+        assert (planned["add"], planned["update"]) == (1000, 500)
+        # What the killed run had removed (and checkpointed) is not removed again.
+        assert 0 < planned["remove"] <= 6000 - 4 * BATCH
+        assert_in_sync(tmp_path, receiver)
+        again = duplicate_adds(receiver.log())
+        assert len(again) <= 2 * BATCH
+        assert set(again.values()) <= {1}
+
+        # Nothing is left to do, and no killed run is still shown as running.
+        final = complete_run(tmp_path)
+        assert final["planned"] == {"add": 0, "remove": 0, "update": 0}
+        statuses = sqlite_rows(state_db(tmp_path), "SELECT status FROM runs")
+        assert len(statuses) == 7
+        assert not running_runs(tmp_path)
