@@ -6,17 +6,20 @@ The query is one ``SELECT`` made of CTEs, read top to bottom:
     the ``from`` table: key, ``columns``, the ``group_by`` column. Its ``where`` filters rows here,
     or, with ``group_by``, becomes a ``_wb_wanted`` flag (the account check needs every contact).
 ``wb_events_N``
-    signal N's rows (its ``where``, non-null key and time) with the UTC event date ``d`` and the
-    whole days ``age`` from ``d`` to ``as_of``; events after ``as_of`` are left out here.
+    signal N's rows (its ``where``, non-null key and time) with the UTC event date ``d``;
+    events after ``as_of`` are left out here.
 ``wb_stats_N``
-    per person: ``elapsed`` (smallest age), ``last`` date, ``n`` events and, for usage signals,
-    ``w``/``b``: SUM(value) over the window and the baseline.
+    per person: ``last`` date, ``n`` events and, for usage signals, ``w``/``b``: SUM(value) over
+    the window and the baseline (rows compared with boundary dates computed in Python, so no
+    per-row date arithmetic).
 ``wb_median_N`` (cadence signals)
-    per person: twice the median gap between distinct event dates (``MIN + MAX`` of the one or
-    two middle gaps, ranked with ``ROW_NUMBER``; ``LAG`` gives the gaps) and the count of dates.
+    per person: twice the median gap between distinct event dates (``LAG`` gives the gaps) and
+    the count of dates. The warehouse's median aggregate where it has one (DuckDB, Snowflake
+    ``MEDIAN``, PostgreSQL ``percentile_cont``: exact for integers), else portable SQL:
+    ``MIN + MAX`` of the one or two middle gaps ranked with ``ROW_NUMBER``.
 ``wb_flags``
-    the people left-joined to every signal: ``_wb_has_N``, ``_wb_inactive_N`` (0/1) and the
-    per-signal elapsed, last date and event count.
+    the people left-joined to every signal: ``_wb_has_N``, ``_wb_inactive_N`` (0/1, judged on
+    elapsed = ``as_of`` - last date) and the per-signal last date and event count.
 ``wb_segment``
     computed columns (score, inactive_signals, days_inactive, last_activity_at, events) and
     ``_wb_keep``: match (or, with ``group_by``, match of every contact of the group), no
@@ -36,13 +39,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 
-from connector.rules.dialects import AtKind, as_of_literal, days_between, utc_date
+from connector.rules.dialects import AtKind, as_of_literal, days_between, median_of, utc_date
 from connector.rules.model import COMPUTED_COLUMNS, RulesSegment, Signal
 
 _WANTED = "_wb_wanted"
@@ -94,14 +97,15 @@ def build_rules_query(
     person = people.c[segment.key]
     for index, signal in enumerate(segment.signals):
         events = _events(index, signal, at_kinds[index], as_of_value, dialect)
-        stats = _stats(index, signal, events)
-        median = _median(index, events) if signal.cadence is not None else None
+        stats = _stats(index, signal, events, as_of, dialect)
+        median = _median(index, events, dialect) if signal.cadence is not None else None
         joined = joined.outerjoin(stats, stats.c.k == person)
         if median is not None:
             joined = joined.outerjoin(median, median.c.k == person)
-        flag_columns += _signal_flags(index, signal, stats, median)
+        elapsed = days_between(as_of_value, stats.c["last"], dialect)
+        flag_columns += _signal_flags(index, signal, stats, median, elapsed)
     flags = sa.select(*flag_columns).select_from(joined).cte("wb_flags")
-    scored = _scored(segment, flags)
+    scored = _scored(segment, flags, as_of_value, dialect)
     final = _final(segment, scored, with_having=with_having)
     return RulesQuery(select=final, flags=flags, signals=tuple(segment.signals))
 
@@ -141,11 +145,7 @@ def _events(
     value = [signal.value] if signal.value is not None else []
     source = table_of(signal.table, [signal.key, signal.at, *value])
     day = utc_date(source.c[signal.at], kind, dialect)
-    columns: list[ColumnElement[Any]] = [
-        source.c[signal.key].label("k"),
-        day.label("d"),
-        days_between(as_of, day, dialect).label("age"),
-    ]
+    columns: list[ColumnElement[Any]] = [source.c[signal.key].label("k"), day.label("d")]
     if signal.value is not None:
         columns.append(source.c[signal.value].label("v"))
     query = sa.select(*columns).where(
@@ -156,17 +156,20 @@ def _events(
     return query.cte(f"wb_events_{index}")
 
 
-def _stats(index: int, signal: Signal, events: sa.CTE) -> sa.CTE:
+def _stats(index: int, signal: Signal, events: sa.CTE, as_of: date, dialect: str) -> sa.CTE:
     columns: list[ColumnElement[Any]] = [
         events.c.k,
-        sa.func.min(events.c.age).label("elapsed"),
         sa.func.max(events.c.d).label("last"),
         sa.func.count().label("n"),
     ]
     if signal.window is not None and signal.baseline is not None:
-        window, end = signal.window, signal.window + signal.baseline
-        in_window = events.c.age < window
-        in_baseline = (events.c.age >= window) & (events.c.age < end)
+        # Day boundaries computed here, so rows are compared with constants, not differenced.
+        window_start = as_of_literal(as_of - timedelta(days=signal.window), dialect)
+        baseline_start = as_of_literal(
+            as_of - timedelta(days=signal.window + signal.baseline), dialect
+        )
+        in_window = events.c.d > window_start
+        in_baseline = (events.c.d <= window_start) & (events.c.d > baseline_start)
         columns += [
             sa.func.sum(sa.case((in_window, events.c.v))).label("w"),
             sa.func.sum(sa.case((in_baseline, events.c.v))).label("b"),
@@ -174,10 +177,19 @@ def _stats(index: int, signal: Signal, events: sa.CTE) -> sa.CTE:
     return sa.select(*columns).group_by(events.c.k).cte(f"wb_stats_{index}")
 
 
-def _median(index: int, events: sa.CTE) -> sa.CTE:
-    dates = sa.select(events.c.k, events.c.age).distinct().subquery()
-    previous = sa.func.lag(dates.c.age).over(partition_by=dates.c.k, order_by=dates.c.age)
-    gaps = sa.select(dates.c.k, (dates.c.age - previous).label("gap")).subquery()
+def _median(index: int, events: sa.CTE, dialect: str) -> sa.CTE:
+    dates = sa.select(events.c.k, events.c.d).distinct().subquery()
+    previous = sa.func.lag(dates.c.d).over(partition_by=dates.c.k, order_by=dates.c.d)
+    gap = days_between(dates.c.d, previous, dialect)
+    gaps = sa.select(dates.c.k, gap.label("gap")).subquery()
+    median = median_of(gaps.c.gap, dialect)
+    if median is not None:
+        query = sa.select(
+            gaps.c.k,
+            (2 * median).label("median2"),
+            (sa.func.count() + 1).label("dates"),
+        ).where(gaps.c.gap.is_not(None))
+        return query.group_by(gaps.c.k).cte(f"wb_median_{index}")
     ranked = (
         sa.select(
             gaps.c.k,
@@ -188,7 +200,7 @@ def _median(index: int, events: sa.CTE) -> sa.CTE:
         .where(gaps.c.gap.is_not(None))
         .subquery()
     )
-    # The middle gap (odd count) or the two middle gaps (even count): 2*rn ∈ [c, c + 2].
+    # The middle gap (odd count) or the two middle gaps (even count): 2*rn in [c, c + 2].
     middle = (2 * ranked.c.rn >= ranked.c.c) & (2 * ranked.c.rn <= ranked.c.c + 2)
     return (
         sa.select(
@@ -202,47 +214,48 @@ def _median(index: int, events: sa.CTE) -> sa.CTE:
     )
 
 
-def _inactive_rule(signal: Signal, stats: sa.CTE, median: sa.CTE | None) -> ColumnElement[bool]:
+def _inactive_rule(
+    signal: Signal, stats: sa.CTE, median: sa.CTE | None, elapsed: ColumnElement[int]
+) -> ColumnElement[bool]:
     """Whether a person *with* events is inactive on ``signal``."""
     if signal.window is not None and signal.baseline is not None and signal.drop_below is not None:
         recent = sa.func.coalesce(stats.c.w, 0)
         before = sa.func.coalesce(stats.c.b, 0)
         below = recent * signal.baseline < sa.literal(signal.drop_below) * before * signal.window
         return below | ((recent == 0) & (before == 0))
-    recency = stats.c.elapsed > (signal.inactive_after or 0)
+    recency = elapsed > (signal.inactive_after or 0)
     if median is None or signal.cadence is None:
         return recency
     enough = median.c.dates >= signal.min_events
-    by_cadence = 2 * stats.c.elapsed > sa.literal(signal.cadence) * median.c.median2
+    by_cadence = 2 * elapsed > sa.literal(signal.cadence) * median.c.median2
     return (enough & by_cadence) | (
         sa.func.coalesce(median.c.dates, 0) < signal.min_events
     ) & recency
 
 
 def _signal_flags(
-    index: int, signal: Signal, stats: sa.CTE, median: sa.CTE | None
+    index: int, signal: Signal, stats: sa.CTE, median: sa.CTE | None, elapsed: ColumnElement[int]
 ) -> list[ColumnElement[Any]]:
     no_events = stats.c.k.is_(None)
     inactive = sa.case(
         (no_events, _NEVER_VALUE[signal.never]),
-        (_inactive_rule(signal, stats, median), 1),
+        (_inactive_rule(signal, stats, median, elapsed), 1),
         else_=0,
     )
     return [
         sa.case((no_events, 0), else_=1).label(f"_wb_has_{index}"),
         inactive.label(f"_wb_inactive_{index}"),
-        stats.c.elapsed.label(f"_wb_elapsed_{index}"),
         stats.c["last"].label(f"_wb_last_{index}"),
         sa.func.coalesce(stats.c.n, 0).label(f"_wb_n_{index}"),
     ]
 
 
-def _fold(values: list[ColumnElement[Any]], *, pick_later: bool) -> ColumnElement[Any]:
-    """NULL-ignoring LEAST/GREATEST (SQLite's scalar MIN/MAX return NULL on any NULL)."""
+def _fold(values: list[ColumnElement[Any]]) -> ColumnElement[Any]:
+    """NULL-ignoring GREATEST (SQLite's scalar MAX returns NULL on any NULL)."""
     result = values[0]
     for value in values[1:]:
-        better = value > result if pick_later else value < result
-        result = sa.case((result.is_(None) | (value.is_not(None) & better), value), else_=result)
+        later = value.is_not(None) & (value > result)
+        result = sa.case((result.is_(None) | later, value), else_=result)
     return result
 
 
@@ -257,7 +270,9 @@ def _sql_string(text: str) -> ColumnElement[str]:
     return sa.literal_column("'" + text.replace("'", "''") + "'", sa.String())
 
 
-def _scored(segment: RulesSegment, flags: sa.CTE) -> sa.CTE:
+def _scored(
+    segment: RulesSegment, flags: sa.CTE, as_of: ColumnElement[date], dialect: str
+) -> sa.CTE:
     signals = list(enumerate(segment.signals))
     inactive = [flags.c[f"_wb_inactive_{i}"] for i, _ in signals]
     score = _total([s.weight * flag for (_, s), flag in zip(signals, inactive, strict=True)])
@@ -265,8 +280,8 @@ def _scored(segment: RulesSegment, flags: sa.CTE) -> sa.CTE:
     names: ColumnElement[str] = _sql_string("")
     for (_, signal), flag in zip(signals, inactive, strict=True):
         names = names + sa.case((flag == 1, _sql_string("," + signal.name)), else_=_sql_string(""))
-    days_inactive = _fold([flags.c[f"_wb_elapsed_{i}"] for i, _ in signals], pick_later=False)
-    last = _fold([flags.c[f"_wb_last_{i}"] for i, _ in signals], pick_later=True)
+    last = _fold([flags.c[f"_wb_last_{i}"] for i, _ in signals])
+    days_inactive = days_between(as_of, last, dialect)
     events = _total([flags.c[f"_wb_n_{i}"] for i, _ in signals])
 
     if segment.match == "all":

@@ -76,7 +76,7 @@ def test_snowflake_compiles_with_its_date_functions() -> None:
 def test_postgres_uses_date_subtraction_and_timezone() -> None:
     sql = render(postgresql.dialect(), "postgresql")
     assert "timezone('UTC', email_events.occurred_at)" in sql
-    assert "CAST(CAST('2026-11-01' AS DATE) - CAST(orders.ordered_at AS DATE) AS INTEGER)" in sql
+    assert "CAST(CAST('2026-11-01' AS DATE) - wb_stats_0.last AS INTEGER)" in sql
 
 
 def test_sqlite_reads_every_time_with_date_and_julianday() -> None:
@@ -113,3 +113,11 @@ def test_as_of_is_a_bound_parameter_when_not_rendered() -> None:
     assert date(2026, 11, 1) in compiled.params.values()
     assert "2026-11-01" not in str(compiled)
     assert isinstance(query.select, sa.Select)
+
+
+def test_median_uses_the_warehouse_aggregate_or_portable_ranking() -> None:
+    assert "percentile_cont(0.5) WITHIN GROUP" in render(postgresql.dialect(), "postgresql")
+    assert "row_number() OVER" in render(sqlite.dialect(), "sqlite")
+    duckdb = render(postgresql.dialect(), "duckdb")  # duckdb-engine compiles as PostgreSQL
+    assert "median(" in duckdb
+    assert "epoch_us(email_events.occurred_at)" in duckdb
