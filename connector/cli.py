@@ -90,24 +90,32 @@ def parse_as_of(value: str | None) -> dt.date | None:
         fail(f"--as-of `{value}` is not a date; use YYYY-MM-DD", 2)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        stdout.print(f"winback {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def global_options(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", "-c", help="Config file [default: ./winback.toml or $WINBACK_CONFIG]."
+            "--config", "-c", help="Config file (default: ./winback.toml, or $WINBACK_CONFIG)."
         ),
     ] = None,
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="More logs; -vv debug, tracebacks.")
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
 ) -> None:
     """Global options apply to every command."""
-    if version:
-        stdout.print(f"winback {__version__}")
-        raise typer.Exit(0)
     settings.config_path = config
     settings.verbosity = -1 if quiet else verbose
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
@@ -322,7 +330,8 @@ def destinations_check(
     audience: Annotated[
         str | None,
         typer.Option(
-            "--audience", help="Target id to check [default: from the first sync using it]."
+            "--audience",
+            help="Target id to check (default: the audience of the first sync using it).",
         ),
     ] = None,
 ) -> None:
@@ -438,7 +447,7 @@ def _run_syncs(
     raise typer.Exit(code)
 
 
-SyncNames = Annotated[list[str] | None, typer.Argument(help="Syncs to run [default: all].")]
+SyncNames = Annotated[list[str] | None, typer.Argument(help="Sync names (default: all).")]
 AsOf = Annotated[
     str | None,
     typer.Option("--as-of", help="Reference date YYYY-MM-DD for rules segments and `:as_of`."),
@@ -614,35 +623,26 @@ def sync_reset(
 
 
 def main() -> None:
-    """Console entry point: runs the app and maps errors to exit codes."""
+    """Console entry point: runs the app and maps winback errors to exit codes.
+
+    Click handles usage errors (exit 2), `--help` and `typer.Exit`; everything winback raises
+    is printed as one paragraph (traceback with -vv) with its documented exit code.
+    """
     try:
-        code = app(standalone_mode=False)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
+        app()
     except WinbackError as error:
         if settings.verbosity > 1:
             traceback.print_exc()
         stderr.print(f"error: {error}", style="red", highlight=False, soft_wrap=True)
         sys.exit(exit_code_for(error))
-    except KeyboardInterrupt:
-        stderr.print("interrupted; state is consistent, the next run resumes", style="yellow")
-        sys.exit(130)
-    except Exception as error:  # click usage errors and the truly unexpected
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show(file=sys.stderr)
-            sys.exit(2)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(130)
+    except Exception as error:
         if settings.verbosity > 1:
             traceback.print_exc()
         stderr.print(
-            f"error: unexpected {type(error).__name__}: {error}. Rerun with -vv for the traceback "
-            "and report it.",
+            f"error: unexpected {type(error).__name__}: {error}. Rerun with -vv for the "
+            "traceback and report it.",
             style="red",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)

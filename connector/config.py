@@ -252,10 +252,22 @@ def build_config(
         except ValueError as error:
             problems.append(ConfigProblem(f"{section}.url", str(error)))
 
-    segments = _build_segments(raw.segments, base_dir, problems)
+    # A table with an unset variable is reported once, not again as invalid or undefined.
+    unresolved = {tuple(p.location.split(".")[:2]) for p in problems}
+    segments = _build_segments(
+        {n: t for n, t in raw.segments.items() if ("segments", n) not in unresolved},
+        base_dir,
+        problems,
+    )
     registry = registry or load_registry()
-    destinations = _build_destinations(raw.destinations, registry, base_dir, problems)
-    syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, problems)
+    destinations = _build_destinations(
+        {n: t for n, t in raw.destinations.items() if ("destinations", n) not in unresolved},
+        registry,
+        base_dir,
+        problems,
+    )
+    known = ({*raw.segments} - {*segments}, {*raw.destinations} - {*destinations})
+    syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, problems, invalid=known)
     if problems:
         raise ConfigError(problems, source=source)
     return WinbackConfig(
@@ -343,7 +355,11 @@ def _build_syncs(
     segments: dict[str, Segment],
     destinations: dict[str, DestinationConfig],
     problems: list[ConfigProblem],
+    *,
+    invalid: tuple[set[str], set[str]] = (set(), set()),
 ) -> tuple[dict[str, SyncConfig], dict[str, BaseModel]]:
+    """Validate syncs; references to segments/destinations already reported are not repeated."""
+    invalid_segments, invalid_destinations = invalid
     syncs: dict[str, SyncConfig] = {}
     sync_options: dict[str, BaseModel] = {}
     for name, table in tables.items():
@@ -353,7 +369,7 @@ def _build_syncs(
         except ValidationError as error:
             problems.extend(_pydantic_problems(where, error))
             continue
-        if sync.segment not in segments:
+        if sync.segment not in segments and sync.segment not in invalid_segments:
             problems.append(
                 ConfigProblem(
                     f"{where}.segment",
@@ -362,6 +378,8 @@ def _build_syncs(
                 )
             )
         destination = destinations.get(sync.destination)
+        if destination is None and sync.destination in invalid_destinations:
+            continue
         if destination is None:
             problems.append(
                 ConfigProblem(
