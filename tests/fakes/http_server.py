@@ -7,6 +7,7 @@ exact request shape and count retries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -112,10 +113,8 @@ class FakeHttpServer:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

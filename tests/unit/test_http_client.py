@@ -15,7 +15,11 @@ from tests.fakes.http_server import FakeHttpServer, ScriptedResponse
 def make_client(url: str, sleeps: list[float], **kwargs: object) -> HttpClient:
     retry = RetrySettings(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=5, timeout_s=2)
     return HttpClient(
-        destination="test", base_url=url, retry=retry, sleep=sleeps.append, **kwargs  # type: ignore[arg-type]
+        destination="test",
+        base_url=url,
+        retry=retry,
+        sleep=sleeps.append,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -53,13 +57,16 @@ def test_gives_up_after_max_attempts() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(401, FatalDestinationError), (403, FatalDestinationError), (400, BatchFailedError),
-     (413, PayloadTooLargeError)],
+    [
+        (401, FatalDestinationError),
+        (403, FatalDestinationError),
+        (400, BatchFailedError),
+        (413, PayloadTooLargeError),
+    ],
 )
 def test_non_retryable_statuses_fail_at_once(status: int, error: type[Exception]) -> None:
-    with FakeHttpServer(lambda r: ScriptedResponse(status, "no")) as server:
-        with pytest.raises(error):
-            make_client(server.url, []).request("POST", "/x")
+    with FakeHttpServer(lambda r: ScriptedResponse(status, "no")) as server, pytest.raises(error):
+        make_client(server.url, []).request("POST", "/x")
     assert len(server.requests) == 1
 
 
