@@ -172,12 +172,13 @@ def reference_rows(
     result = []
     for person, facts in zip(people, computed, strict=True):
         qualifies = facts["matched"]
-        group = person[segment.group_by] if segment.group_by else None
-        if group is not None:
+        group_by = segment.group_by
+        group = person[group_by] if group_by else None
+        if group_by is not None and group is not None:
             qualifies = all(
                 other_facts["matched"]
                 for other, other_facts in zip(people, computed, strict=True)
-                if other[segment.group_by] == group
+                if other[group_by] == group
             )
         if not qualifies or facts["never_excluded"]:
             continue

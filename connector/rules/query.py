@@ -25,6 +25,9 @@ The query is one ``SELECT`` made of CTEs, read top to bottom:
     ``_wb_keep``: match (or, with ``group_by``, match of every contact of the group), no
     ``never = "exclude"`` signal without events, not lost, wanted.
 
+A signal with ``never = "exclude"`` counts as inactive (for match and score) for someone without
+events, so such a contact never keeps an account active; that person is then left out.
+
 The final ``SELECT`` reads ``wb_segment`` where ``_wb_keep = 1``, no exclusion matches
 (``NOT EXISTS``) and ``having`` holds, ordered by key (NULL keys last).
 

@@ -7,7 +7,7 @@ reference implementation agrees, so the reference itself is pinned down.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -286,3 +286,66 @@ def test_explain_counts_signals_over_the_population(engine: sa.Engine) -> None:
     assert explanation.qualifying == 2
     assert "2024-03-01" in explanation.sql
     assert "opt_in = 1" in explanation.sql
+
+
+@pytest.mark.parametrize(
+    "warehouse", ["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_session_time_zone_does_not_move_events(
+    warehouse: str, request: pytest.FixtureRequest
+) -> None:
+    """Events count on their UTC date even when the warehouse session runs in Tokyo."""
+    if warehouse == "duckdb":
+        tokyo = sa.create_engine("duckdb:///:memory:")
+
+        @sa.event.listens_for(tokyo, "connect")
+        def _in_tokyo(connection: Any, _: Any) -> None:
+            connection.execute("SET TimeZone = 'Asia/Tokyo'")
+
+    else:
+        tokyo = sa.create_engine(
+            request.getfixturevalue("postgres_url"),
+            connect_args={"options": "-c timezone=Asia/Tokyo"},
+        )
+    try:
+        with tokyo.connect() as connection:
+            zone = connection.execute(sa.text("SELECT current_setting('TimeZone')")).scalar()
+        assert zone == "Asia/Tokyo"
+        rows = run(
+            tokyo,
+            {
+                "customers": [person(1)],
+                # 20:00 UTC on Feb 28 is already Feb 29 in Tokyo: still Feb 28 here.
+                "email_events": [
+                    {
+                        "customer_id": 1,
+                        "occurred_at": datetime(2024, 2, 28, 20, 0, tzinfo=UTC),
+                        "kind": "open",
+                    }
+                ],
+                "visits": [{"customer_id": 1, "visited_at": datetime(2024, 2, 28, 20, 0)}],
+            },
+            {
+                "match": "score",
+                "min_score": 0,
+                "signals": [
+                    {
+                        "name": "email",
+                        "table": "email_events",
+                        "key": "customer_id",
+                        "at": "occurred_at",
+                        "inactive_after": "1d",
+                    },
+                    {
+                        "name": "visit",
+                        "table": "visits",
+                        "key": "customer_id",
+                        "at": "visited_at",
+                        "inactive_after": "1d",
+                    },
+                ],
+            },
+        )
+        assert rows == [(1, ago(2), 2, 2, "email,visit", 2)]
+    finally:
+        tokyo.dispose()

@@ -84,7 +84,7 @@ def test_full_design_example_is_valid() -> None:
 
 
 def test_from_by_field_name_too() -> None:
-    parsed = RulesSegment(from_="customers", key="id", signals=[RECENCY])  # type: ignore[arg-type]
+    parsed = RulesSegment(from_="customers", key="id", signals=[RECENCY])
     assert parsed.from_ == "customers"
 
 
@@ -149,6 +149,7 @@ def test_cadence_must_be_positive(cadence: float) -> None:
 )
 @pytest.mark.parametrize("where", ["segment", "signal", "exclusion", "having"])
 def test_sql_fragments_are_single_conditions(fragment: str, where: str) -> None:
+    expected: tuple[str | int, ...]
     if where == "segment":
         config, expected = segment(where=fragment), ("where",)
     elif where == "having":

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql as postgresql_module
+from sqlalchemy.dialects import sqlite as sqlite_module
 
 from connector.rules import RulesSegment
 from connector.rules.dialects import AtKind
@@ -56,6 +57,8 @@ SEGMENT = RulesSegment.model_validate(
         "exclude": [{"table": "support_tickets", "key": "customer_id", "where": "status = 'open'"}],
     }
 )
+postgresql: Any = postgresql_module
+sqlite: Any = sqlite_module
 KINDS: list[AtKind] = ["timestamp", "timestamptz", "date"]
 
 
