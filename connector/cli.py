@@ -44,8 +44,10 @@ app.add_typer(destinations_app, name="destinations")
 app.add_typer(sync_app, name="sync")
 
 # Pipes and CI logs get wide tables instead of the 80-column fallback.
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True)
+# markup=False: messages and table cells carry user text (`[warehouse] url`, SQL errors, warehouse
+# values) that rich would otherwise read as markup, dropping it or failing on `[/...]`.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False)
+stderr = Console(stderr=True, markup=False)
 
 
 class TextOrJson(StrEnum):
