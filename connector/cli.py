@@ -23,7 +23,7 @@ from rich.table import Table
 
 from connector import __version__
 from connector.config import WinbackConfig, load_config, resolve_config_path
-from connector.errors import ConfigError, ConfigProblem, WinbackError
+from connector.errors import ConfigError, ConfigProblem, WarehouseError, WinbackError
 from destinations.base import SyncContext
 from destinations.registry import load_registry
 
@@ -170,7 +170,12 @@ def config_validate() -> None:
     from connector.warehouse import create_warehouse_engine
 
     config = open_config()
-    engine = create_warehouse_engine(config.warehouse.url)
+    try:
+        engine = create_warehouse_engine(config.warehouse.url)
+    except WarehouseError as error:  # e.g. a missing DuckDB file: reported like any problem
+        raise ConfigError(
+            [ConfigProblem("warehouse.url", str(error))], source=str(config.path)
+        ) from None
     problems: list[ConfigProblem] = []
     try:
         for name, segment in config.segments.items():
