@@ -349,3 +349,40 @@ def test_session_time_zone_does_not_move_events(
         assert rows == [(1, ago(2), 2, 2, "email,visit", 2)]
     finally:
         tokyo.dispose()
+
+
+def test_views_and_reserved_words_as_names(engine: sa.Engine) -> None:
+    """`from` and signal tables may be views; identifiers like `order` and `at` are quoted."""
+    statements = [
+        'CREATE TABLE t_people (id INTEGER, "order" INTEGER)',
+        'CREATE TABLE t_events (id INTEGER, "at" TIMESTAMP)',
+        "INSERT INTO t_people VALUES (1, 10), (2, 20)",
+        "INSERT INTO t_events VALUES (1, '2024-01-01 10:00:00')",
+        "CREATE VIEW v_people AS SELECT * FROM t_people",
+        'CREATE VIEW v_events AS SELECT id, "at" FROM t_events',
+    ]
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.execute(sa.text(statement))
+    segment = RulesSegment.model_validate(
+        {
+            "from": "v_people",
+            "key": "id",
+            "columns": ["order"],
+            "match": "score",
+            "min_score": 0,
+            "signals": [
+                {
+                    "name": "seen",
+                    "table": "v_events",
+                    "key": "id",
+                    "at": "at",
+                    "inactive_after": "9w",
+                }
+            ],
+        }
+    )
+    query = compile_rules("views", segment, as_of=AS_OF, engine=engine)
+    with engine.connect() as connection:
+        rows = [tuple(row) for row in connection.execute(query)]
+    assert rows == [(1, 10, date(2024, 1, 1), 60, 0, "", 1), (2, 20, None, None, 1, "seen", 0)]

@@ -199,7 +199,7 @@ def test_duckdb_matches_reference(
         engine.dispose()
 
 
-@EXAMPLES
+@settings(EXAMPLES, max_examples=60)
 @given(tables=warehouses(), segment=segments())
 def test_sqlite_matches_reference(
     tables: dict[str, list[dict[str, Any]]], segment: RulesSegment
