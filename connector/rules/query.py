@@ -35,7 +35,8 @@ All arithmetic is on whole days and integers, so DuckDB, SQLite and PostgreSQL a
 median is kept doubled and compared as ``2 * elapsed > cadence * (2 * median)``; the usage rule
 ``W < drop_below * B * window / baseline`` is compared as
 ``W * baseline < drop_below * B * window``. ``inactive_signals`` is an empty string (not NULL)
-when no signal is inactive.
+when no signal is inactive. ``events`` counts event rows (duplicates included, a usage row
+whatever its value) dated on or before ``as_of``, over all signals.
 """
 
 from __future__ import annotations
