@@ -1,0 +1,347 @@
+"""Bad input through the real CLI: one clear paragraph, the documented exit code, no traceback,
+no lost state and no leaked secret.
+
+A module-wide project is synced once to the fake webhook receiver; each case then runs the CLI
+with a broken copy of its config (`--config bad.toml`, same folder, same state store) and checks
+the message names the file, key or row and says what to do, and that the snapshot is untouched.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
+from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.helpers import (
+    SECRET,
+    SECRET_ENV,
+    CliResult,
+    database_dump,
+    run_cli,
+    segment_members,
+    sqlite_rows,
+    state_db,
+    warehouse_sql,
+    webhook_project,
+)
+
+WAREHOUSE_PASSWORD = "pw-Warehouse-s3cret"
+
+
+@dataclass
+class Project:
+    folder: Path
+    config: str
+    receiver: WebhookReceiver
+
+    def bad_config(self, old: str, new: str) -> str:
+        assert old in self.config, old
+        return self.config.replace(old, new, 1)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    folder = tmp_path_factory.mktemp("bad-input")
+    with WebhookReceiver(secret=SECRET) as receiver:
+        path = webhook_project(folder, receiver.url, customers=20)
+        synced = run_cli("sync", "run", cwd=folder)
+        assert synced.returncode == 0, synced
+        yield Project(folder, path.read_text(encoding="utf-8"), receiver)
+
+
+@pytest.fixture
+def unchanged_state(project: Project) -> Iterator[None]:
+    """Whatever the case does, the snapshot stays as the good run left it."""
+    before = snapshot_rows(project.folder)
+    requests = len(project.receiver.requests)
+    yield
+    assert snapshot_rows(project.folder) == before
+    assert len(project.receiver.requests) == requests
+
+
+def snapshot_rows(folder: Path) -> list[tuple[object, ...]]:
+    return sqlite_rows(state_db(folder), "SELECT * FROM snapshot ORDER BY sync, key")
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def run_bad(
+    project: Project, text: str, *args: str, env: dict[str, str] | None = None
+) -> CliResult:
+    (project.folder / "bad.toml").write_text(text, encoding="utf-8")
+    return run_cli("--config", "bad.toml", *args, cwd=project.folder, env=env)
+
+
+def assert_one_paragraph(result: CliResult, code: int, *fragments: str) -> str:
+    """Exit `code`; stderr ends with one `error:` paragraph holding every fragment (log lines
+    such as warnings may come before it); no traceback, no secret."""
+    assert result.returncode == code, result
+    stderr = result.stderr.strip()
+    starts = [m.start() for m in re.finditer(r"(?m)^error:", stderr)]
+    assert len(starts) == 1, result
+    message = stderr[starts[0] :]
+    assert "\n\n" not in message, result
+    assert "Traceback" not in result.stderr + result.stdout, result
+    for fragment in fragments:
+        assert fragment in message, (fragment, result)
+    assert SECRET not in result.stdout + result.stderr
+    return message
+
+
+# -- configuration errors: exit 2, nothing ran --------------------------------------------------
+
+
+CONFIG_CASES = {
+    "malformed-toml": (
+        ('audience = "winback-e2e"', 'audience = "winback-e2e'),
+        ["bad.toml", "not valid TOML", "line {audience_line}"],
+    ),
+    "unknown-key": (
+        ('audience = "winback-e2e"', 'audience = "winback-e2e"\nmodee = "mirror"'),
+        ["bad.toml", "syncs.s.modee", "unknown key", "spelling"],
+    ),
+    "wrong-type": (
+        ('audience = "winback-e2e"', 'audience = "winback-e2e"\nmax_removal_pct = "lots"'),
+        ["bad.toml", "syncs.s.max_removal_pct", "number"],
+    ),
+    "wrong-mode": (
+        ('audience = "winback-e2e"', 'audience = "winback-e2e"\nmode = "mirrror"'),
+        ["bad.toml", "syncs.s.mode", "mirror", "add_only", "upsert"],
+    ),
+    "missing-segment": (
+        ('segment = "lapsed"', 'segment = "lapsd"'),
+        ["bad.toml", "syncs.s.segment", "`lapsd` is not defined", "defined: lapsed"],
+    ),
+    "missing-destination": (
+        ('destination = "hook"', 'destination = "hok"'),
+        ["bad.toml", "syncs.s.destination", "`hok` is not defined", "defined: hook"],
+    ),
+    "unset-env-var": (
+        (SECRET_ENV, "WINBACK_E2E_UNSET_VARIABLE"),
+        [
+            "bad.toml",
+            "destinations.hook.secret",
+            "`WINBACK_E2E_UNSET_VARIABLE` is not set",
+            "export",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+@pytest.mark.usefixtures("unchanged_state")
+def test_config_errors(project: Project, case: str) -> None:
+    (old, new), fragments = CONFIG_CASES[case]
+    audience_line = project.config.splitlines().index('audience = "winback-e2e"') + 1
+    fragments = [f.format(audience_line=audience_line) for f in fragments]
+    before = database_dump(state_db(project.folder))
+    result = run_bad(project, project.bad_config(old, new), "sync", "run", "--output", "json")
+    assert_one_paragraph(result, 2, *fragments)
+    assert result.stdout == ""
+    assert database_dump(state_db(project.folder)) == before  # nothing ran, nothing recorded
+
+
+def test_config_error_traceback_only_with_vv(project: Project) -> None:
+    text = project.bad_config('audience = "winback-e2e"', 'audience = "winback-e2e"\nmodee = 1')
+    result = run_bad(project, text, "-vv", "sync", "run")
+    assert result.returncode == 2, result
+    assert "Traceback" in result.stderr
+    assert "syncs.s.modee" in result.stderr
+
+
+@pytest.mark.usefixtures("unchanged_state")
+def test_usage_errors(project: Project) -> None:
+    before = database_dump(state_db(project.folder))
+    as_of = run_bad(project, project.config, "sync", "run", "--as-of", "notadate")
+    assert_one_paragraph(as_of, 2, "--as-of", "`notadate`", "YYYY-MM-DD")
+    unknown = run_bad(project, project.config, "sync", "run", "nosuch", "--output", "json")
+    assert_one_paragraph(unknown, 2, "unknown sync `nosuch`", "defined: s")
+    assert unknown.stdout == ""
+    assert database_dump(state_db(project.folder)) == before
+
+
+# -- the warehouse: sync run exits 1 naming what to fix, config validate exits 2 ---------------
+
+
+WAREHOUSE_CASES = {
+    "unreachable-postgres": (
+        (
+            'url = "duckdb:///warehouse.duckdb"',
+            f'url = "postgresql+psycopg://winback:{WAREHOUSE_PASSWORD}@127.0.0.1:{closed_port()}/x"',
+        ),
+        ["cannot connect to the warehouse", "[warehouse] url", "***"],
+    ),
+    "missing-duckdb-file": (
+        ('url = "duckdb:///warehouse.duckdb"', 'url = "duckdb:///no-such-warehouse.duckdb"'),
+        ["no-such-warehouse.duckdb", "does not exist", "[warehouse] url"],
+    ),
+    "sql-error": (
+        ("FROM customers WHERE", "FROM customerz WHERE"),
+        ["segment `lapsed`", "customerz", "segments.lapsed.sql"],
+    ),
+    "no-key-column": (
+        ("SELECT customer_id, email", "SELECT email"),
+        ["segment `lapsed`", "`customer_id`", "segments.lapsed.sql"],
+    ),
+    "unmapped-column": (
+        ('FNAME = "first_name"', 'FNAME = "firstname"'),
+        ["segment `lapsed`", "`firstname`", "it returns customer_id, email"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WAREHOUSE_CASES))
+@pytest.mark.usefixtures("unchanged_state")
+def test_warehouse_errors(project: Project, case: str) -> None:
+    (old, new), fragments = WAREHOUSE_CASES[case]
+    text = project.bad_config(old, new)
+    result = run_bad(project, text, "sync", "run", "--output", "json")
+    message = assert_one_paragraph(result, 1, *fragments)
+    assert WAREHOUSE_PASSWORD not in result.stdout + message
+    run = result.run()
+    assert run["status"] == "failed"
+    assert all(fragment in run["error"] for fragment in fragments)
+    history = sqlite_rows(
+        state_db(project.folder), "SELECT status, error FROM runs WHERE run_id = ?", [run["run_id"]]
+    )
+    assert history == [("failed", run["error"])]
+    if "[warehouse] url" in fragments:  # text output keeps bracketed TOML tables too
+        text_run = run_bad(project, text, "sync", "run")
+        assert text_run.returncode == 1, text_run
+        assert all(fragment in text_run.stdout for fragment in fragments)
+    # `config validate` reports the same problem as a configuration error.
+    validate = run_bad(project, text, "config", "validate")
+    assert_one_paragraph(validate, 2, "bad.toml", fragments[1])
+
+
+# -- rows the sync cannot send: skipped with a reason, the run succeeds -------------------------
+
+
+def test_null_duplicate_and_unusable_rows_are_skipped_with_reasons(tmp_path: Path) -> None:
+    with WebhookReceiver(secret=SECRET) as receiver:
+        webhook_project(tmp_path, receiver.url, customers=10)
+        (tmp_path / "winback.toml").write_text(
+            (tmp_path / "winback.toml")
+            .read_text()
+            .replace("ORDER BY customer_id", "ORDER BY customer_id, first_name"),
+        )
+        warehouse_sql(
+            tmp_path / "warehouse.duckdb",
+            "INSERT INTO customers VALUES "
+            "(NULL, 'nokey@example.com', NULL, 'N', 'US', 't0', true), "
+            "(7, 'first7@example.com', NULL, 'A-first', 'US', 't0', true), "
+            "(101, 'not-an-email', NULL, 'B', 'US', 't0', true), "
+            "(102, 'not-an-email', '+14155550102', 'B', 'US', 't0', true), "
+            "(103, 'ok103@example.com', '12', 'B', 'US', 't0', true), "
+            "(104, NULL, 'garbage', 'B', 'US', 't0', true), "
+            "(105, NULL, NULL, 'B', 'US', 't0', true)",
+        )
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert result.returncode == 0, result
+        run = result.run()
+        assert run["status"] == "success"
+        assert run["segment_rows"] == 17
+        assert run["skipped"] == 5
+        assert run["sent"]["add"] == 12
+        reasons = dict(
+            sqlite_rows(
+                state_db(tmp_path),
+                "SELECT coalesce(key, '<null>'), reason FROM row_issues "
+                "WHERE run_id = ? AND kind = 'skipped'",
+                [run["run_id"]],
+            )
+        )
+        assert set(reasons) == {"<null>", "7", "101", "104", "105"}
+        assert "null key" in reasons["<null>"] and "`customer_id`" in reasons["<null>"]
+        assert "duplicate key `7`" in reasons["7"] and "first row was kept" in reasons["7"]
+        assert "no usable identifier" in reasons["101"] and "`not-an-email`" in reasons["101"]
+        assert "`garbage`" in reasons["104"]
+        assert "no usable identifier" in reasons["105"]
+        # The first of the duplicates is sent; rows with one usable identifier go with it alone.
+        members = receiver.members
+        assert members["7"]["identifiers"]["email"] == "first7@example.com"
+        assert members["102"]["identifiers"] == {"phone": "+14155550102", "country": "US"}
+        assert members["103"]["identifiers"] == {"email": "ok103@example.com", "country": "US"}
+        assert not {"101", "104", "105"} & set(members)
+
+
+# -- destinations answering badly ---------------------------------------------------------------
+
+
+def destination_project(folder: Path, url: str) -> None:
+    webhook_project(folder, url, customers=10)
+
+
+def test_a_2xx_html_answer_acknowledges(tmp_path: Path) -> None:
+    html = ScriptedResponse(200, "<html><body>OK</body></html>", {"Content-Type": "text/html"})
+    with FakeHttpServer(lambda request: html) as server:
+        destination_project(tmp_path, server.url + "/hook")
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert result.returncode == 0, result
+        assert result.run()["sent"]["add"] == 10
+        assert len(server.requests) == 1
+
+
+def test_a_400_with_garbage_fails_naming_the_status(tmp_path: Path) -> None:
+    def answer(request: RecordedRequest) -> ScriptedResponse:
+        # A broken receiver echoing its configuration, secret included.
+        return ScriptedResponse(400, f"<pre>\x00garbage secret={SECRET} ]]>{{</pre>")
+
+    with FakeHttpServer(answer) as server:
+        destination_project(tmp_path, server.url + "/hook")
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        message = assert_one_paragraph(result, 1, "400", "POST /hook")
+        assert result.run()["status"] == "failed"
+        assert "400" in result.run()["error"]
+        assert "***" in message
+        assert len(server.requests) == 1  # other 4xx are not retried
+        assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot")
+        assert SECRET.encode() not in database_dump(state_db(tmp_path))
+
+
+def test_connection_refused_fails_after_retries(tmp_path: Path) -> None:
+    destination_project(tmp_path, f"http://127.0.0.1:{closed_port()}/hook")
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert_one_paragraph(result, 1, "could not connect", "POST /hook")
+    run = result.run()
+    assert run["status"] == "failed"
+    assert run["retries"] == 2  # three attempts
+    assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot")
+    # Once the receiver is there, the next run sends everything.
+    with WebhookReceiver(secret=SECRET) as receiver:
+        config = tmp_path / "winback.toml"
+        config.write_text(
+            re.sub(
+                r'url = "http://127\.0\.0\.1:\d+/hook"',
+                f'url = "{receiver.url}"',
+                config.read_text(),
+            )
+        )
+        healed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert healed.returncode == 0, healed
+        assert set(receiver.members) == set(segment_members(tmp_path / "warehouse.duckdb"))
+
+
+def test_secrets_never_reach_output_or_state(project: Project) -> None:
+    """Neither the commands' output (debug logs included) nor the state store hold the secret."""
+    outputs = [
+        run_cli("sync", "status", cwd=project.folder),
+        run_cli("sync", "history", "s", "--output", "json", cwd=project.folder),
+        run_cli("destinations", "list", cwd=project.folder),
+        run_cli("-vv", "sync", "run", "--full-resync", "--output", "json", cwd=project.folder),
+    ]
+    for result in outputs:
+        assert result.returncode == 0, result
+        assert SECRET not in result.stdout + result.stderr
+    assert SECRET.encode() not in database_dump(state_db(project.folder))
