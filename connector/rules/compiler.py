@@ -163,6 +163,7 @@ class _Resolver:
     engine: sa.Engine
     problems: list[ConfigProblem] = field(default_factory=list)
     _columns: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    _actual: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._inspector = sa.inspect(self.engine)
@@ -186,8 +187,11 @@ class _Resolver:
             key = self._columns_of(
                 f"{location}.table", location, exclusion.table, {"key": exclusion.key}
             )
-            exclusions.append(exclusion.model_copy(update=key))
+            exclusions.append(
+                exclusion.model_copy(update={**key, "table": self.actual_table(exclusion.table)})
+            )
         update: dict[str, Any] = {
+            "from_": self.actual_table(segment.from_),
             "key": found.get("key", segment.key),
             "group_by": found.get("group_by", segment.group_by),
             "columns": [found.get(f"columns[{i}]", c) for i, c in enumerate(segment.columns)],
@@ -201,12 +205,13 @@ class _Resolver:
         if signal.value is not None:
             names["value"] = signal.value
         found = self._columns_of(f"{location}.table", location, signal.table, names)
+        table = self.actual_table(signal.table)
+        resolved = signal.model_copy(update={**found, "table": table})
         reflected = self._columns.get(signal.table)
         if reflected is None or "at" not in found:
-            return signal.model_copy(update=found), "text"
-        at_type = reflected[found["at"]]["type"]
-        kind = self._at_kind(location, signal.table, found["at"], at_type)
-        return signal.model_copy(update=found), kind
+            return resolved, "text"
+        kind = self._at_kind(location, table, found["at"], reflected[found["at"]]["type"])
+        return resolved, kind
 
     def _columns_of(
         self, table_location: str, location: str, table: str, names: dict[str, str]
@@ -227,25 +232,36 @@ class _Resolver:
         return found
 
     def _reflect(self, location: str, table: str) -> dict[str, Any] | None:
+        """The columns of ``table`` by name, or None (and a problem) when it does not exist."""
         if table in self._columns:
             return self._columns[table]
         schema, _, name = table.rpartition(".")
+        actual = self._table_name(name, schema or None)
         columns: dict[str, Any] | None = None
-        if self._inspector.has_table(name, schema=schema or None):
-            reflected = self._inspector.get_columns(name, schema=schema or None)
+        if actual is not None:
+            reflected = self._inspector.get_columns(actual, schema=schema or None)
             columns = {str(column["name"]): column for column in reflected}
-        else:
-            known = self._inspector.get_table_names(schema or None)
-            known += self._inspector.get_view_names(schema or None)
+            self._actual[table] = f"{schema}.{actual}" if schema else actual
+        elif not any(p.location == location for p in self.problems):
+            known = self._known_tables(schema or None)
             listed = ", ".join(sorted(known)[:_LISTED_NAMES]) or "none"
-            if not any(p.location == location for p in self.problems):
-                self.problems.append(
-                    ConfigProblem(
-                        location, f"table `{table}` not found in the warehouse (tables: {listed})"
-                    )
-                )
+            message = f"table `{table}` not found in the warehouse (tables: {listed})"
+            self.problems.append(ConfigProblem(location, message))
         self._columns[table] = columns
         return columns
+
+    def _table_name(self, name: str, schema: str | None) -> str | None:
+        """The warehouse's spelling of a table or view: exact, else the only case-insensitive one."""
+        if self._inspector.has_table(name, schema=schema):
+            return name
+        return _match_name(name, dict.fromkeys(self._known_tables(schema)))
+
+    def _known_tables(self, schema: str | None) -> list[str]:
+        return self._inspector.get_table_names(schema) + self._inspector.get_view_names(schema)
+
+    def actual_table(self, table: str) -> str:
+        """The warehouse's spelling of a configured table name (itself if unknown)."""
+        return self._actual.get(table, table)
 
     def _at_kind(self, location: str, table: str, column: str, column_type: Any) -> AtKind:
         dialect = self.engine.dialect.name
