@@ -463,7 +463,10 @@ class HttpClient:
     ) -> DestinationError:
         """The exception for a non-OK verdict, with a short, redacted excerpt of the body."""
         status = response.status_code
-        excerpt = self.redact(response.text[:200].replace("\n", " ")) if response.text else ""
+        # Redact before cutting (a secret across the cut would leak its start); control
+        # characters (terminal escapes, NULs) from a remote body never reach the terminal.
+        text = self.redact(response.text)[:200] if response.text else ""
+        excerpt = "".join(c if c.isprintable() else " " for c in text).strip()
         detail = f"{what} answered {status}" + (f": {excerpt}" if excerpt else "")
         if verdict is Verdict.RETRY:
             return TransientError(
