@@ -295,8 +295,10 @@ def test_a_2xx_html_answer_acknowledges(tmp_path: Path) -> None:
 
 def test_a_400_with_garbage_fails_naming_the_status(tmp_path: Path) -> None:
     def answer(request: RecordedRequest) -> ScriptedResponse:
-        # A broken receiver echoing its configuration, secret included.
-        return ScriptedResponse(400, f"<pre>\x00garbage secret={SECRET} ]]>{{</pre>")
+        # A broken receiver: terminal escapes, a NUL, then its own secret across the cut at
+        # 200 characters where error messages end their excerpt of a body.
+        garbage = "\x00\x1b[31m<pre>"
+        return ScriptedResponse(400, garbage + "g" * (190 - len(garbage)) + SECRET + "]]>{")
 
     with FakeHttpServer(answer) as server:
         destination_project(tmp_path, server.url + "/hook")
@@ -305,6 +307,8 @@ def test_a_400_with_garbage_fails_naming_the_status(tmp_path: Path) -> None:
         assert result.run()["status"] == "failed"
         assert "400" in result.run()["error"]
         assert "***" in message
+        assert SECRET[:8] not in result.stdout + result.stderr
+        assert not {"\x00", "\x1b"} & set(result.stdout + result.stderr)
         assert len(server.requests) == 1  # other 4xx are not retried
         assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot")
         assert SECRET.encode() not in database_dump(state_db(tmp_path))
