@@ -420,6 +420,9 @@ class Delivery:
         self._batch_number = 0
         self._consecutive_failures = 0
         self.batch_errors: list[str] = []
+        self.unremoved: set[str] = set()
+        """Keys whose removal failed: their re-add (new identity) waits for the next run, so
+        the snapshot keeps the old identity until the platform has dropped it."""
 
     def run(self, *, batch_size: int) -> None:
         for state_action in STATE_ONLY_ACTIONS:
@@ -449,6 +452,8 @@ class Delivery:
     def _batches(self, action: Action, size: int) -> Iterator[list[PlannedChange]]:
         batch: list[PlannedChange] = []
         for change in self.planner.changes(action):
+            if action == "add" and change.key in self.unremoved:
+                continue
             batch.append(change)
             if len(batch) >= size:
                 yield batch
@@ -482,6 +487,8 @@ class Delivery:
                         retry_queue.extend(self._split(action, batch, by_key, error))
                     elif isinstance(error, BatchFailedError):
                         self._batch_failed(batch, error)
+                        if action == "remove":
+                            self.unremoved.update(m.key for m in batch.members)
                         if self._consecutive_failures >= MAX_CONSECUTIVE_BATCH_FAILURES:
                             fatal = fatal or error
                     else:
