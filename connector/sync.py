@@ -50,6 +50,8 @@ log = logging.getLogger("winback.sync")
 
 MATCHING_IDENTIFIERS = frozenset({"email", "phone", "external_id", "mobile_id"})
 GUARD_MIN_AUDIENCE = 100
+MAX_KEY_LENGTH = 500
+"""Longest key the state store holds (snapshot.key is VARCHAR(500))."""
 MAX_CONSECUTIVE_BATCH_FAILURES = 3
 EXIT_CODES = {
     "success": 0,
@@ -334,9 +336,20 @@ class SyncRunner:
                             )
                         )
                         continue
+                    key = str(jsonable(key))
+                    if len(key) > MAX_KEY_LENGTH:
+                        issues.append(
+                            RowIssue(
+                                "skipped",
+                                key[:MAX_KEY_LENGTH],
+                                f"key of {len(key)} characters is longer than {MAX_KEY_LENGTH}; "
+                                f"use a shorter identifier as `{segment.key}`",
+                            )
+                        )
+                        continue
                     staged.append(
                         (
-                            str(jsonable(key)),
+                            key,
                             {
                                 "i": {
                                     n: jsonable(row[position[c]])

@@ -93,3 +93,26 @@ def test_postgres_state_lock_is_exclusive(tmp_path: Path, postgres_url: str) -> 
         store.acquire_lock("s", "run-3")
     finally:
         store.dispose()
+
+
+def test_overlong_and_null_keys_are_skipped_not_fatal(tmp_path: Path, postgres_url: str) -> None:
+    MemoryDestination.reset()
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE lapsed (id TEXT, email TEXT, phone TEXT)"))
+        connection.execute(
+            sa.text(
+                "INSERT INTO lapsed VALUES (repeat('x', 600), 'a@example.com', NULL), "
+                "(NULL, 'b@example.com', NULL), ('ok', 'c@example.com', NULL), "
+                "('ok', 'd@example.com', NULL)"
+            )
+        )
+    engine.dispose()
+    runner = runner_for(tmp_path, postgres_url, postgres_url)
+    try:
+        result = runner.run("to_mem", RunOptions())
+    finally:
+        runner.close()
+    assert result.status == "success", result.error
+    assert (result.segment_rows, result.skipped, result.sent["add"]) == (4, 3, 1)
+    assert MemoryDestination.audiences["pg"]["ok"]["identifiers"] == {"email": "c@example.com"}
