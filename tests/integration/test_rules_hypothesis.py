@@ -118,7 +118,7 @@ def segments(draw: st.DrawFn) -> RulesSegment:
     config: dict[str, Any] = {
         "from": "customers",
         "key": "customer_id",
-        "columns": draw(st.sampled_from([[], ["email"], ["email", "opt_in"]])),
+        "columns": draw(st.sampled_from([[], ["email"], ["email", "opt_in"], ["account_id"]])),
         "match": draw(st.sampled_from(["all", "any", "score"])),
         "signals": chosen,
         "exclude": draw(
