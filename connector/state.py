@@ -130,6 +130,35 @@ class RowIssue:
     action: str | None = None
 
 
+def insert_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Sequence[Any]]) -> None:
+    """Insert rows given as tuples in the order of `table`'s columns (every column, no defaults).
+
+    On SQLite this is one raw DBAPI `executemany` (bind processors such as DateTime's applied
+    per value), ~4x less CPU than Core's per-row parameter dicts; elsewhere it is a Core insert.
+    """
+    if not rows:
+        return
+    dialect = connection.dialect
+    if dialect.name != "sqlite":
+        names = [column.key for column in table.columns]
+        connection.execute(table.insert(), [dict(zip(names, row, strict=True)) for row in rows])
+        return
+    compiled = table.insert().compile(dialect=dialect)
+    assert compiled.positiontup == [column.key for column in table.columns]
+    processors = [
+        column.type.dialect_impl(dialect).bind_processor(dialect) for column in table.columns
+    ]
+    if any(processors):
+        rows = [
+            tuple(
+                value if process is None else process(value)
+                for process, value in zip(processors, row, strict=True)
+            )
+            for row in rows
+        ]
+    connection.exec_driver_sql(compiled.string, rows)  # type: ignore[arg-type]
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
