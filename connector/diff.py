@@ -25,18 +25,23 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from connector.state import RowIssue, snapshot
+from connector.state import RowIssue, insert_rows, snapshot
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
 STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
 PAGE_SIZE = 5000
 
+# Built once: `json.dumps(value, **same options)` builds a new encoder on every call.
+_COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+"""The text that is fingerprinted (and staged): compact, sorted keys."""
+_IDENTIFIERS_TEXT = json.JSONEncoder(sort_keys=True).encode
+_FIELDS_TEXT = json.JSONEncoder(sort_keys=True, default=str).encode
+
 
 def fingerprint(value: Any) -> str:
     """Stable short hash of a JSON-able value (sorted keys)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+    return hashlib.sha1(_COMPACT(value).encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class ChangePlanner:
             table.create(connection)
         self._stage_seq = 0
         self._plan_seq = 0
-        self._plan_buffer: list[dict[str, Any]] = []
+        self._plan_buffer: list[tuple[Any, ...]] = []
         self.summary = PlanSummary()
 
     # -- staging -----------------------------------------------------------------------------
@@ -143,18 +148,14 @@ class ChangePlanner:
         if not rows:
             return
         values = []
+        seq = self._stage_seq
+        sha1 = hashlib.sha1
         for key, payload in rows:
-            self._stage_seq += 1
-            text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-            values.append(
-                {
-                    "seq": self._stage_seq,
-                    "key": key,
-                    "raw_fp": hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest(),
-                    "payload": text,
-                }
-            )
-        self.connection.execute(self.stage.insert(), values)
+            seq += 1
+            text = _COMPACT(payload)
+            values.append((seq, key, sha1(text.encode(), usedforsecurity=False).hexdigest(), text))
+        self._stage_seq = seq
+        insert_rows(self.connection, self.stage, values)
 
     def finish_staging(self) -> list[RowIssue]:
         """Index the stage and drop duplicate keys (the first row of each key is kept)."""
@@ -312,17 +313,17 @@ class ChangePlanner:
     ) -> None:
         self._plan_seq += 1
         self._plan_buffer.append(
-            {
-                "seq": self._plan_seq,
-                "action": action,
-                "key": key,
-                "raw_fp": raw_fp,
-                "identity_fp": identity_fp,
-                "fields_fp": fields_fp,
-                "identifiers": json.dumps(identifiers, sort_keys=True),
-                "fields": json.dumps(fields, sort_keys=True, default=str),
-                "platform_id": platform_id,
-            }
+            (
+                self._plan_seq,
+                action,
+                key,
+                raw_fp,
+                identity_fp,
+                fields_fp,
+                _IDENTIFIERS_TEXT(identifiers),
+                _FIELDS_TEXT(fields),
+                platform_id,
+            )
         )
         setattr(self.summary, action, getattr(self.summary, action) + 1)
         if len(self._plan_buffer) >= PAGE_SIZE:
@@ -330,7 +331,7 @@ class ChangePlanner:
 
     def _flush_plan(self) -> None:
         if self._plan_buffer:
-            self.connection.execute(self.plan.insert(), self._plan_buffer)
+            insert_rows(self.connection, self.plan, self._plan_buffer)
             self._plan_buffer = []
 
     def _plan_departures(self) -> None:
