@@ -341,8 +341,6 @@ def test_secrets_never_reach_output_or_state(project: Project) -> None:
     """Neither the commands' output (debug logs included) nor the state store hold the secret."""
     outputs = [
         run_cli("sync", "status", cwd=project.folder),
-        run_cli("sync", "history", "s", "--output", "json", cwd=project.folder),
-        run_cli("destinations", "list", cwd=project.folder),
         run_cli("-vv", "sync", "run", "--full-resync", "--output", "json", cwd=project.folder),
     ]
     for result in outputs:
