@@ -137,6 +137,7 @@ def _locate_failure(
                     location, f"`{fragment}` is not a valid condition on `{table}`: {error}"
                 )
             )
+    problems += _key_problems(base, segment, engine)
     if problems:
         return problems
     if segment.having is not None:
@@ -153,6 +154,28 @@ def _locate_failure(
                 )
             ]
     return [ConfigProblem(base, f"the compiled rules query fails in the warehouse: {failure}")]
+
+
+def _key_problems(base: str, segment: RulesSegment, engine: sa.Engine) -> list[ConfigProblem]:
+    """Keys of signal and exclusion tables that the warehouse cannot compare with the `from` key."""
+    people = table_of(segment.from_, [segment.key])
+    joins = [
+        (f"{base}.signals[{i}].key", s.table, s.key) for i, s in enumerate(segment.signals)
+    ] + [(f"{base}.exclude[{i}].key", e.table, e.key) for i, e in enumerate(segment.exclude)]
+    problems = []
+    for location, table, key in joins:
+        other = table_of(table, [key])
+        probe = sa.select(sa.literal(1)).select_from(
+            people.join(other, other.c[key] == people.c[segment.key])
+        )
+        error = _try_run(engine, probe)
+        if error is not None:
+            message = (
+                f"`{table}.{key}` cannot be joined to `{segment.from_}.{segment.key}` "
+                f"(different types?): {error}"
+            )
+            problems.append(ConfigProblem(location, message))
+    return problems
 
 
 @dataclass

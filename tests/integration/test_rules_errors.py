@@ -146,3 +146,17 @@ def test_at_column_must_hold_dates(engine: sa.Engine) -> None:
         pytest.skip("SQLite stores dates as text; any column is read with date()")
     found = problems(engine, signals=[{**PURCHASE, "at": "status"}])
     assert "`at` must be a DATE or TIMESTAMP column" in found["segments.lapsed.signals[0].at"]
+
+
+def test_key_of_another_type_names_the_signal(engine: sa.Engine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("DuckDB and SQLite convert between VARCHAR and INTEGER keys when comparing")
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE web_visits (customer_ref VARCHAR, seen DATE)"))
+    web = {"name": "web", "table": "web_visits", "key": "customer_ref", "at": "seen"}
+    found = problems(engine, signals=[PURCHASE, {**web, "inactive_after": "30d"}])
+    assert list(found) == ["segments.lapsed.signals[1].key"]
+    message = found["segments.lapsed.signals[1].key"]
+    assert message.startswith(
+        "`web_visits.customer_ref` cannot be joined to `customers.customer_id`"
+    )
