@@ -386,3 +386,38 @@ def test_views_and_reserved_words_as_names(engine: sa.Engine) -> None:
     with engine.connect() as connection:
         rows = [tuple(row) for row in connection.execute(query)]
     assert rows == [(1, 10, date(2024, 1, 1), 60, 0, "", 1), (2, 20, None, None, 1, "seen", 0)]
+
+
+def test_schema_qualified_tables(engine: sa.Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has schemas only through ATTACH")
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE SCHEMA analytics"))
+        connection.execute(sa.text("CREATE TABLE analytics.people (id INTEGER)"))
+        connection.execute(sa.text("CREATE TABLE analytics.events (id INTEGER, ts TIMESTAMPTZ)"))
+        connection.execute(sa.text("INSERT INTO analytics.people VALUES (1), (2)"))
+        connection.execute(
+            sa.text("INSERT INTO analytics.events VALUES (1, '2024-01-01 23:30:00-05')")
+        )
+    segment = RulesSegment.model_validate(
+        {
+            "from": "analytics.people",
+            "key": "id",
+            "match": "score",
+            "min_score": 0,
+            "signals": [
+                {
+                    "name": "seen",
+                    "table": "analytics.events",
+                    "key": "id",
+                    "at": "ts",
+                    "inactive_after": "10d",
+                }
+            ],
+        }
+    )
+    query = compile_rules("schemas", segment, as_of=AS_OF, engine=engine)
+    with engine.connect() as connection:
+        rows = [tuple(row) for row in connection.execute(query)]
+    # 23:30 at UTC-5 is the next day in UTC: the time zone was recognised inside the schema.
+    assert rows == [(1, date(2024, 1, 2), 59, 1, "seen", 1), (2, None, None, 1, "seen", 0)]
