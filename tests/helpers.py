@@ -240,6 +240,14 @@ def run_cli(
     return CliResult(tuple(args), completed.returncode, completed.stdout, completed.stderr)
 
 
+def run_many(
+    *commands: tuple[str, ...], cwd: Path, env: Mapping[str, str] | None = None
+) -> list[CliResult]:
+    """Run independent read-only commands side by side (each CLI start costs most of a second)."""
+    processes = [start_cli(*args, cwd=cwd, env=env) for args in commands]
+    return [finish(process, args) for process, args in zip(processes, commands, strict=True)]
+
+
 def start_cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `winback ARGS` without waiting (for kills and concurrent runs)."""
     return subprocess.Popen(
