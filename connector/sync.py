@@ -42,7 +42,7 @@ from connector.errors import (
 )
 from connector.identity import normalise_identifiers
 from connector.segments import effective_as_of, read_segment
-from connector.state import RowIssue, StateStore, snapshot, utcnow
+from connector.state import RowIssue, StateStore, insert_rows, snapshot, utcnow
 from connector.warehouse import create_warehouse_engine
 from destinations.base import Batch, BatchResult, Destination, Member, Rejection, SyncContext
 
@@ -152,6 +152,10 @@ def combined_exit_code(results: Sequence[RunResult]) -> int:
 
 def new_run_id() -> str:
     return f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
+"""Types `jsonable` returns unchanged; checked inline in the per-row staging loop."""
 
 
 def jsonable(value: Any) -> Any:
@@ -322,6 +326,9 @@ class SyncRunner:
         ) as (columns, chunks):
             position = {name: index for index, name in enumerate(columns)}
             key_index = position[segment.key]
+            identifier_at = [(n, position[c]) for n, c in identifier_columns.items()]
+            field_at = [(n, position[c]) for n, c in field_columns.items()]
+            native = _JSON_NATIVE
             for chunk in chunks:
                 staged: list[tuple[str, dict[str, Any]]] = []
                 for row in chunk:
@@ -352,11 +359,12 @@ class SyncRunner:
                             key,
                             {
                                 "i": {
-                                    n: jsonable(row[position[c]])
-                                    for n, c in identifier_columns.items()
+                                    n: v if type(v := row[i]) in native else jsonable(v)
+                                    for n, i in identifier_at
                                 },
                                 "f": {
-                                    n: jsonable(row[position[c]]) for n, c in field_columns.items()
+                                    n: v if type(v := row[i]) in native else jsonable(v)
+                                    for n, i in field_at
                                 },
                             },
                         )
@@ -559,8 +567,7 @@ class Delivery:
                 for a in acknowledged
             ]
             rows += [self._snapshot_row(by_key[r.key], "rejected", None, now) for r in rejected]
-            if rows:
-                connection.execute(snapshot.insert(), rows)
+            insert_rows(connection, snapshot, rows)
         elif action == "update" and acknowledged:
             self._update_snapshot(
                 [(by_key[a.key], a.platform_id or by_key[a.key].platform_id) for a in acknowledged],
@@ -581,19 +588,20 @@ class Delivery:
 
     def _snapshot_row(
         self, change: PlannedChange, status: str, platform_id: str | None, now: dt.datetime
-    ) -> dict[str, Any]:
-        return {
-            "sync": self.result.sync,
-            "key": change.key,
-            "status": status,
-            "raw_fp": change.raw_fp,
-            "identity_fp": change.identity_fp,
-            "fields_fp": change.fields_fp,
-            "identifiers": json.dumps(change.identifiers, sort_keys=True),
-            "platform_id": platform_id or change.platform_id,
-            "first_added_at": now,
-            "last_sent_at": now,
-        }
+    ) -> tuple[Any, ...]:
+        """A snapshot row, in the column order of `snapshot` (for `insert_rows`)."""
+        return (
+            self.result.sync,
+            change.key,
+            status,
+            change.raw_fp,
+            change.identity_fp,
+            change.fields_fp,
+            json.dumps(change.identifiers, sort_keys=True),
+            platform_id or change.platform_id,
+            now,
+            now,
+        )
 
     def _update_snapshot(
         self, changes: Sequence[tuple[PlannedChange, str | None]], now: dt.datetime | None
