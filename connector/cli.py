@@ -449,17 +449,17 @@ def _run_syncs(
     code = combined_exit_code(results)
     if output is TextOrJson.json:
         stdout.file.write(runs_json(results, code) + "\n")
-        # stdout is a document for programs; the reason a sync did not succeed goes to stderr too.
-        for result in results:
-            if result.error:
-                stderr.print(
-                    f"error: sync `{result.sync}` {result.status}: {result.error}",
-                    style="red",
-                    highlight=False,
-                    soft_wrap=True,
-                )
     else:
         print_runs(stdout, results)
+    # Results go to stdout; the reason a sync did not succeed goes to stderr, in both formats.
+    for result in results:
+        if result.error:
+            stderr.print(
+                f"error: sync `{result.sync}` {result.status}: {result.error}",
+                style="red",
+                highlight=False,
+                soft_wrap=True,
+            )
     raise typer.Exit(code)
 
 

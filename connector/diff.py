@@ -51,6 +51,8 @@ class Normalised:
     identifiers: dict[str, str]
     fields: dict[str, Any]
     skip_reason: str | None = None
+    dropped: tuple[str, ...] = ()
+    """Identifiers left out because they are invalid (the row is sent with the others)."""
 
 
 Normaliser = Callable[[dict[str, Any]], Normalised]
@@ -254,9 +256,13 @@ class ChangePlanner:
                 return issues
             after = page[-1].seq
             for row in page:
-                issue = self._plan_candidate(row, normalise(json.loads(row.payload)))
+                new = normalise(json.loads(row.payload))
+                issue = self._plan_candidate(row, new)
                 if issue is not None:
                     issues.append(issue)
+                elif new.dropped:
+                    reason = "; ".join(new.dropped) + "; sent with the other identifiers"
+                    issues.append(RowIssue("dropped", row.key, reason))
 
     def _plan_candidate(self, row: sa.Row[Any], new: Normalised) -> RowIssue | None:
         is_member = row.status == "member"

@@ -66,8 +66,6 @@ def print_runs(console: Console, results: Sequence[RunResult]) -> None:
                     console.print(f"  {action} e.g. {', '.join(keys)}", highlight=False)
             if result.audience_size is not None:
                 console.print(f"  audience now: {result.audience_size} members", highlight=False)
-        if result.error:
-            console.print(f"  error: {result.error}", style=style, highlight=False, soft_wrap=True)
 
 
 def rows_output(

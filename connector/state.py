@@ -124,7 +124,7 @@ def utcnow() -> dt.datetime:
 
 @dataclass(frozen=True)
 class RowIssue:
-    kind: str  # "skipped" | "rejected"
+    kind: str  # "skipped" (not sent) | "rejected" (by the destination) | "dropped" (an identifier)
     key: str | None
     reason: str
     action: str | None = None
@@ -149,14 +149,20 @@ def insert_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Seque
         column.type.dialect_impl(dialect).bind_processor(dialect) for column in table.columns
     ]
     if any(processors):
-        rows = [
-            tuple(
-                value if process is None else process(value)
-                for process, value in zip(processors, row, strict=True)
-            )
-            for row in rows
-        ]
-    connection.exec_driver_sql(compiled.string, rows)  # type: ignore[arg-type]
+        # Column-wise: a column holding one object throughout (a checkpoint's timestamp) is
+        # processed once instead of once per row.
+        columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+        for index, process in enumerate(processors):
+            if process is None:
+                continue
+            values = columns[index]
+            first = values[0]
+            if all(value is first for value in values):
+                columns[index] = [process(first)] * len(values)
+            else:
+                columns[index] = [process(value) for value in values]
+        rows = list(zip(*columns, strict=True))
+    connection.exec_driver_sql(compiled.string, rows)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

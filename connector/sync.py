@@ -282,7 +282,7 @@ class SyncRunner:
             )
             issues = self._stage_segment(sync_name, options, planner, result)
             issues += planner.build(self._normaliser(sync_name, adapter))
-            result.skipped = len(issues)
+            result.skipped = sum(1 for issue in issues if issue.kind == "skipped")
             result.planned = planner.summary.planned()
             audience_size = self.store.audience_size(connection, sync_name)
             result.audience_size = audience_size
@@ -343,7 +343,7 @@ class SyncRunner:
                             )
                         )
                         continue
-                    key = str(jsonable(key))
+                    key = str(key if type(key) in native else jsonable(key))
                     if len(key) > MAX_KEY_LENGTH:
                         issues.append(
                             RowIssue(
@@ -400,7 +400,7 @@ class SyncRunner:
                     fields,
                     skip_reason=f"no usable identifier ({', '.join(sorted(matching))}): {why}",
                 )
-            return Normalised(identifiers, fields)
+            return Normalised(identifiers, fields, dropped=tuple(normalised.problems))
 
         return normalise
 

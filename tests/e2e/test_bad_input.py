@@ -219,7 +219,7 @@ def test_warehouse_errors(project: Project, case: str) -> None:
     if "[warehouse] url" in fragments:  # text output keeps bracketed TOML tables too
         text_run = run_bad(project, text, "sync", "run")
         assert text_run.returncode == 1, text_run
-        assert all(fragment in text_run.stdout for fragment in fragments)
+        assert all(fragment in text_run.stderr for fragment in fragments)
     # `config validate` reports the same problem as a configuration error.
     validate = run_bad(project, text, "config", "validate")
     assert_one_paragraph(validate, 2, "bad.toml", fragments[1])

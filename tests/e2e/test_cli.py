@@ -603,4 +603,4 @@ def test_exit_code_combines_several_syncs(tmp_path: Path) -> None:
                 assert result.run(name)["status"] == expected_status[name], result
         text = run_cli("sync", "run", "locked", cwd=tmp_path)
         assert text.returncode == 5, text
-        assert "another-host" in text.stdout
+        assert "another-host" in text.stderr
