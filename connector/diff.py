@@ -268,16 +268,7 @@ class ChangePlanner:
         is_member = row.status == "member"
         if new.skip_reason is not None:
             if is_member and self.mode == "mirror":
-                self._add_to_plan(
-                    "remove",
-                    row.key,
-                    row.old_fp,
-                    row.identity_fp,
-                    row.fields_fp,
-                    json.loads(row.identifiers),
-                    {},
-                    row.platform_id,
-                )
+                self._remove_old_identity(row)
             return RowIssue("skipped", row.key, new.skip_reason)
         identity_fp, fields_fp = fingerprint(new.identifiers), fingerprint(new.fields)
         values = (row.key, row.raw_fp, identity_fp, fields_fp, new.identifiers, new.fields)
@@ -287,16 +278,7 @@ class ChangePlanner:
             self._add_to_plan("add", *values, row.platform_id)
         elif identity_fp != row.identity_fp and self.hashes_identifiers:
             if self.mode == "mirror":
-                self._add_to_plan(
-                    "remove",
-                    row.key,
-                    row.old_fp,
-                    row.identity_fp,
-                    row.fields_fp,
-                    json.loads(row.identifiers),
-                    {},
-                    row.platform_id,
-                )
+                self._remove_old_identity(row)
             self._add_to_plan("add", *values, None)
         elif identity_fp == row.identity_fp and fields_fp == row.fields_fp:
             self._add_to_plan("refresh", *values, row.platform_id)
@@ -305,6 +287,19 @@ class ChangePlanner:
         elif not self.supports_update:
             self._add_to_plan("refresh", *values, row.platform_id)
         return None
+
+    def _remove_old_identity(self, row: sa.Row[Any]) -> None:
+        """Plan the removal of what the snapshot says was sent for this key."""
+        self._add_to_plan(
+            "remove",
+            row.key,
+            row.old_fp,
+            row.identity_fp,
+            row.fields_fp,
+            json.loads(row.identifiers),
+            {},
+            row.platform_id,
+        )
 
     def _add_to_plan(
         self,
