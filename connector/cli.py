@@ -423,7 +423,8 @@ def _run_syncs(
     output: TextOrJson,
 ) -> None:
     from connector.report import print_runs, runs_json
-    from connector.sync import RunOptions, SyncRunner, combined_exit_code
+    from connector.run_result import combined_exit_code
+    from connector.sync import RunOptions, SyncRunner
 
     config = open_config()
     selected = _selected_syncs(config, names)

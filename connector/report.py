@@ -11,7 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from connector.sync import RunResult, jsonable
+from connector.run_result import RunResult
+from connector.sync import jsonable
 
 STATUS_STYLE = {
     "success": "green",
