@@ -8,7 +8,6 @@ calling thread, each in its own transaction, so a crash loses at most the batche
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -220,7 +219,7 @@ class Delivery:
             change.raw_fp,
             change.identity_fp,
             change.fields_fp,
-            json.dumps(change.identifiers, sort_keys=True),
+            change.identifiers_text,
             platform_id or change.platform_id,
             now,
             now,
@@ -251,7 +250,7 @@ class Delivery:
                     "b_raw_fp": c.raw_fp,
                     "b_identity_fp": c.identity_fp,
                     "b_fields_fp": c.fields_fp,
-                    "b_identifiers": json.dumps(c.identifiers, sort_keys=True),
+                    "b_identifiers": c.identifiers_text,
                     "b_platform_id": platform_id,
                 }
                 for c, platform_id in changes

@@ -69,6 +69,8 @@ class PlannedChange:
     identifiers: dict[str, str]
     fields: dict[str, Any]
     platform_id: str | None
+    identifiers_text: str
+    """`identifiers` as stored in the plan: the exact text the snapshot keeps."""
 
 
 @dataclass
@@ -397,6 +399,7 @@ class ChangePlanner:
                     identifiers=json.loads(row.identifiers),
                     fields=json.loads(row.fields),
                     platform_id=row.platform_id,
+                    identifiers_text=row.identifiers,
                 )
 
     def samples(self, action: Action, limit: int = 5) -> list[str]:
