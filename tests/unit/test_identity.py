@@ -8,10 +8,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable
 from decimal import Decimal
 
 import email_validator
+import phonenumbers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -336,10 +338,75 @@ def test_fast_path_agrees_with_email_validator_on_generated_addresses(raw: str) 
     _check_fast_path(raw)
 
 
+# Non-ASCII local parts: the fast path takes lowercase Latin-1 and Latin Extended-A letters.
+# Around them: uppercase and decomposed forms, combining marks, other scripts, the no-break
+# space, and lengths counted in characters (local part) and UTF-8 bytes (whole address).
+_INTL_LOCAL_CHARS = 'aé.ßÿłœſŉĳ_+-ÉÜŁİ\u0301\u0300\u00a0\u00f7\u00d7\u03b1Ж中😀 "@'
+
+
+@st.composite
+def international_emails(draw: st.DrawFn) -> str:
+    """Addresses with accented local parts, near the fast path's edges."""
+    atom = st.one_of(
+        st.text(identity._FAST_LOCAL_LETTERS + "az09_+-", min_size=1, max_size=8),
+        st.text(_INTL_LOCAL_CHARS, min_size=0, max_size=6),
+    )
+    local = ".".join(draw(st.lists(atom, min_size=1, max_size=3)))
+    local += draw(st.sampled_from(["", "", "é" * 30, "é" * 60, "x" * 60, "ł" * 65]))
+    domain = draw(
+        st.sampled_from(
+            [
+                "example.com",
+                "gmail.com",
+                "web.de",
+                "exämple.de",
+                "xn--exmple-cua.de",
+                "host.local",
+                "b" * 63 + "." + "c" * 63 + ".com",
+                "b" * 63 + "." + "c" * 61 + ".com",
+            ]
+        )
+    )
+    return local + "@" + domain
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(international_emails())
+def test_fast_path_agrees_with_email_validator_on_international_addresses(raw: str) -> None:
+    _check_fast_path(raw)
+
+
+@pytest.mark.parametrize("letter", list(identity._FAST_LOCAL_LETTERS))
+def test_fast_path_agrees_with_email_validator_for_every_accepted_letter(letter: str) -> None:
+    for local in (letter, "a" + letter + "z", "x." + letter * 3, letter * 64, letter.upper() + "a"):
+        for domain in ("example.com", "b" * 63 + "." + "c" * (186 - 2 * len(local)) + ".com"):
+            _check_fast_path(local + "@" + domain)
+            _check_fast_path(" " + local.upper() + "@" + domain.upper() + " ")
+
+
+def test_fast_path_letters_are_lowercase_and_composed() -> None:
+    letters = identity._FAST_LOCAL_LETTERS
+    assert "é" in letters and "ß" in letters and "ł" in letters
+    assert letters == letters.lower()
+    assert all(unicodedata.category(c) == "Ll" for c in letters)
+    assert unicodedata.normalize("NFC", letters) == letters
+
+
 @pytest.mark.parametrize(
     ("text", "fast"),
     [
         ("john.doe@example.com", True),
+        ("chloé.smith42@gmail.com", True),
+        ("françois.ßüł@web.de", True),
+        ("é" * 64 + "@example.com", True),
+        ("é" * 65 + "@example.com", False),
+        ("é" * 61 + "@" + "b" * 63 + "." + "c" * 63 + ".com", True),  # 254 bytes
+        ("é" * 62 + "@" + "b" * 63 + "." + "c" * 63 + ".com", False),  # 256 bytes
+        ("Chloé@example.com", False),
+        ("e\u0301@example.com", False),
+        ("jürgen@exämple.de", False),
+        ("ωmega@example.com", False),
+        ("a÷b@example.com", False),
         ("a_b-c+d@sub.example.co.uk", True),
         ("x" * 64 + "@example.com", True),
         ("x" * 65 + "@example.com", False),
@@ -442,6 +509,70 @@ def phone_texts(draw: st.DrawFn) -> str:
     separators = draw(st.lists(st.sampled_from([" ", "-", ".", ")", "/"]), max_size=3))
     middle = len(digits) // 2
     return prefix + digits[:middle] + "".join(separators) + digits[middle:]
+
+
+_SHARED_COUNTRY_CODES = sorted(
+    code for code, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items() if len(regions) > 1
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.sampled_from(_SHARED_COUNTRY_CODES),
+        st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
+    ),
+    st.text("0123456789", min_size=2, max_size=14),
+)
+def test_is_valid_number_agrees_with_phonenumbers(country_code: int, digits: str) -> None:
+    try:
+        number = phonenumbers.parse(f"+{country_code}{digits}")
+    except phonenumbers.NumberParseException:
+        return
+    assert identity._is_valid_number(number) == phonenumbers.is_valid_number(number)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "+1 212 555 0123",  # US
+        "+1 416 555 0123",  # CA: not valid in the US, found by the region search
+        "+1 268 464 1234",  # AG: leading digits
+        "+44 20 7946 0958",  # GB
+        "+44 1534 456789",  # JE
+        "+44 7700 900123",  # GB mobile
+        "+7 495 123 4567",  # RU
+        "+7 701 123 4567",  # KZ
+        "+39 06 1234 5678",  # IT
+        "+39 06 698 12345",  # VA
+        "+61 2 9876 5432",  # AU
+        "+262 262 12 34 56",  # RE
+        "+262 269 61 23 45",  # YT
+        "+590 590 27 12 34",  # GP
+        "+590 590 87 12 34",
+        "+1 555 555 5555",
+    ],
+)
+def test_is_valid_number_agrees_with_phonenumbers_on_shared_codes(text: str) -> None:
+    number = phonenumbers.parse(text)
+    assert identity._is_valid_number(number) == phonenumbers.is_valid_number(number)
+
+
+def test_cached_results_keep_each_value_in_messages() -> None:
+    for raw in ("12", " 12 ", 12):
+        with pytest.raises(InvalidIdentifier) as caught:
+            normalise_phone(raw, region="US")
+        assert str(caught.value) == f"phone `{raw}` is not a valid phone number in region US"
+    for raw in ("Narnia", " Narnia"):
+        with pytest.raises(InvalidIdentifier) as caught:
+            normalise_country(raw)
+        assert str(caught.value).startswith(f"country `{raw}` is not")
+    for raw in ("123", " 123", 123):
+        with pytest.raises(InvalidIdentifier) as caught:
+            normalise_name(raw)
+        assert str(caught.value) == f"name `{raw}` has no letters"
+    assert normalise_phone(" +1 800 555 0100", region="GB") == "+18005550100"
+    assert normalise_phone("+1 800 555 0100 ") == "+18005550100"
 
 
 @settings(max_examples=600, deadline=None)
