@@ -182,7 +182,10 @@ class Delivery:
                 connection, self.result.sync, [a.key for a in acknowledged]
             )
         elif action == "add":
-            keys = [a.key for a in acknowledged] + [r.key for r in rejected]
+            # Keys the planner saw absent from the snapshot are still absent (only this run's
+            # checkpoint of their batch writes them): no DELETE for them.
+            keys = [a.key for a in acknowledged if by_key[a.key].in_snapshot]
+            keys += [r.key for r in rejected if by_key[r.key].in_snapshot]
             StateStore.delete_snapshot_keys(connection, self.result.sync, keys)
             rows = [
                 self._snapshot_row(by_key[a.key], "member", a.platform_id, now)

@@ -71,6 +71,8 @@ class PlannedChange:
     platform_id: str | None
     identifiers_text: str
     """`identifiers` as stored in the plan: the exact text the snapshot keeps."""
+    in_snapshot: bool = True
+    """False when the planner saw no snapshot row for the key: an add then needs no DELETE."""
 
 
 @dataclass
@@ -108,6 +110,8 @@ def _temp_tables() -> tuple[sa.Table, sa.Table]:
         sa.Column("identifiers", sa.Text, nullable=False),
         sa.Column("fields", sa.Text, nullable=False),
         sa.Column("platform_id", sa.String(200)),
+        # 0/1 in an Integer: no bind/result processors, so the plan rows stay plain tuples.
+        sa.Column("in_snapshot", sa.Integer, nullable=False),
         prefixes=["TEMPORARY"],
     )
     return stage, plan
@@ -275,7 +279,7 @@ class ChangePlanner:
         identity_fp, fields_fp = fingerprint(new.identifiers), fingerprint(new.fields)
         values = (row.key, row.raw_fp, identity_fp, fields_fp, new.identifiers, new.fields)
         if not is_member:
-            self._add_to_plan("add", *values, None)
+            self._add_to_plan("add", *values, None, in_snapshot=row.status is not None)
         elif self.full_resync:
             self._add_to_plan("add", *values, row.platform_id)
         elif identity_fp != row.identity_fp and self.hashes_identifiers:
@@ -313,6 +317,8 @@ class ChangePlanner:
         identifiers: dict[str, str],
         fields: dict[str, Any],
         platform_id: str | None,
+        *,
+        in_snapshot: bool = True,
     ) -> None:
         self._plan_seq += 1
         self._plan_buffer.append(
@@ -326,6 +332,7 @@ class ChangePlanner:
                 _IDENTIFIERS_TEXT(identifiers),
                 _FIELDS_TEXT(fields),
                 platform_id,
+                1 if in_snapshot else 0,
             )
         )
         setattr(self.summary, action, getattr(self.summary, action) + 1)
@@ -400,6 +407,7 @@ class ChangePlanner:
                     fields=json.loads(row.fields),
                     platform_id=row.platform_id,
                     identifiers_text=row.identifiers,
+                    in_snapshot=row.in_snapshot == 1,
                 )
 
     def samples(self, action: Action, limit: int = 5) -> list[str]:
