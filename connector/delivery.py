@@ -86,10 +86,7 @@ class Delivery:
         self, changes: Sequence[PlannedChange]
     ) -> tuple[Batch, dict[str, PlannedChange]]:
         self._batch_number += 1
-        members = [
-            Member(key=c.key, identifiers=c.identifiers, fields=c.fields, platform_id=c.platform_id)
-            for c in changes
-        ]
+        members = [Member(c.key, c.identifiers, c.fields, c.platform_id) for c in changes]
         return Batch(self._batch_number, members), {c.key: c for c in changes}
 
     def _batches(self, action: Action, size: int) -> Iterator[list[PlannedChange]]:

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 
@@ -58,8 +58,9 @@ class Normalised:
 Normaliser = Callable[[dict[str, Any]], Normalised]
 
 
-@dataclass(frozen=True)
-class PlannedChange:
+class PlannedChange(NamedTuple):
+    """One planned change as read back from the plan (a tuple: cheap to build per row)."""
+
     seq: int
     action: str
     key: str
@@ -384,30 +385,39 @@ class ChangePlanner:
 
     def changes(self, action: Action, page_size: int = PAGE_SIZE) -> Iterator[PlannedChange]:
         """The planned changes of one action, in plan order, read back in pages."""
+        plan, loads = self.plan, json.loads
+        query = sa.select(
+            plan.c.seq,
+            plan.c.key,
+            plan.c.raw_fp,
+            plan.c.identity_fp,
+            plan.c.fields_fp,
+            plan.c.identifiers,
+            plan.c.fields,
+            plan.c.platform_id,
+            plan.c.in_snapshot,
+        ).where(plan.c.action == action)
         after = 0
         while True:
             page = self.connection.execute(
-                sa.select(self.plan)
-                .where(self.plan.c.action == action, self.plan.c.seq > after)
-                .order_by(self.plan.c.seq)
-                .limit(page_size)
+                query.where(plan.c.seq > after).order_by(plan.c.seq).limit(page_size)
             ).all()
             if not page:
                 return
-            after = page[-1].seq
-            for row in page:
+            after = page[-1][0]
+            for seq, key, raw_fp, identity_fp, fields_fp, ids, fields, pid, in_snap in page:
                 yield PlannedChange(
-                    seq=row.seq,
-                    action=row.action,
-                    key=row.key,
-                    raw_fp=row.raw_fp,
-                    identity_fp=row.identity_fp,
-                    fields_fp=row.fields_fp,
-                    identifiers=json.loads(row.identifiers),
-                    fields=json.loads(row.fields),
-                    platform_id=row.platform_id,
-                    identifiers_text=row.identifiers,
-                    in_snapshot=row.in_snapshot == 1,
+                    seq,
+                    action,
+                    key,
+                    raw_fp,
+                    identity_fp,
+                    fields_fp,
+                    loads(ids),
+                    loads(fields),
+                    pid,
+                    ids,
+                    in_snap == 1,
                 )
 
     def samples(self, action: Action, limit: int = 5) -> list[str]:
