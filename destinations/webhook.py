@@ -70,6 +70,9 @@ Action = Literal["add", "remove", "update"]
 
 SECRET_PREFIX = "whsec_"
 
+_AS_IS = frozenset({str, int, bool, type(None)})
+"""Exact types `json_value` returns unchanged."""
+
 
 class WebhookOptions(HttpDestinationOptions):
     """Options of the ``webhook`` destination."""
@@ -201,17 +204,21 @@ class WebhookDestination(HttpDestination):
 
     def body(self, action: Action, batch: Batch) -> bytes:
         """The exact bytes sent (and signed) for a batch."""
-        records = [
-            {
-                "key": member.key,
-                "identifiers": {
-                    name: sha256_hex(value) if self.options.hash else value
-                    for name, value in member.identifiers.items()
-                },
-                "fields": {name: json_value(value) for name, value in member.fields.items()},
-            }
-            for member in batch.members
-        ]
+        hashed = self.options.hash
+        records = []
+        for member in batch.members:
+            identifiers = member.identifiers
+            if hashed:
+                identifiers = {name: sha256_hex(value) for name, value in identifiers.items()}
+            elif type(identifiers) is not dict:
+                identifiers = dict(identifiers)
+            fields = member.fields
+            # Values json_value() returns unchanged are sent as they are, without a copy.
+            if type(fields) is not dict or any(
+                type(value) not in _AS_IS for value in fields.values()
+            ):
+                fields = {name: json_value(value) for name, value in fields.items()}
+            records.append({"key": member.key, "identifiers": identifiers, "fields": fields})
         document = {
             "sync": self.context.sync,
             "run_id": self.context.run_id,
