@@ -32,11 +32,45 @@ SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
 STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
 PAGE_SIZE = 5000
 
+
+def _text_encoder(**options: Any) -> Callable[[Any], str]:
+    """`json.JSONEncoder(**options).encode` with its per-call set-up done once.
+
+    `encode` builds a new C encoder on every call (~1 us of a ~2 us call for a small dict);
+    this one is built once and reused. Same text for every value; the only difference is that
+    it does not check for circular references (the values planned come from JSON or the
+    warehouse and cannot be circular).
+    """
+    encoder = json.JSONEncoder(**options)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None or encoder.indent is not None:
+        return encoder.encode
+    iterencode = make(
+        None,  # markers: no circular-reference check
+        encoder.default,
+        json.encoder.encode_basestring_ascii
+        if encoder.ensure_ascii
+        else json.encoder.encode_basestring,
+        None,
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(iterencode(value, 0))
+
+    return encode
+
+
 # Built once: `json.dumps(value, **same options)` builds a new encoder on every call.
-_COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+_COMPACT = _text_encoder(sort_keys=True, separators=(",", ":"), default=str)
 """The text that is fingerprinted (and staged): compact, sorted keys."""
-_IDENTIFIERS_TEXT = json.JSONEncoder(sort_keys=True).encode
-_FIELDS_TEXT = json.JSONEncoder(sort_keys=True, default=str).encode
+_IDENTIFIERS_TEXT = _text_encoder(sort_keys=True)
+_FIELDS_TEXT = _text_encoder(sort_keys=True, default=str)
 
 
 def fingerprint(value: Any) -> str:
