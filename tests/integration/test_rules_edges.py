@@ -6,7 +6,6 @@ reference implementation agrees, so the reference itself is pinned down.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -59,18 +58,10 @@ USAGE = {
 }
 
 
-@pytest.fixture(params=["duckdb", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+@pytest.fixture
+def engine(empty_warehouse: sa.Engine) -> sa.Engine:
     """An empty warehouse of each kind."""
-    if request.param == "duckdb":
-        url = "duckdb:///:memory:"
-    elif request.param == "sqlite":
-        url = "sqlite://"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    created = sa.create_engine(url)
-    yield created
-    created.dispose()
+    return empty_warehouse
 
 
 def run(

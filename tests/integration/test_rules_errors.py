@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date
 from typing import Any
 
@@ -30,19 +29,11 @@ EMAIL = {
 }
 
 
-@pytest.fixture(params=["duckdb", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+@pytest.fixture
+def engine(empty_warehouse: sa.Engine) -> sa.Engine:
     """A warehouse of each kind holding the (empty) test tables."""
-    if request.param == "duckdb":
-        url = "duckdb:///:memory:"
-    elif request.param == "sqlite":
-        url = "sqlite://"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    created = sa.create_engine(url)
-    load_warehouse(created, {})
-    yield created
-    created.dispose()
+    load_warehouse(empty_warehouse, {})
+    return empty_warehouse
 
 
 def problems(engine: sa.Engine, **config: Any) -> dict[str, str]:
