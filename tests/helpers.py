@@ -397,7 +397,7 @@ def receiver_main(argv: list[str] | None = None) -> int:
     import argparse
     import threading
 
-    from tests.fakes.http_server import RecordedRequest, ScriptedResponse
+    from destinations.testing.http_server import RecordedRequest, ScriptedResponse
     from tests.fakes.webhook_receiver import WebhookReceiver
 
     parser = argparse.ArgumentParser()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
+from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import (
     SECRET,

@@ -44,7 +44,7 @@ from typing import Any
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.fakes.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
+from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
 
 ACTIONS = ("add", "remove", "update")
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from connector.errors import FatalDestinationError
 from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
 from destinations.file import FileDestination, FileOptions, csv_cell
-from tests.contract import ContractHarness, DestinationContract
+from destinations.testing.contract import ContractHarness, DestinationContract
 
 
 def context(

@@ -9,7 +9,7 @@ from connector.errors import (
     TransientError,
 )
 from destinations.base import HttpClient, Redactor, RetrySettings, parse_retry_after
-from tests.fakes.http_server import FakeHttpServer, ScriptedResponse
+from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 
 
 def make_client(url: str, sleeps: list[float], **kwargs: object) -> HttpClient:

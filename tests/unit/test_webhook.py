@@ -27,9 +27,9 @@ from connector.errors import (
     TransientError,
 )
 from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
+from destinations.testing.contract import ContractHarness, DestinationContract
+from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 from destinations.webhook import WebhookDestination, WebhookOptions, signature, signing_key
-from tests.contract import ContractHarness, DestinationContract
-from tests.fakes.http_server import FakeHttpServer, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver, read_state
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
