@@ -8,6 +8,7 @@ exact request shape and count retries.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -43,14 +44,16 @@ Handler = Callable[[RecordedRequest], ScriptedResponse]
 class FakeHttpServer:
     """Start with ``with FakeHttpServer() as server:``; ``server.url`` is its base URL."""
 
-    def __init__(self, handler: Handler | None = None):
+    def __init__(self, handler: Handler | None = None, *, port: int = 0):
         self.requests: list[RecordedRequest] = []
         self.queue: deque[ScriptedResponse] = deque()
         self.handler = handler
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._make_handler_class())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._make_handler_class())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll keeps shutdown in milliseconds (the default 0.5 s adds up over many tests).
+        serve = functools.partial(self._server.serve_forever, poll_interval=0.01)
+        self._thread = threading.Thread(target=serve, daemon=True)
 
     @property
     def url(self) -> str:
@@ -113,10 +116,12 @@ class FakeHttpServer:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                if self.command == "HEAD":
+                    return
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(payload)
 
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
         return _Handler
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -37,7 +36,6 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +90,7 @@ class WebhookReceiver:
             state = read_state(self.state_file)
             self._members = state["members"]
             self._answers = state["answers"]
-        self.server = FakeHttpServer(self._handle)
-        _tune(self.server, port)
+        self.server = FakeHttpServer(self._handle, port=port)
 
     @property
     def url(self) -> str:
@@ -210,17 +207,6 @@ def _well_formed(document: Any) -> bool:
 def _failure(status: int, retry_after: float | None, body: str | None) -> ScriptedResponse:
     headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
     return ScriptedResponse(status, body if body is not None else {"error": "injected"}, headers)
-
-
-def _tune(server: FakeHttpServer, port: int) -> None:
-    """Listen on ``port`` when given (FakeHttpServer picks a free one) and stop in milliseconds
-    (its default 0.5 s shutdown poll adds up over hundreds of tests)."""
-    if port:
-        server._server.server_close()
-        server._server = ThreadingHTTPServer(("127.0.0.1", port), server._make_handler_class())
-        server._server.daemon_threads = True
-    serve = functools.partial(server._server.serve_forever, poll_interval=0.01)
-    server._thread = threading.Thread(target=serve, daemon=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

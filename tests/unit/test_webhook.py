@@ -357,7 +357,7 @@ def test_receiver_runs_as_a_process_and_persists_membership(tmp_path: Path) -> N
             adapter.remove(Batch(2, [member("k2")]))
             adapter.close()
             assert [r.key for r in result.rejected] == ["k3"]
-            assert requests.head(url, timeout=5).status_code == 501
+            assert requests.head(url, timeout=5).status_code == 405  # POST only
         finally:
             process.terminate()
         assert process.wait(timeout=10) == 0
