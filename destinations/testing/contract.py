@@ -129,7 +129,10 @@ class DestinationContract:
 
     @pytest.fixture
     def harness(self) -> ContractHarness:
-        raise NotImplementedError("provide a `harness` fixture returning a ContractHarness")
+        """Overridden by each adapter's test class; reaching this one is a mistake in the test."""
+        pytest.fail(
+            f"{type(self).__name__} must define a `harness` fixture returning a ContractHarness"
+        )
 
     @pytest.fixture
     def adapter(self, harness: ContractHarness) -> Iterator[Destination]:
