@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 import requests
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
+from connector.identity import sha256_hex
 from destinations.base import (
     Batch,
     BatchResult,
@@ -131,11 +132,6 @@ def signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{message_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode("ascii")
-
-
-def sha256_hex(value: str) -> str:
-    """Lower-case hex SHA-256 of the UTF-8 value."""
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 class WebhookDestination(HttpDestination):

@@ -19,6 +19,7 @@ from connector.errors import ConfigError, ConfigProblem, WarehouseError
 from connector.rules.dialects import AtKind
 from connector.rules.model import RulesSegment, Signal
 from connector.rules.query import RulesQuery, build_rules_query, condition, table_of
+from connector.warehouse import first_line
 
 _LISTED_NAMES = 30
 
@@ -66,7 +67,7 @@ def explain_rules(
             counts = connection.execute(query.signal_counts()).one()
             qualifying = connection.execute(total).scalar_one()
     except sa.exc.DBAPIError as error:
-        raise WarehouseError(_first_line(error), segment=name) from error
+        raise WarehouseError(first_line(error), segment=name) from error
     signals = [
         SignalCounts(signal.name, *(int(counts[3 * i + j]) for j in range(3)))
         for i, signal in enumerate(segment.signals)
@@ -81,7 +82,7 @@ def _compile(name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine
         resolved, at_kinds = resolver.resolve(segment)
     except sa.exc.DBAPIError as error:
         raise WarehouseError(
-            f"cannot read the warehouse's tables: {_first_line(error)}", segment=name
+            f"cannot read the warehouse's tables: {first_line(error)}", segment=name
         ) from error
     if resolver.problems:
         raise ConfigError(resolver.problems)
@@ -93,18 +94,13 @@ def _compile(name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine
     return query
 
 
-def _first_line(error: sa.exc.DBAPIError) -> str:
-    text = str(error.orig) if error.orig is not None else str(error)
-    return text.strip().splitlines()[0] if text.strip() else type(error.orig).__name__
-
-
 def _try_run(engine: sa.Engine, query: sa.Select[Any]) -> str | None:
     """Run ``query`` with LIMIT 0; the database's error message, or None when it runs."""
     try:
         with engine.connect() as connection:
             connection.execute(query.limit(0)).close()
     except sa.exc.DBAPIError as error:
-        return _first_line(error)
+        return first_line(error)
     return None
 
 
