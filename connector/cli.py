@@ -563,7 +563,7 @@ def sync_history(
     import json
 
     from connector.state import StateStore
-    from connector.sync import jsonable
+    from destinations.base import json_value
 
     config = open_config()
     _selected_syncs(config, [name])
@@ -574,7 +574,7 @@ def sync_history(
         store.dispose()
     if output is TextOrJson.json:
         stdout.file.write(
-            json.dumps([{k: jsonable(v) for k, v in r._mapping.items()} for r in rows], indent=2)
+            json.dumps([{k: json_value(v) for k, v in r._mapping.items()} for r in rows], indent=2)
             + "\n"
         )
         return

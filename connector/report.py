@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from connector.run_result import RunResult
-from connector.sync import jsonable
+from destinations.base import json_value
 
 STATUS_STYLE = {
     "success": "green",
@@ -78,7 +78,7 @@ def rows_output(
     title: str | None = None,
 ) -> None:
     """Print rows as a rich table, JSON (list of objects) or CSV."""
-    materialised = [[jsonable(v) for v in row] for row in rows]
+    materialised = [[json_value(v) for v in row] for row in rows]
     if output == "json":
         console.print_json(
             json.dumps([dict(zip(columns, row, strict=True)) for row in materialised])

@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,7 +37,7 @@ from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of, read_segment
 from connector.state import RowIssue, StateStore, utcnow
 from connector.warehouse import create_warehouse_engine
-from destinations.base import Destination, SyncContext
+from destinations.base import Destination, SyncContext, json_value
 
 __all__ = [
     "EXIT_CODES",
@@ -46,7 +45,6 @@ __all__ = [
     "RunResult",
     "SyncRunner",
     "combined_exit_code",
-    "jsonable",
 ]
 
 log = logging.getLogger("winback.sync")
@@ -62,18 +60,7 @@ def new_run_id() -> str:
 
 
 _JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
-"""Types `jsonable` returns unchanged; checked inline in the per-row staging loop."""
-
-
-def jsonable(value: Any) -> Any:
-    """Warehouse values as JSON: dates ISO, decimals as int or float."""
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
+"""Types `json_value` returns unchanged; checked inline in the per-row staging loop."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +237,7 @@ class SyncRunner:
                             )
                         )
                         continue
-                    key = str(key if type(key) in native else jsonable(key))
+                    key = str(key if type(key) in native else json_value(key))
                     if len(key) > MAX_KEY_LENGTH:
                         issues.append(
                             RowIssue(
@@ -266,11 +253,11 @@ class SyncRunner:
                             key,
                             {
                                 "i": {
-                                    n: v if type(v := row[i]) in native else jsonable(v)
+                                    n: v if type(v := row[i]) in native else json_value(v)
                                     for n, i in identifier_at
                                 },
                                 "f": {
-                                    n: v if type(v := row[i]) in native else jsonable(v)
+                                    n: v if type(v := row[i]) in native else json_value(v)
                                     for n, i in field_at
                                 },
                             },

@@ -544,9 +544,10 @@ class HttpDestination(Destination):
 
 
 def json_value(value: Any) -> Any:
-    """A warehouse value as JSON: dates ISO 8601, decimals as numbers, NaN as null.
+    """A warehouse value as JSON: dates ISO 8601, decimals as numbers, NaN as null, bytes as hex.
 
-    Adapters that send `fields` use it so every platform sees the same rendering.
+    The engine (staging, reports) and adapters that send `fields` all use it, so every platform
+    and every output sees the same rendering.
     """
     if value is None or isinstance(value, bool | int | str):
         return value
@@ -558,6 +559,8 @@ def json_value(value: Any) -> Any:
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, datetime.date | datetime.time):
         return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
     if isinstance(value, list | tuple | set | frozenset):
         return [json_value(item) for item in value]
     if isinstance(value, Mapping):
