@@ -177,22 +177,21 @@ def config_validate() -> None:
             [ConfigProblem("warehouse.url", str(error))], source=str(config.path)
         ) from None
     problems: list[ConfigProblem] = []
+    columns_of: dict[str, list[str]] = {}  # each segment is probed once, then reused per sync
     try:
         for name, segment in config.segments.items():
             try:
-                probe_columns(name, segment, engine=engine, as_of=effective_as_of(segment, None))
+                columns_of[name] = probe_columns(
+                    name, segment, engine=engine, as_of=effective_as_of(segment, None)
+                )
             except ConfigError as error:
                 problems.extend(error.problems)
             except WinbackError as error:
                 problems.append(ConfigProblem(f"segments.{name}", str(error)))
         for name, sync in config.syncs.items():
-            segment = config.segments[sync.segment]
-            try:
-                columns = probe_columns(
-                    sync.segment, segment, engine=engine, as_of=effective_as_of(segment, None)
-                )
-            except WinbackError:
-                continue  # already reported for the segment
+            columns = columns_of.get(sync.segment)
+            if columns is None:
+                continue  # the segment's problem is already reported
             mapped = {
                 **{f"identifiers.{k}": v for k, v in sync.identifiers.items()},
                 **{f"fields.{k}": v for k, v in sync.fields.items()},
