@@ -24,12 +24,8 @@ from connector.diff import (
     Normalised,
 )
 from connector.errors import (
-    ConfigError,
-    DestinationError,
     GuardError,
     LockedError,
-    StateError,
-    WarehouseError,
     WinbackError,
 )
 from connector.identity import normalise_identifiers
@@ -127,9 +123,7 @@ class SyncRunner:
             result.status, result.error = "locked", str(error)
         except GuardError as error:
             result.status, result.error = "aborted", str(error)
-        except (WarehouseError, DestinationError, StateError, ConfigError) as error:
-            result.status, result.error = "failed", str(error)
-        except WinbackError as error:
+        except WinbackError as error:  # warehouse, state, destination, config at run time
             result.status, result.error = "failed", str(error)
         except KeyboardInterrupt:
             result.status, result.error = "failed", "interrupted by the user"
