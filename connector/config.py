@@ -38,6 +38,11 @@ class StrictModel(BaseModel):
 class WarehouseConfig(StrictModel):
     url: str = Field("duckdb:///warehouse.duckdb", description="SQLAlchemy URL of the warehouse.")
     chunk_size: int = Field(10_000, ge=100, le=1_000_000, description="Rows fetched per chunk.")
+    pushdown: bool = Field(
+        True,
+        description="Compare the segment with the last sync inside the warehouse when it can "
+        "(DuckDB), so unchanged rows never leave it; false: always in the state database.",
+    )
 
 
 class StateConfig(StrictModel):

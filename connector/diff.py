@@ -2,7 +2,9 @@
 
 The segment is staged into a temporary table (key, fingerprint of the raw values, payload); the
 plan is then computed by joining the stage against the sync's snapshot, so memory stays flat and
-the cost of an unchanged rerun is one indexed join:
+the cost of an unchanged rerun is one indexed join. When the warehouse compared the segment with
+the snapshot itself (`connector.pushdown`), the stage holds only the new and changed rows and the
+keys that left the segment are handed over instead:
 
 - staged key absent from the snapshot → normalise → ``add`` (or skipped with a reason);
 - raw fingerprint changed → normalise → ``update``, or ``remove`` + ``add`` when the identity
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -122,7 +124,16 @@ class PlanSummary:
         return {"add": self.add, "remove": self.remove, "update": self.update}
 
 
-def _temp_tables() -> tuple[sa.Table, sa.Table]:
+def duplicate_key_issues(key: str, rows: int) -> list[RowIssue]:
+    """One skipped-row issue per extra row of a key the segment returns `rows` times."""
+    reason = (
+        f"duplicate key `{key}`: the segment returns it {rows} times; the first row was kept; "
+        "make the segment return one row per key"
+    )
+    return [RowIssue("skipped", key, reason) for _ in range(rows - 1)]
+
+
+def _temp_tables() -> tuple[sa.Table, sa.Table, sa.Table]:
     temp = sa.MetaData()
     stage = sa.Table(
         "winback_stage",
@@ -149,7 +160,13 @@ def _temp_tables() -> tuple[sa.Table, sa.Table]:
         sa.Column("in_snapshot", sa.Integer, nullable=False),
         prefixes=["TEMPORARY"],
     )
-    return stage, plan
+    departed = sa.Table(
+        "winback_departed",
+        temp,
+        sa.Column("key", sa.String(500), primary_key=True),
+        prefixes=["TEMPORARY"],
+    )
+    return stage, plan, departed
 
 
 class ChangePlanner:
@@ -175,8 +192,8 @@ class ChangePlanner:
         self.hashes_identifiers = hashes_identifiers
         self.supports_update = supports_update
         self.full_resync = full_resync
-        self.stage, self.plan = _temp_tables()
-        for table in (self.stage, self.plan):
+        self.stage, self.plan, self.departed = _temp_tables()
+        for table in (self.stage, self.plan, self.departed):
             table.drop(connection, checkfirst=True)
             table.create(connection)
         self._stage_seq = 0
@@ -187,7 +204,8 @@ class ChangePlanner:
     # -- staging -----------------------------------------------------------------------------
 
     def stage_rows(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Add (key, payload) rows of the segment to the stage."""
+        """Add (key, payload) rows of the segment to the stage; the raw fingerprint is the
+        SHA-1 of the payload's compact JSON."""
         if not rows:
             return
         values = []
@@ -200,9 +218,41 @@ class ChangePlanner:
         self._stage_seq = seq
         insert_rows(self.connection, self.stage, values)
 
+    def stage_fingerprinted_rows(self, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Add (key, raw fingerprint, payload) rows whose fingerprint the warehouse computed."""
+        if not rows:
+            return
+        values = []
+        seq = self._stage_seq
+        for key, raw_fp, payload in rows:
+            seq += 1
+            values.append((seq, key, raw_fp, _COMPACT(payload)))
+        self._stage_seq = seq
+        insert_rows(self.connection, self.stage, values)
+
     def finish_staging(self) -> list[RowIssue]:
-        """Index the stage and drop duplicate keys (the first row of each key is kept)."""
+        """The stage holds the whole segment: index it, drop duplicate keys (the first row of
+        each key is kept) and find the snapshot keys that left the segment."""
+        self._index_stage()
+        issues = self._drop_duplicates()
+        snap, stage = snapshot, self.stage
+        gone = sa.select(snap.c.key).where(
+            snap.c.sync == self.sync, ~sa.exists().where(stage.c.key == snap.c.key)
+        )
+        self.connection.execute(self.departed.insert().from_select(["key"], gone))
+        return issues
+
+    def finish_partial_staging(self, departed: Iterable[Sequence[Any]]) -> None:
+        """The stage holds only the new and changed rows (the warehouse compared the others):
+        index it and record the snapshot keys that left the segment, given in pages."""
+        self._index_stage()
+        for page in departed:
+            insert_rows(self.connection, self.departed, [(row[0],) for row in page])
+
+    def _index_stage(self) -> None:
         sa.Index("winback_stage_key", self.stage.c.key).create(self.connection)
+
+    def _drop_duplicates(self) -> list[RowIssue]:
         counts = (
             sa.select(
                 self.stage.c.key,
@@ -214,24 +264,18 @@ class ChangePlanner:
         )
         issues: list[RowIssue] = []
         for key, first_seq, n in self.connection.execute(counts).all():
-            issues.extend(
-                RowIssue(
-                    "skipped",
-                    key,
-                    f"duplicate key `{key}`: the segment returns it {n} times; the first row was "
-                    "kept; make the segment return one row per key",
-                )
-                for _ in range(n - 1)
-            )
+            issues.extend(duplicate_key_issues(key, n))
             self.connection.execute(
                 self.stage.delete().where(self.stage.c.key == key, self.stage.c.seq != first_seq)
             )
         return issues
 
-    def staged_count(self) -> int:
-        return int(
-            self.connection.execute(sa.select(sa.func.count()).select_from(self.stage)).scalar_one()
-        )
+    def snapshot_fingerprints(self, page_size: int = 50_000) -> Iterator[list[tuple[str, str]]]:
+        """The sync's snapshot as pages of (key, raw_fp), every status, for the warehouse diff."""
+        query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
+        result = self.connection.execution_options(yield_per=page_size).execute(query)
+        for page in result.partitions():
+            yield [(key, raw_fp) for key, raw_fp in page]
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -250,7 +294,7 @@ class ChangePlanner:
         On platforms that match on hashes, two keys with the same identifiers are one audience
         member: removing the identity for one key would drop the other one too.
         """
-        plan, snap, stage = self.plan, snapshot, self.stage
+        plan, snap = self.plan, snapshot
         other_plan = plan.alias("other_plan")
         removing = sa.select(other_plan.c.key).where(other_plan.c.action == "remove")
         still_member = sa.exists().where(
@@ -258,7 +302,7 @@ class ChangePlanner:
             snap.c.status == "member",
             snap.c.identity_fp == plan.c.identity_fp,
             snap.c.key != plan.c.key,
-            snap.c.key.in_(sa.select(stage.c.key)),
+            snap.c.key.not_in(sa.select(self.departed.c.key)),
             snap.c.key.not_in(removing),
         )
         re_added = sa.exists().where(
@@ -381,7 +425,7 @@ class ChangePlanner:
 
     def _plan_departures(self) -> None:
         """Members and rejected rows whose key is no longer in the segment."""
-        s, snap = self.stage, snapshot
+        snap, departed = snapshot, self.departed
         gone = (
             sa.select(
                 snap.c.key,
@@ -392,8 +436,9 @@ class ChangePlanner:
                 snap.c.identifiers,
                 snap.c.platform_id,
             )
-            .where(snap.c.sync == self.sync)
-            .where(~sa.exists().where(s.c.key == snap.c.key))
+            .select_from(
+                departed.join(snap, sa.and_(snap.c.sync == self.sync, snap.c.key == departed.c.key))
+            )
             .order_by(snap.c.key)
         )
         for row in self.connection.execute(gone).all():
@@ -464,5 +509,5 @@ class ChangePlanner:
         return [row.key for row in rows]
 
     def drop(self) -> None:
-        for table in (self.plan, self.stage):
+        for table in (self.plan, self.stage, self.departed):
             table.drop(self.connection, checkfirst=True)

@@ -105,15 +105,22 @@ def read_segment(
                 f"the query failed: {first_line(error)}; {where_to_fix(name, segment)}",
                 segment=name,
             ) from None
-        missing = [c for c in (segment.key, *required_columns) if c not in columns]
-        if missing:
-            raise WarehouseError(
-                f"the query returns no column {', '.join(f'`{c}`' for c in missing)} "
-                f"(it returns {', '.join(columns) or 'nothing'}); "
-                f"{where_to_fix(name, segment)} or the sync's identifiers/fields mapping",
-                segment=name,
-            )
+        check_columns(name, segment, columns, required_columns)
         yield columns, _guarded(name, segment, chunks)
+
+
+def check_columns(
+    name: str, segment: Segment, columns: Sequence[str], required_columns: Sequence[str]
+) -> None:
+    """WarehouseError naming the key or mapped columns the query does not return."""
+    missing = [c for c in (segment.key, *required_columns) if c not in columns]
+    if missing:
+        raise WarehouseError(
+            f"the query returns no column {', '.join(f'`{c}`' for c in missing)} "
+            f"(it returns {', '.join(columns) or 'nothing'}); "
+            f"{where_to_fix(name, segment)} or the sync's identifiers/fields mapping",
+            segment=name,
+        )
 
 
 def _guarded(

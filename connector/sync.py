@@ -29,11 +29,13 @@ from connector.errors import (
     WinbackError,
 )
 from connector.identity import normalise_identifiers
+from connector.pushdown import supports_pushdown
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
-from connector.segments import effective_as_of, read_segment
+from connector.segments import effective_as_of
+from connector.staging import SegmentSource, SegmentStager
 from connector.state import RowIssue, StateStore, utcnow
 from connector.warehouse import create_warehouse_engine
-from destinations.base import Destination, SyncContext, json_value
+from destinations.base import Destination, SyncContext
 
 __all__ = [
     "EXIT_CODES",
@@ -47,16 +49,10 @@ log = logging.getLogger("winback.sync")
 
 MATCHING_IDENTIFIERS = frozenset({"email", "phone", "external_id", "mobile_id"})
 GUARD_MIN_AUDIENCE = 100
-MAX_KEY_LENGTH = 500
-"""Longest key the state store holds (snapshot.key is VARCHAR(500))."""
 
 
 def new_run_id() -> str:
     return f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
-"""Types `json_value` returns unchanged; checked inline in the per-row staging loop."""
 
 
 @dataclass(frozen=True)
@@ -198,70 +194,22 @@ class SyncRunner:
     ) -> list[RowIssue]:
         sync = self.config.syncs[sync_name]
         segment = self.config.segments[sync.segment]
-        identifier_columns = dict(sync.identifiers)
-        field_columns = dict(sync.fields)
-        needed = sorted({*identifier_columns.values(), *field_columns.values()})
-        as_of = effective_as_of(segment, options.as_of)
-        issues: list[RowIssue] = []
-        self.reporter.phase(f"{sync_name}: reading segment", None)
-        with read_segment(
-            sync.segment,
-            segment,
-            engine=self.warehouse,
-            as_of=as_of,
+        source = SegmentSource(
+            sync=sync_name,
+            segment_name=sync.segment,
+            segment=segment,
+            identifiers=dict(sync.identifiers),
+            fields=dict(sync.fields),
+            as_of=effective_as_of(segment, options.as_of),
             chunk_size=self.config.warehouse.chunk_size,
-            required_columns=needed,
-        ) as (columns, chunks):
-            position = {name: index for index, name in enumerate(columns)}
-            key_index = position[segment.key]
-            identifier_at = [(n, position[c]) for n, c in identifier_columns.items()]
-            field_at = [(n, position[c]) for n, c in field_columns.items()]
-            native = _JSON_NATIVE
-            for chunk in chunks:
-                staged: list[tuple[str, dict[str, Any]]] = []
-                for row in chunk:
-                    key = row[key_index]
-                    if key is None or (isinstance(key, str) and not key.strip()):
-                        issues.append(
-                            RowIssue(
-                                "skipped",
-                                None,
-                                f"null key: a row of segment `{sync.segment}` has no "
-                                f"`{segment.key}`; fix the segment so every row has a key",
-                            )
-                        )
-                        continue
-                    key = str(key if type(key) in native else json_value(key))
-                    if len(key) > MAX_KEY_LENGTH:
-                        issues.append(
-                            RowIssue(
-                                "skipped",
-                                key[:MAX_KEY_LENGTH],
-                                f"key of {len(key)} characters is longer than {MAX_KEY_LENGTH}; "
-                                f"use a shorter identifier as `{segment.key}`",
-                            )
-                        )
-                        continue
-                    staged.append(
-                        (
-                            key,
-                            {
-                                "i": {
-                                    n: v if type(v := row[i]) in native else json_value(v)
-                                    for n, i in identifier_at
-                                },
-                                "f": {
-                                    n: v if type(v := row[i]) in native else json_value(v)
-                                    for n, i in field_at
-                                },
-                            },
-                        )
-                    )
-                planner.stage_rows(staged)
-                result.segment_rows += len(chunk)
-                self.reporter.advance(len(chunk))
-        issues += planner.finish_staging()
-        return issues
+        )
+        stager = SegmentStager(
+            source, engine=self.warehouse, planner=planner, reporter=self.reporter
+        )
+        in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
+        staged = stager.stage(in_warehouse=in_warehouse)
+        result.segment_rows = staged.rows
+        return staged.issues
 
     def _normaliser(
         self, sync_name: str, adapter: Destination

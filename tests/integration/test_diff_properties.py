@@ -1,7 +1,8 @@
 """Property tests: whatever the sequence of segments and failures, the audience follows.
 
-Each example runs the real engine (SQLite warehouse, SQLite state store, the real planner and
-delivery) against an in-memory destination, over several successive segment states.
+Each example runs the real engine (SQLite state store, the real planner and delivery) against an
+in-memory destination, over several successive segment states, once with a SQLite warehouse
+(the diff runs in the state database) and once with DuckDB (the diff runs in the warehouse).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,18 +32,31 @@ segment_state = st.dictionaries(st.sampled_from(KEYS), row, max_size=len(KEYS))
 failure = st.sampled_from([None, "transient", "batch"])
 
 
-def write_warehouse(path: Path, state: dict[str, tuple[str | None, int]]) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE IF EXISTS seg")
-        db.execute("CREATE TABLE seg (id TEXT, email TEXT, score INTEGER)")
-        db.executemany(
-            "INSERT INTO seg VALUES (?, ?, ?)", [(k, e, s) for k, (e, s) in state.items()]
-        )
+WAREHOUSES = ["sqlite", "duckdb"]
 
 
-def make_runner(folder: Path, *, mode: str, adapter: str) -> SyncRunner:
+def write_warehouse(
+    runner: SyncRunner, warehouse: str, state: dict[str, tuple[str | None, int]]
+) -> None:
+    """Replace the segment table; the runner lets go of the warehouse file first (DuckDB)."""
+    runner.close()
+    path = runner.config.base_dir / f"warehouse.{warehouse}"
+    rows = [(k, e, s) for k, (e, s) in state.items()]
+    if warehouse == "sqlite":
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE IF EXISTS seg")
+            db.execute("CREATE TABLE seg (id TEXT, email TEXT, score INTEGER)")
+            db.executemany("INSERT INTO seg VALUES (?, ?, ?)", rows)
+        return
+    with duckdb.connect(str(path)) as db:
+        db.execute("CREATE OR REPLACE TABLE seg (id VARCHAR, email VARCHAR, score INTEGER)")
+        if rows:
+            db.executemany("INSERT INTO seg VALUES (?, ?, ?)", rows)
+
+
+def make_runner(folder: Path, *, mode: str, adapter: str, warehouse: str) -> SyncRunner:
     document: dict[str, Any] = {
-        "warehouse": {"url": f"sqlite:///{folder / 'warehouse.db'}"},
+        "warehouse": {"url": f"{warehouse}:///{folder / f'warehouse.{warehouse}'}"},
         "state": {"url": f"sqlite:///{folder / 'state.db'}"},
         "segments": {"seg": {"key": "id", "sql": "SELECT id, email, score FROM seg"}},
         "destinations": {"mem": {"type": adapter}},
@@ -80,20 +95,21 @@ def inject(kind: str | None, seed: int) -> None:
     MemoryDestination.fail_batch = staticmethod(fail)
 
 
+@pytest.mark.parametrize("warehouse", WAREHOUSES)
 @pytest.mark.parametrize("mode", ["mirror", "add_only", "upsert"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     states=st.lists(st.tuples(segment_state, failure, st.integers(0, 1)), min_size=1, max_size=4)
 )
-def test_audience_follows_segment(mode: str, states: list[Any]) -> None:
+def test_audience_follows_segment(mode: str, warehouse: str, states: list[Any]) -> None:
     MemoryDestination.reset()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        runner = make_runner(folder, mode=mode, adapter="memory")
+        runner = make_runner(folder, mode=mode, adapter="memory", warehouse=warehouse)
         seen: set[str] = set()
         try:
             for state, kind, seed in states:
-                write_warehouse(folder / "warehouse.db", state)
+                write_warehouse(runner, warehouse, state)
                 seen |= set(valid(state))
                 inject(kind, seed)
                 runner.run("s", RunOptions(force=True))  # may fail: injected
@@ -119,18 +135,21 @@ def test_audience_follows_segment(mode: str, states: list[Any]) -> None:
             runner.close()
 
 
+@pytest.mark.parametrize("warehouse", WAREHOUSES)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     states=st.lists(st.tuples(segment_state, failure, st.integers(0, 1)), min_size=1, max_size=4)
 )
-def test_hashed_audience_holds_exactly_the_current_identities(states: list[Any]) -> None:
+def test_hashed_audience_holds_exactly_the_current_identities(
+    warehouse: str, states: list[Any]
+) -> None:
     MemoryDestination.reset()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        runner = make_runner(folder, mode="mirror", adapter="memory_hashed")
+        runner = make_runner(folder, mode="mirror", adapter="memory_hashed", warehouse=warehouse)
         try:
             for state, kind, seed in states:
-                write_warehouse(folder / "warehouse.db", state)
+                write_warehouse(runner, warehouse, state)
                 inject(kind, seed)
                 runner.run("s", RunOptions(force=True))
                 inject(None, 0)

@@ -1,0 +1,212 @@
+"""Reads a sync's segment from the warehouse into the planner's stage.
+
+Two ways, same plan:
+
+- **in the warehouse** (`connector.pushdown`, DuckDB): the warehouse compares the segment with the
+  snapshot's fingerprints and returns only the new and changed rows and the keys that left; an
+  unchanged rerun moves no segment row into Python;
+- **in the state database** (every other warehouse, or `[warehouse] pushdown = false`): every row
+  is streamed in chunks, checked (null, blank or too long key), fingerprinted and staged; the
+  state database then finds the changes.
+
+Either way rows that cannot be synced because of their key are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from connector.config import Segment
+from connector.delivery import Reporter
+from connector.diff import ChangePlanner, duplicate_key_issues
+from connector.pushdown import MAX_KEY_LENGTH, BadKeyRow, WarehouseDiff
+from connector.segments import (
+    check_columns,
+    probe_columns,
+    read_segment,
+    segment_query,
+    where_to_fix,
+)
+from connector.state import RowIssue
+from connector.warehouse import warehouse_connection
+from destinations.base import json_value
+
+_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
+"""Types `json_value` returns unchanged; checked inline in the per-row loops."""
+
+Payload = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SegmentSource:
+    """What to read: the segment, the sync's column mapping and the reading options."""
+
+    sync: str
+    segment_name: str
+    segment: Segment
+    identifiers: dict[str, str]
+    """Identifier name → segment column."""
+    fields: dict[str, str]
+    """Field name → segment column."""
+    as_of: dt.date
+    chunk_size: int
+
+    @property
+    def needed_columns(self) -> list[str]:
+        return sorted({*self.identifiers.values(), *self.fields.values()})
+
+    def mapping(self) -> list[tuple[str, str, str]]:
+        """(kind, name, column) in payload order: identifiers then fields, by name."""
+        return [("i", n, c) for n, c in sorted(self.identifiers.items())] + [
+            ("f", n, c) for n, c in sorted(self.fields.items())
+        ]
+
+
+@dataclass
+class StagedSegment:
+    rows: int
+    issues: list[RowIssue]
+
+
+def null_key_issue(source: SegmentSource) -> RowIssue:
+    return RowIssue(
+        "skipped",
+        None,
+        f"null key: a row of segment `{source.segment_name}` has no `{source.segment.key}`; "
+        "fix the segment so every row has a key",
+    )
+
+
+def long_key_issue(source: SegmentSource, key: str, length: int) -> RowIssue:
+    return RowIssue(
+        "skipped",
+        key[:MAX_KEY_LENGTH],
+        f"key of {length} characters is longer than {MAX_KEY_LENGTH}; use a shorter "
+        f"identifier as `{source.segment.key}`",
+    )
+
+
+def payload_builder(
+    columns: Sequence[str], source: SegmentSource
+) -> Callable[[Sequence[Any]], Payload]:
+    """Builds the staged payload ({"i": identifiers, "f": fields}) of a warehouse row."""
+    position = {name: index for index, name in enumerate(columns)}
+    identifier_at = [(n, position[c]) for n, c in source.identifiers.items()]
+    field_at = [(n, position[c]) for n, c in source.fields.items()]
+    native = _JSON_NATIVE
+
+    def payload(row: Sequence[Any]) -> Payload:
+        return {
+            "i": {n: v if type(v := row[i]) in native else json_value(v) for n, i in identifier_at},
+            "f": {n: v if type(v := row[i]) in native else json_value(v) for n, i in field_at},
+        }
+
+    return payload
+
+
+class SegmentStager:
+    """Stages one sync's segment into its planner."""
+
+    def __init__(
+        self,
+        source: SegmentSource,
+        *,
+        engine: sa.Engine,
+        planner: ChangePlanner,
+        reporter: Reporter,
+    ):
+        self.source = source
+        self.engine = engine
+        self.planner = planner
+        self.reporter = reporter
+
+    def stage(self, *, in_warehouse: bool) -> StagedSegment:
+        self.reporter.phase(f"{self.source.sync}: reading segment", None)
+        if in_warehouse:
+            return self._stage_changes_found_by_warehouse()
+        return self._stage_every_row()
+
+    # -- diff in the state database ----------------------------------------------------------
+
+    def _stage_every_row(self) -> StagedSegment:
+        source, planner = self.source, self.planner
+        issues: list[RowIssue] = []
+        rows = 0
+        native = _JSON_NATIVE
+        with read_segment(
+            source.segment_name,
+            source.segment,
+            engine=self.engine,
+            as_of=source.as_of,
+            chunk_size=source.chunk_size,
+            required_columns=source.needed_columns,
+        ) as (columns, chunks):
+            key_index = list(columns).index(source.segment.key)
+            payload = payload_builder(columns, source)
+            for chunk in chunks:
+                staged: list[tuple[str, Payload]] = []
+                for row in chunk:
+                    key = row[key_index]
+                    if key is None or (isinstance(key, str) and not key.strip()):
+                        issues.append(null_key_issue(source))
+                        continue
+                    key = str(key if type(key) in native else json_value(key))
+                    if len(key) > MAX_KEY_LENGTH:
+                        issues.append(long_key_issue(source, key, len(key)))
+                        continue
+                    staged.append((key, payload(row)))
+                planner.stage_rows(staged)
+                rows += len(chunk)
+                self.reporter.advance(len(chunk))
+        issues += planner.finish_staging()
+        return StagedSegment(rows, issues)
+
+    # -- diff in the warehouse ---------------------------------------------------------------
+
+    def _stage_changes_found_by_warehouse(self) -> StagedSegment:
+        source, planner = self.source, self.planner
+        columns = probe_columns(
+            source.segment_name, source.segment, engine=self.engine, as_of=source.as_of
+        )
+        check_columns(source.segment_name, source.segment, columns, source.needed_columns)
+        query = segment_query(
+            source.segment_name, source.segment, as_of=source.as_of, engine=self.engine
+        )
+        with warehouse_connection(self.engine) as connection:
+            diff = WarehouseDiff(
+                connection,
+                query,
+                segment_columns=columns,
+                key=source.segment.key,
+                mapping=source.mapping(),
+                where_to_fix=where_to_fix(source.segment_name, source.segment),
+            )
+            try:
+                diff.load_segment()
+                diff.load_snapshot(planner.snapshot_fingerprints())
+                rows = diff.total_rows()
+                self.reporter.advance(rows)
+                issues = [self._bad_key_issue(bad) for bad in diff.bad_keys()]
+                for key, count in diff.duplicates():
+                    issues += duplicate_key_issues(key, count)
+                payload = payload_builder([*diff.columns, "", ""], source)
+                for chunk in diff.changed_rows(
+                    chunk_size=source.chunk_size, full_resync=planner.full_resync
+                ):
+                    planner.stage_fingerprinted_rows(
+                        [(row[-2], row[-1], payload(row)) for row in chunk]
+                    )
+                planner.finish_partial_staging(diff.departed_keys(chunk_size=source.chunk_size))
+            finally:
+                diff.drop()
+        return StagedSegment(rows, issues)
+
+    def _bad_key_issue(self, bad: BadKeyRow) -> RowIssue:
+        if bad.key is None or not bad.key.strip():
+            return null_key_issue(self.source)
+        return long_key_issue(self.source, bad.key, bad.length)

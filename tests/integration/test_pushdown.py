@@ -1,0 +1,232 @@
+"""The diff inside the warehouse (DuckDB) plans exactly what the state-database diff plans.
+
+Each test runs the real engine twice over the same DuckDB warehouse: once with the diff pushed
+down (`[warehouse] pushdown = true`, the default) and once staging every row in the state
+database (`pushdown = false`), each against its own state store and audience, and compares
+everything a user sees: counts, skipped rows and their reasons, and the audience.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from connector.config import build_config
+from connector.state import StateStore
+from connector.sync import RunOptions, RunResult, SyncRunner
+from destinations.registry import Registry
+from tests.fakes.memory_destination import MemoryDestination
+
+LONG_KEY = "x" * 600
+
+DAY_ONE = """
+CREATE OR REPLACE TABLE people AS SELECT * FROM (VALUES
+    (1, 'a@example.com', DATE '2026-01-05', 12.50::DECIMAL(9, 2), 'US'),
+    (2, '  B@Example.COM ', DATE '2026-02-01', 3.00::DECIMAL(9, 2), 'GB'),
+    (3, 'not-an-email', NULL, NULL, 'FR'),
+    (4, 'd@example.com', DATE '2026-03-01', 1.25::DECIMAL(9, 2), NULL),
+    (4, 'second-row-of-4@example.com', NULL, NULL, NULL),
+    (NULL, 'nokey@example.com', NULL, NULL, NULL),
+    (5, NULL, NULL, NULL, 'DE'),
+    (6, 'f@example.com', DATE '2026-04-01', 7.00::DECIMAL(9, 2), 'us'),
+    (7, 'g@example.com', NULL, NULL, 'Germany')
+) AS t(id, email, last_order, ltv, country)
+"""
+
+# Day two: 1 changes email, 2 changes a field only, 6 leaves, 8 joins, 4 is no longer duplicated,
+# 3 becomes valid, 7 is unchanged.
+DAY_TWO = """
+CREATE OR REPLACE TABLE people AS SELECT * FROM (VALUES
+    (1, 'a.new@example.com', DATE '2026-01-05', 12.50::DECIMAL(9, 2), 'US'),
+    (2, '  B@Example.COM ', DATE '2026-02-01', 4.00::DECIMAL(9, 2), 'GB'),
+    (3, 'c@example.com', NULL, NULL, 'FR'),
+    (4, 'd@example.com', DATE '2026-03-01', 1.25::DECIMAL(9, 2), NULL),
+    (5, NULL, NULL, NULL, 'DE'),
+    (7, 'g@example.com', NULL, NULL, 'Germany'),
+    (8, 'h@example.com', DATE '2026-05-01', 0.10::DECIMAL(9, 2), 'FR')
+) AS t(id, email, last_order, ltv, country)
+"""
+
+SEGMENT_SQL = (
+    "SELECT id, email, last_order, ltv, country FROM people UNION ALL "
+    f"SELECT * FROM (VALUES ('   ', 'blank@example.com', NULL, NULL, NULL), "
+    f"('{LONG_KEY}', 'long@example.com', NULL, NULL, NULL)) "
+    "AS extra(id, email, last_order, ltv, country)"
+)
+
+
+def write_warehouse(path: Path, sql: str) -> None:
+    with duckdb.connect(str(path)) as db:
+        db.execute(sql)
+
+
+def make_runner(folder: Path, *, pushdown: bool, audience: str, sql: str) -> SyncRunner:
+    document: dict[str, Any] = {
+        "warehouse": {"url": f"duckdb:///{folder / 'warehouse.duckdb'}", "pushdown": pushdown},
+        "state": {"url": f"sqlite:///{folder / f'state-{audience}.db'}"},
+        "segments": {"people": {"key": "id", "sql": sql}},
+        "destinations": {"mem": {"type": "memory"}},
+        "syncs": {
+            "s": {
+                "segment": "people",
+                "destination": "mem",
+                "audience": audience,
+                "identifiers": {"email": "email", "country": "country"},
+                "fields": {"LAST_ORDER": "last_order", "LTV": "ltv"},
+            }
+        },
+    }
+    registry = Registry(adapters={"memory": MemoryDestination})
+    return SyncRunner(build_config(document, path=folder / "winback.toml", registry=registry))
+
+
+def outcome(runner: SyncRunner, result: RunResult) -> dict[str, Any]:
+    """What a user sees of a run, without what differs by nature (run id, duration)."""
+    store = StateStore(runner.config.state.url)
+    issues = sorted((i.kind, i.key or "", i.reason) for i in store.issues(result.run_id, 100))
+    store.dispose()
+    return {
+        "status": result.status,
+        "error": result.error,
+        "segment_rows": result.segment_rows,
+        "skipped": result.skipped,
+        "planned": result.planned,
+        "sent": result.sent,
+        "rejected": result.rejected,
+        "issues": issues,
+    }
+
+
+def members(audience: str) -> dict[str, Any]:
+    """The audience without the platform ids (a counter shared by both runs)."""
+    return {
+        key: {"identifiers": m["identifiers"], "fields": m["fields"]}
+        for key, m in MemoryDestination.audiences.get(audience, {}).items()
+    }
+
+
+def run_both(folder: Path, sql: str = SEGMENT_SQL, **options: Any) -> list[dict[str, Any]]:
+    outcomes = []
+    for pushdown, audience in ((True, "pushed"), (False, "staged")):
+        runner = make_runner(folder, pushdown=pushdown, audience=audience, sql=sql)
+        try:
+            outcomes.append(outcome(runner, runner.run("s", RunOptions(**options))))
+        finally:
+            runner.close()
+    return outcomes
+
+
+def test_both_diffs_plan_and_send_the_same_over_two_days(tmp_path: Path) -> None:
+    MemoryDestination.reset()
+    warehouse = tmp_path / "warehouse.duckdb"
+    write_warehouse(warehouse, DAY_ONE)
+    pushed, staged = run_both(tmp_path)
+    assert pushed == staged
+    assert pushed["status"] == "success", pushed["error"]
+    assert pushed["segment_rows"] == 11
+    assert pushed["planned"] == {"add": 5, "remove": 0, "update": 0}
+    reasons = {(kind, key[:5]): reason for kind, key, reason in pushed["issues"]}
+    assert "duplicate key `4`" in reasons["skipped", "4"]
+    assert "null key" in reasons["skipped", ""]
+    assert "600 characters" in reasons["skipped", "xxxxx"]
+    assert members("pushed") == members("staged")
+    assert members("pushed")["1"]["fields"] == {
+        "LAST_ORDER": "2026-01-05",
+        "LTV": 12.5,
+    }
+
+    write_warehouse(warehouse, DAY_TWO)
+    pushed, staged = run_both(tmp_path)
+    assert pushed == staged
+    assert pushed["planned"] == {"add": 2, "remove": 1, "update": 2}
+    assert members("pushed") == members("staged")
+    assert sorted(MemoryDestination.audiences["pushed"]) == ["1", "2", "3", "4", "7", "8"]
+
+    pushed, staged = run_both(tmp_path)  # unchanged
+    assert pushed == staged
+    assert pushed["planned"] == {"add": 0, "remove": 0, "update": 0}
+
+    pushed, staged = run_both(tmp_path, full_resync=True)
+    assert pushed == staged
+    assert pushed["planned"] == {"add": 6, "remove": 0, "update": 0}
+
+
+def test_switching_where_the_diff_runs_sends_nothing_again(tmp_path: Path) -> None:
+    MemoryDestination.reset()
+    write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
+    for pushdown in (True, False, True):
+        runner = make_runner(tmp_path, pushdown=pushdown, audience="A", sql=SEGMENT_SQL)
+        try:
+            result = runner.run("s", RunOptions())
+        finally:
+            runner.close()
+        assert result.status == "success", result.error
+        sent = sum(result.sent.values())
+        assert sent == (5 if pushdown and result.sent["add"] else 0), result.sent
+    assert len(MemoryDestination.audiences["A"]) == 5
+
+
+def test_a_rules_segment_is_diffed_in_the_warehouse_too(tmp_path: Path) -> None:
+    MemoryDestination.reset()
+    write_warehouse(
+        tmp_path / "warehouse.duckdb",
+        DAY_ONE + "; CREATE TABLE orders AS SELECT * FROM (VALUES (1, DATE '2026-01-01'), "
+        "(2, DATE '2026-06-01')) AS o(customer_id, ordered_at)",
+    )
+    document: dict[str, Any] = {
+        "warehouse": {"url": f"duckdb:///{tmp_path / 'warehouse.duckdb'}"},
+        "state": {"url": f"sqlite:///{tmp_path / 'state.db'}"},
+        "segments": {
+            "lapsed": {
+                "from": "people",
+                "key": "id",
+                "columns": ["email"],
+                "where": "id IS NOT NULL",
+                "as_of": "2026-07-01",
+                "signals": [
+                    {"name": "purchase", "table": "orders", "key": "customer_id", "at": "ordered_at",
+                     "inactive_after": "90d", "never": "exclude"}
+                ],
+            }
+        },
+        "destinations": {"mem": {"type": "memory"}},
+        "syncs": {
+            "s": {
+                "segment": "lapsed",
+                "destination": "mem",
+                "audience": "R",
+                "identifiers": {"email": "email"},
+                "fields": {"DAYS": "days_inactive"},
+            }
+        },
+    }  # fmt: skip
+    registry = Registry(adapters={"memory": MemoryDestination})
+    runner = SyncRunner(build_config(document, path=tmp_path / "winback.toml", registry=registry))
+    try:
+        first = runner.run("s", RunOptions())
+        again = runner.run("s", RunOptions())
+    finally:
+        runner.close()
+    assert first.status == "success", first.error
+    audience = MemoryDestination.audiences["R"]
+    assert list(audience) == ["1"]
+    assert audience["1"]["identifiers"] == {"email": "a@example.com"}
+    assert audience["1"]["fields"] == {"DAYS": 181}
+    assert again.planned == {"add": 0, "remove": 0, "update": 0}
+
+
+@pytest.mark.parametrize("column", ["winback_key", "winback_fp"])
+def test_a_segment_column_named_like_winbacks_own_is_refused(tmp_path: Path, column: str) -> None:
+    write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
+    sql = f"SELECT id, email, country, last_order, ltv, 1 AS {column} FROM people"
+    runner = make_runner(tmp_path, pushdown=True, audience="A", sql=sql)
+    try:
+        result = runner.run("s", RunOptions())
+    finally:
+        runner.close()
+    assert result.status == "failed"
+    assert f"`{column}`" in (result.error or "")
+    assert "rename it" in (result.error or "")
