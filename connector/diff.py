@@ -270,12 +270,35 @@ class ChangePlanner:
             )
         return issues
 
-    def snapshot_fingerprints(self, page_size: int = 50_000) -> Iterator[list[tuple[str, str]]]:
-        """The sync's snapshot as pages of (key, raw_fp), every status, for the warehouse diff."""
-        query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
-        result = self.connection.execution_options(yield_per=page_size).execute(query)
-        for page in result.partitions():
-            yield [(key, raw_fp) for key, raw_fp in page]
+    def snapshot_fingerprints(self, page_size: int = 50_000) -> Iterator[Sequence[Any]]:
+        """The sync's snapshot as pages of (key, raw_fp), every status, for the warehouse diff.
+
+        Read through the driver's own cursor: half the cost of result rows for 500k keys.
+        """
+        parameters: Any
+        if self.connection.dialect.name == "sqlite":
+            # A scan reads the table in order; the primary-key index costs one table lookup
+            # per row (twice as slow when the sync holds most of the snapshot).
+            sql, parameters = (
+                'SELECT "key", raw_fp FROM snapshot NOT INDEXED WHERE sync = ?',
+                (self.sync,),
+            )
+        else:
+            query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
+            compiled = query.compile(dialect=self.connection.dialect)
+            sql, parameters = compiled.string, compiled.construct_params()
+            if compiled.positional:
+                parameters = tuple(parameters[name] for name in compiled.positiontup or ())
+        dbapi_connection = self.connection.connection.dbapi_connection
+        if dbapi_connection is None:  # pragma: no cover - an open connection always has one
+            raise RuntimeError("the state connection is closed")
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(sql, parameters)
+            while page := cursor.fetchmany(page_size):
+                yield page
+        finally:
+            cursor.close()
 
     # -- planning ----------------------------------------------------------------------------
 

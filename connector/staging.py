@@ -187,17 +187,14 @@ class SegmentStager:
                 where_to_fix=where_to_fix(source.segment_name, source.segment),
             )
             try:
-                diff.load_segment()
-                diff.load_snapshot(planner.snapshot_fingerprints())
+                diff.load(planner.snapshot_fingerprints(), full_resync=planner.full_resync)
                 rows = diff.total_rows()
                 self.reporter.advance(rows)
                 issues = [self._bad_key_issue(bad) for bad in diff.bad_keys()]
                 for key, count in diff.duplicates():
                     issues += duplicate_key_issues(key, count)
                 payload = payload_builder([*diff.columns, "", ""], source)
-                for chunk in diff.changed_rows(
-                    chunk_size=source.chunk_size, full_resync=planner.full_resync
-                ):
+                for chunk in diff.changed_rows(chunk_size=source.chunk_size):
                     planner.stage_fingerprinted_rows(
                         [(row[-2], row[-1], payload(row)) for row in chunk]
                     )

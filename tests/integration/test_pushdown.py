@@ -218,7 +218,7 @@ def test_a_rules_segment_is_diffed_in_the_warehouse_too(tmp_path: Path) -> None:
     assert again.planned == {"add": 0, "remove": 0, "update": 0}
 
 
-@pytest.mark.parametrize("column", ["winback_key", "winback_fp"])
+@pytest.mark.parametrize("column", ["winback_key", "winback_fp", "winback_changed"])
 def test_a_segment_column_named_like_winbacks_own_is_refused(tmp_path: Path, column: str) -> None:
     write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
     sql = f"SELECT id, email, country, last_order, ltv, 1 AS {column} FROM people"
