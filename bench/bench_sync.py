@@ -322,6 +322,7 @@ def write_config(workdir: Path, customers: int, warehouse: Path, sink_url: str, 
 [warehouse]
 url = "duckdb:///{warehouse}"
 chunk_size = {args.chunk_size}
+pushdown = {"false" if args.no_pushdown else "true"}
 
 [state]
 url = "sqlite:///{state}"
@@ -499,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument(
+        "--no-pushdown",
+        action="store_true",
+        help="diff in the state database ([warehouse] pushdown = false) instead of in DuckDB",
+    )
     parser.add_argument("--profile", choices=("cprofile", "pyinstrument"))
     parser.add_argument("--profile-lines", type=int, default=35)
     parser.add_argument(
@@ -523,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     measures: list[Measure] = []
     print(
         f"batch_size {args.batch_size}, max_concurrency {args.concurrency}, chunk_size "
-        f"{args.chunk_size}, {os.cpu_count()} CPUs, work dir {args.workdir}"
+        f"{args.chunk_size}, pushdown {not args.no_pushdown}, {os.cpu_count()} CPUs, "
+        f"work dir {args.workdir}"
     )
     print(HEADER)
     try:

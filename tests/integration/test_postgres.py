@@ -116,3 +116,38 @@ def test_overlong_and_null_keys_are_skipped_not_fatal(tmp_path: Path, postgres_u
     assert result.status == "success", result.error
     assert (result.segment_rows, result.skipped, result.sent["add"]) == (4, 3, 1)
     assert MemoryDestination.audiences["pg"]["ok"]["identifiers"] == {"email": "c@example.com"}
+
+
+def test_duckdb_warehouse_diffs_against_a_postgres_state_store(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The in-warehouse diff reads the snapshot's fingerprints from PostgreSQL."""
+    import duckdb
+
+    MemoryDestination.reset()
+    warehouse = tmp_path / "warehouse.duckdb"
+
+    def load(rows: list[tuple[int, str]]) -> None:
+        with duckdb.connect(str(warehouse)) as db:
+            db.execute("CREATE OR REPLACE TABLE lapsed (id INTEGER, email VARCHAR, phone VARCHAR)")
+            db.executemany("INSERT INTO lapsed VALUES (?, ?, NULL)", rows)
+
+    rows = [(i, f"user{i}@example.com") for i in range(1, 301)]
+    load(rows)
+    runner = runner_for(tmp_path, f"duckdb:///{warehouse}", postgres_url)
+    try:
+        first = runner.run("to_mem", RunOptions())
+        assert first.status == "success", first.error
+        assert first.sent["add"] == 300
+        runner.close()  # let go of the DuckDB file before rewriting it
+        load(rows[10:] + [(1, "moved1@example.com")])  # 2..10 leave, 1 changes
+        second = runner.run("to_mem", RunOptions())
+        assert second.status == "success", second.error
+        assert second.planned == {"add": 0, "remove": 9, "update": 1}
+        unchanged = runner.run("to_mem", RunOptions())
+        assert unchanged.planned == {"add": 0, "remove": 0, "update": 0}
+    finally:
+        runner.close()
+    audience = MemoryDestination.audiences["pg"]
+    assert len(audience) == 291
+    assert audience["1"]["identifiers"] == {"email": "moved1@example.com"}
