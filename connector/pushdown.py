@@ -2,9 +2,9 @@
 
 The state-database diff (`connector.diff`) stages every segment row there; its cost follows the
 segment. When the warehouse can run the comparison itself (DuckDB, the embedded default), the
-sync's snapshot fingerprints (key, raw_fp) are copied into a temporary table of the warehouse
-connection instead (an Arrow stream: no per-row Python on the warehouse side) and the warehouse
-returns only what the planner needs:
+sync's snapshot fingerprints (key, raw_fp) are handed to the warehouse connection instead, as an
+Arrow table it scans in place, and one pass of the segment query joined with them leaves in a
+temporary table what the planner needs:
 
 - the rows that are new or whose raw fingerprint changed, in segment order;
 - the snapshot keys that left the segment;
@@ -40,7 +40,6 @@ MAX_KEY_LENGTH = 500
 KEY_COLUMN = "winback_key"
 FP_COLUMN = "winback_fp"
 CHANGED_COLUMN = "winback_changed"
-SNAPSHOT_PAGE = 50_000
 
 _SEGMENT = "winback_segment"
 _SNAPSHOT = "winback_snapshot"

@@ -140,7 +140,7 @@ def test_duckdb_warehouse_diffs_against_a_postgres_state_store(
         assert first.status == "success", first.error
         assert first.sent["add"] == 300
         runner.close()  # let go of the DuckDB file before rewriting it
-        load(rows[10:] + [(1, "moved1@example.com")])  # 2..10 leave, 1 changes
+        load([*rows[10:], (1, "moved1@example.com")])  # 2..10 leave, 1 changes
         second = runner.run("to_mem", RunOptions())
         assert second.status == "success", second.error
         assert second.planned == {"add": 0, "remove": 9, "update": 1}
