@@ -193,7 +193,7 @@ class SegmentStager:
                 issues = [self._bad_key_issue(bad) for bad in diff.bad_keys()]
                 for key, count in diff.duplicates():
                     issues += duplicate_key_issues(key, count)
-                payload = payload_builder([*diff.columns, "", ""], source)
+                payload = payload_builder(diff.columns, source)  # then key, fingerprint
                 for chunk in diff.changed_rows(chunk_size=source.chunk_size):
                     planner.stage_fingerprinted_rows(
                         [(row[-2], row[-1], payload(row)) for row in chunk]
