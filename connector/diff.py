@@ -33,6 +33,8 @@ Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
 STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
 PAGE_SIZE = 5000
+DEPARTURES_PAGE = 500
+"""Departed keys looked up per query (stays under every database's bind-parameter limit)."""
 
 
 def _text_encoder(**options: Any) -> Callable[[Any], str]:
@@ -318,6 +320,9 @@ class ChangePlanner:
         member: removing the identity for one key would drop the other one too.
         """
         plan, snap = self.plan, snapshot
+        # Each removal looks up its identity among the planned adds (and the snapshot's
+        # members, through `snapshot_identity`): without an index that is a scan per removal.
+        sa.Index("winback_plan_identity", plan.c.identity_fp, plan.c.action).create(self.connection)
         other_plan = plan.alias("other_plan")
         removing = sa.select(other_plan.c.key).where(other_plan.c.action == "remove")
         still_member = sa.exists().where(
@@ -447,40 +452,51 @@ class ChangePlanner:
             self._plan_buffer = []
 
     def _plan_departures(self) -> None:
-        """Members and rejected rows whose key is no longer in the segment."""
+        """Members and rejected rows whose key is no longer in the segment, in key order.
+
+        Departed keys are read in pages and each page is looked up by the snapshot's primary
+        key: joining the two tables lets SQLite scan the whole snapshot instead.
+        """
         snap, departed = snapshot, self.departed
-        gone = (
-            sa.select(
-                snap.c.key,
-                snap.c.status,
-                snap.c.raw_fp,
-                snap.c.identity_fp,
-                snap.c.fields_fp,
-                snap.c.identifiers,
-                snap.c.platform_id,
-            )
-            .select_from(
-                departed.join(snap, sa.and_(snap.c.sync == self.sync, snap.c.key == departed.c.key))
-            )
-            .order_by(snap.c.key)
+        columns = (
+            snap.c.key,
+            snap.c.status,
+            snap.c.raw_fp,
+            snap.c.identity_fp,
+            snap.c.fields_fp,
+            snap.c.identifiers,
+            snap.c.platform_id,
         )
-        for row in self.connection.execute(gone).all():
-            if row.status != "member":
-                action: Action = "forget"
-            elif self.mode == "mirror":
-                action = "remove"
-            else:
-                continue
-            self._add_to_plan(
-                action,
-                row.key,
-                row.raw_fp,
-                row.identity_fp,
-                row.fields_fp,
-                json.loads(row.identifiers),
-                {},
-                row.platform_id,
-            )
+        page = sa.select(departed.c.key).order_by(departed.c.key).limit(DEPARTURES_PAGE)
+        after: str | None = None
+        while True:
+            query = page if after is None else page.where(departed.c.key > after)
+            keys = list(self.connection.execute(query).scalars())
+            if not keys:
+                break
+            after = keys[-1]
+            rows = self.connection.execute(
+                sa.select(*columns)
+                .where(snap.c.sync == self.sync, snap.c.key.in_(keys))
+                .order_by(snap.c.key)
+            ).all()
+            for row in rows:
+                if row.status != "member":
+                    action: Action = "forget"
+                elif self.mode == "mirror":
+                    action = "remove"
+                else:
+                    continue
+                self._add_to_plan(
+                    action,
+                    row.key,
+                    row.raw_fp,
+                    row.identity_fp,
+                    row.fields_fp,
+                    json.loads(row.identifiers),
+                    {},
+                    row.platform_id,
+                )
         self._flush_plan()
 
     # -- reading the plan --------------------------------------------------------------------
