@@ -314,13 +314,22 @@ class Measure:
         return int(self.run.get("segment_rows", 0)) / self.wall_s if self.wall_s else 0.0
 
 
+def duckdb_settings(workdir: Path, args: Any) -> str:
+    """URL query bounding DuckDB's memory (it spills to a folder of the work dir beyond it)."""
+    if not args.duckdb_memory_limit:
+        return ""
+    spill = workdir / "duckdb-spill"
+    spill.mkdir(exist_ok=True)
+    return f"?memory_limit={args.duckdb_memory_limit}&temp_directory={spill}"
+
+
 def write_config(workdir: Path, customers: int, warehouse: Path, sink_url: str, args: Any) -> Path:
     state = workdir / f"state-{customers}" / "state.db"
     path = workdir / f"winback-{customers}.toml"
     path.write_text(
         f"""# written by bench/bench_sync.py
 [warehouse]
-url = "duckdb:///{warehouse}"
+url = "duckdb:///{warehouse}{duckdb_settings(workdir, args)}"
 chunk_size = {args.chunk_size}
 pushdown = {"false" if args.no_pushdown else "true"}
 
@@ -500,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument(
+        "--duckdb-memory-limit",
+        metavar="SIZE",
+        help="DuckDB memory_limit in the warehouse URL, e.g. 128MB (spills beyond it)",
+    )
     parser.add_argument(
         "--no-pushdown",
         action="store_true",

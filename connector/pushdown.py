@@ -2,9 +2,9 @@
 
 The state-database diff (`connector.diff`) stages every segment row there; its cost follows the
 segment. When the warehouse can run the comparison itself (DuckDB, the embedded default), the
-sync's snapshot fingerprints (key, raw_fp) are handed to the warehouse connection instead, as an
-Arrow table it scans in place, and one pass of the segment query joined with them leaves in a
-temporary table what the planner needs:
+sync's snapshot fingerprints (key, raw_fp) are copied into a temporary table of the warehouse
+connection instead (page by page, as NumPy columns DuckDB scans in place), and one pass of the
+segment query joined with them leaves in a temporary table what the planner needs:
 
 - the rows that are new or whose raw fingerprint changed, in segment order;
 - the snapshot keys that left the segment;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,6 +44,7 @@ CHANGED_COLUMN = "winback_changed"
 
 _SEGMENT = "winback_segment"
 _SNAPSHOT = "winback_snapshot"
+_SNAPSHOT_PAGE = "winback_snapshot_page"
 _DUPLICATES = "winback_duplicates"
 _WHITESPACE = " \t\n\r\x0b\x0c"
 
@@ -76,16 +78,6 @@ class BadKeyRow:
     key: str | None
     """The key, cut to MAX_KEY_LENGTH characters; None when null."""
     length: int
-
-
-def _arrow_table(pages: Iterator[Sequence[tuple[str, str]]]) -> Any:
-    """The snapshot pages as one Arrow table (snapshot_key, snapshot_fp)."""
-    import pyarrow as pa  # only this path needs it (a 0.2 s import)
-
-    # Tuples convert straight into a struct array (in C), then split into the two columns.
-    row = pa.struct([("snapshot_key", pa.string()), ("snapshot_fp", pa.string())])
-    batches = [pa.RecordBatch.from_struct_array(pa.array(page, type=row)) for page in pages]
-    return pa.Table.from_batches(batches, schema=pa.schema(list(row)))
 
 
 def fingerprint_seed(mapping: Sequence[tuple[str, str, str]]) -> str:
@@ -130,7 +122,6 @@ class WarehouseDiff:
         self._source = source
         self._key = key
         self._mapping = list(mapping)
-        self._registered: Any = None
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -143,11 +134,7 @@ class WarehouseDiff:
         whether it is new or changed (every row with `full_resync`); the mapped columns are kept
         only for those rows, so an unchanged segment costs the warehouse its keys and hashes.
         """
-        raw = self.connection.connection.dbapi_connection
-        if raw is None:  # pragma: no cover - an open connection always has one
-            raise WarehouseError("the warehouse connection is closed")
-        raw.register(_SNAPSHOT, _arrow_table(snapshot_pages))
-        self._registered = raw
+        self._load_snapshot(snapshot_pages)
         self._execute(
             _CreateTempTableAs(_SEGMENT, self._segment_select(full_resync=full_resync)),
             "the query failed",
@@ -161,6 +148,36 @@ class WarehouseDiff:
             ),
             "finding duplicate keys failed",
         )
+
+    def _load_snapshot(self, pages: Iterator[Sequence[tuple[str, str]]]) -> None:
+        """Copy the pages into a temporary table: each page is handed over as NumPy columns
+        (scanned by DuckDB in place, no per-row Python) and only one page is in memory."""
+        import numpy as np  # only this path needs it
+
+        raw = self.connection.connection.dbapi_connection
+        if raw is None:  # pragma: no cover - an open connection always has one
+            raise WarehouseError("the warehouse connection is closed")
+        self._execute(
+            sa.text(
+                f"CREATE OR REPLACE TEMP TABLE {_SNAPSHOT} "
+                "(snapshot_key VARCHAR, snapshot_fp VARCHAR)"
+            ),
+            "creating the snapshot table in the warehouse connection failed",
+        )
+        first, second = itemgetter(0), itemgetter(1)
+        for page in pages:
+            columns = {
+                "snapshot_key": np.array(list(map(first, page)), dtype=object),
+                "snapshot_fp": np.array(list(map(second, page)), dtype=object),
+            }
+            raw.register(_SNAPSHOT_PAGE, columns)
+            try:
+                self._execute(
+                    sa.text(f"INSERT INTO {_SNAPSHOT} SELECT * FROM {_SNAPSHOT_PAGE}"),
+                    "copying the snapshot into the warehouse connection failed",
+                )
+            finally:
+                raw.unregister(_SNAPSHOT_PAGE)
 
     def _segment_select(self, *, full_resync: bool) -> sa.Select[Any]:
         """The segment rows with key text, raw fingerprint and changed flag.
@@ -195,10 +212,7 @@ class WarehouseDiff:
 
     def drop(self) -> None:
         """Free what `load` created (the warehouse connection goes back to the pool)."""
-        if self._registered is not None:
-            self._registered.unregister(_SNAPSHOT)
-            self._registered = None
-        for name in (_DUPLICATES, _SEGMENT):
+        for name in (_DUPLICATES, _SEGMENT, _SNAPSHOT):
             self.connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
 
     # -- results -----------------------------------------------------------------------------
