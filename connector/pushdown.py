@@ -160,11 +160,17 @@ class WarehouseDiff:
         self._execute(
             sa.text(
                 f"CREATE OR REPLACE TEMP TABLE {_SNAPSHOT} "
-                "(snapshot_key VARCHAR, snapshot_fp VARCHAR)"
+                "(snapshot_key VARCHAR, snapshot_fp UBIGINT)"
             ),
             "creating the snapshot table in the warehouse connection failed",
         )
         first, second = itemgetter(0), itemgetter(1)
+        # Fingerprints are the warehouse's 64-bit hashes, kept as numbers (half the memory of
+        # text); one the state database computed (SHA-1 hex) becomes NULL: its row is re-checked.
+        insert = (
+            f"INSERT INTO {_SNAPSHOT} SELECT snapshot_key, TRY_CAST(snapshot_fp AS UBIGINT) "
+            f"FROM {_SNAPSHOT_PAGE}"
+        )
         for page in pages:
             columns = {
                 "snapshot_key": np.array(list(map(first, page)), dtype=object),
@@ -173,11 +179,13 @@ class WarehouseDiff:
             raw.register(_SNAPSHOT_PAGE, columns)
             try:
                 self._execute(
-                    sa.text(f"INSERT INTO {_SNAPSHOT} SELECT * FROM {_SNAPSHOT_PAGE}"),
-                    "copying the snapshot into the warehouse connection failed",
+                    sa.text(insert), "copying the snapshot into the warehouse connection failed"
                 )
             finally:
                 raw.unregister(_SNAPSHOT_PAGE)
+            # DuckDB keeps a scanned page referenced until its transaction ends: without this
+            # commit every page (and its 100k strings) would stay in memory.
+            self.connection.commit()
 
     def _segment_select(self, *, full_resync: bool) -> sa.Select[Any]:
         """The segment rows with key text, raw fingerprint and changed flag.
@@ -195,7 +203,7 @@ class WarehouseDiff:
         keyed = sa.select(
             *(source.c[column] for column in self.columns),
             sa.cast(source.c[self._key], sa.String).label(KEY_COLUMN),
-            sa.cast(raw_fp, sa.String).label(FP_COLUMN),
+            raw_fp.label(FP_COLUMN),
         ).subquery("winback_keyed")
         snapshot = sa.table(_SNAPSHOT, sa.column("snapshot_key"), sa.column("snapshot_fp"))
         changed: sa.ColumnElement[bool] = (
@@ -236,7 +244,10 @@ class WarehouseDiff:
         """New and changed rows (every valid row with `full_resync`), in segment order; the
         first row of a duplicate key only."""
         quote = self.connection.dialect.identifier_preparer.quote
-        selected = [f"s.{quote(c)}" for c in self.columns] + [f"s.{KEY_COLUMN}", f"s.{FP_COLUMN}"]
+        selected = [f"s.{quote(c)}" for c in self.columns] + [
+            f"s.{KEY_COLUMN}",
+            f"CAST(s.{FP_COLUMN} AS VARCHAR)",  # stored as text in the state store
+        ]
         sql = (
             f"SELECT {', '.join(selected)} FROM {_SEGMENT} AS s "
             f"LEFT JOIN {_DUPLICATES} AS d ON d.duplicate_key = s.{KEY_COLUMN} "
