@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pytest
+import sqlalchemy as sa
 
 from connector.config import build_config
 from connector.state import StateStore
@@ -230,3 +231,24 @@ def test_a_segment_column_named_like_winbacks_own_is_refused(tmp_path: Path, col
     assert result.status == "failed"
     assert f"`{column}`" in (result.error or "")
     assert "rename it" in (result.error or "")
+
+
+@pytest.mark.parametrize("query", ["", "?memory_limit=200MB"])
+def test_the_warehouse_memory_limit_is_restored_after_the_diff(tmp_path: Path, query: str) -> None:
+    """The diff lowers DuckDB's memory limit for a moment to release its buffers."""
+    write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
+    runner = make_runner(tmp_path, pushdown=True, audience="A", sql=SEGMENT_SQL)
+    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}{query}"
+    runner.config.warehouse.url = url
+    fresh = sa.create_engine(url, connect_args={"read_only": True})
+    try:
+        with fresh.connect() as connection:
+            expected = connection.exec_driver_sql("SELECT current_setting('memory_limit')").scalar()
+        fresh.dispose()
+        result = runner.run("s", RunOptions())
+        assert result.status == "success", result.error
+        with runner.warehouse.connect() as connection:
+            limit = connection.exec_driver_sql("SELECT current_setting('memory_limit')").scalar()
+    finally:
+        runner.close()
+    assert limit == expected
