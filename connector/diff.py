@@ -320,23 +320,23 @@ class ChangePlanner:
         member: removing the identity for one key would drop the other one too.
         """
         plan, snap = self.plan, snapshot
-        # Each removal looks up its identity among the planned adds (and the snapshot's
-        # members, through `snapshot_identity`): without an index that is a scan per removal.
-        sa.Index("winback_plan_identity", plan.c.identity_fp, plan.c.action).create(self.connection)
-        other_plan = plan.alias("other_plan")
-        removing = sa.select(other_plan.c.key).where(other_plan.c.action == "remove")
-        still_member = sa.exists().where(
+        other = plan.alias("other_plan")
+        removing_keys = sa.select(other.c.key).where(other.c.action == "remove")
+        removing_identities = sa.select(other.c.identity_fp).where(other.c.action == "remove")
+        added_identities = sa.select(other.c.identity_fp).where(other.c.action == "add")
+        # Set-based, computed once: the identities of this run's removals that a member staying
+        # in the audience still has. (One lookup per removal would scan the snapshot each time.)
+        still_needed = sa.select(snap.c.identity_fp).where(
             snap.c.sync == self.sync,
             snap.c.status == "member",
-            snap.c.identity_fp == plan.c.identity_fp,
-            snap.c.key != plan.c.key,
+            snap.c.identity_fp.in_(removing_identities),
             snap.c.key.not_in(sa.select(self.departed.c.key)),
-            snap.c.key.not_in(removing),
+            snap.c.key.not_in(removing_keys),
         )
-        re_added = sa.exists().where(
-            other_plan.c.action == "add", other_plan.c.identity_fp == plan.c.identity_fp
+        shared = plan.update().where(
+            plan.c.action == "remove",
+            sa.or_(plan.c.identity_fp.in_(still_needed), plan.c.identity_fp.in_(added_identities)),
         )
-        shared = plan.update().where(plan.c.action == "remove", sa.or_(still_member, re_added))
         kept = self.connection.execute(shared.values(action="forget")).rowcount or 0
         self.summary.remove -= kept
         self.summary.forget += kept

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from connector.errors import LockedError, StateError
 from connector.warehouse import first_line, redact_url
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 LOCK_TTL = dt.timedelta(minutes=30)
 
 metadata = sa.MetaData()
@@ -55,9 +55,6 @@ snapshot = sa.Table(
     sa.Column("first_added_at", sa.DateTime),
     sa.Column("last_sent_at", sa.DateTime),
 )
-snapshot_identity_index = sa.Index("snapshot_identity", snapshot.c.identity_fp)
-"""Finds the members sharing an identity (hashed destinations) without a snapshot scan. Not
-prefixed by `sync`, so queries on a whole sync keep the primary key's order."""
 
 runs = sa.Table(
     "runs",
@@ -219,20 +216,11 @@ class StateStore:
                         f"the state store `{redact_url(self.url)}` has schema version {version}, "
                         f"newer than this winback ({SCHEMA_VERSION}); upgrade winback"
                     )
-                elif version < SCHEMA_VERSION:
-                    self._migrate(connection, version)
         except sa.exc.DBAPIError as error:
             raise StateError(
                 f"cannot open the state store `{redact_url(self.url)}`: {first_line(error)}; "
                 "check [state] url"
             ) from None
-
-    @staticmethod
-    def _migrate(connection: sa.Connection, version: int) -> None:
-        """Bring a state store of an older schema version up to date, in place."""
-        if version < 2:  # 2: index on identity_fp
-            snapshot_identity_index.create(connection, checkfirst=True)
-        connection.execute(schema_info.update().values(version=SCHEMA_VERSION))
 
     def connect(self) -> sa.Connection:
         return self.engine.connect()
