@@ -37,9 +37,21 @@ def segment_query(
     return query
 
 
-def probe_columns(name: str, segment: Segment, *, engine: sa.Engine, as_of: dt.date) -> list[str]:
-    """Run the segment with `LIMIT 0` and return its columns; WarehouseError if it fails."""
-    query = segment_query(name, segment, as_of=as_of, engine=engine)
+def probe_columns(
+    name: str,
+    segment: Segment,
+    *,
+    engine: sa.Engine,
+    as_of: dt.date,
+    query: sa.Executable | None = None,
+) -> list[str]:
+    """Run the segment with `LIMIT 0` and return its columns; WarehouseError if it fails.
+
+    `query` is the segment's query when the caller already built it (a rules segment checks its
+    tables against the warehouse while compiling: once is enough).
+    """
+    if query is None:
+        query = segment_query(name, segment, as_of=as_of, engine=engine)
     if isinstance(query, sa.Select):
         probe: sa.Executable = query.limit(0)
     else:

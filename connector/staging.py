@@ -170,13 +170,17 @@ class SegmentStager:
 
     def _stage_changes_found_by_warehouse(self) -> StagedSegment:
         source, planner = self.source, self.planner
-        columns = probe_columns(
-            source.segment_name, source.segment, engine=self.engine, as_of=source.as_of
-        )
-        check_columns(source.segment_name, source.segment, columns, source.needed_columns)
         query = segment_query(
             source.segment_name, source.segment, as_of=source.as_of, engine=self.engine
         )
+        columns = probe_columns(
+            source.segment_name,
+            source.segment,
+            engine=self.engine,
+            as_of=source.as_of,
+            query=query,
+        )
+        check_columns(source.segment_name, source.segment, columns, source.needed_columns)
         with warehouse_connection(self.engine) as connection:
             diff = WarehouseDiff(
                 connection,
