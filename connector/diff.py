@@ -208,29 +208,29 @@ class ChangePlanner:
     def stage_rows(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Add (key, payload) rows of the segment to the stage; the raw fingerprint is the
         SHA-1 of the payload's compact JSON."""
-        if not rows:
-            return
-        values = []
-        seq = self._stage_seq
-        sha1 = hashlib.sha1
-        for key, payload in rows:
-            seq += 1
-            text = _COMPACT(payload)
-            values.append((seq, key, sha1(text.encode(), usedforsecurity=False).hexdigest(), text))
-        self._stage_seq = seq
-        insert_rows(self.connection, self.stage, values)
+        sha1, compact = hashlib.sha1, _COMPACT
+        self._append_to_stage(
+            [
+                (
+                    key,
+                    sha1((text := compact(payload)).encode(), usedforsecurity=False).hexdigest(),
+                    text,
+                )
+                for key, payload in rows
+            ]
+        )
 
     def stage_fingerprinted_rows(self, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         """Add (key, raw fingerprint, payload) rows whose fingerprint the warehouse computed."""
-        if not rows:
-            return
-        values = []
-        seq = self._stage_seq
-        for key, raw_fp, payload in rows:
-            seq += 1
-            values.append((seq, key, raw_fp, _COMPACT(payload)))
-        self._stage_seq = seq
-        insert_rows(self.connection, self.stage, values)
+        self._append_to_stage((key, raw_fp, _COMPACT(payload)) for key, raw_fp, payload in rows)
+
+    def _append_to_stage(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Insert (key, raw_fp, payload text) rows, numbered on from the last staged row."""
+        start = self._stage_seq
+        values = [(n, *row) for n, row in enumerate(rows, start + 1)]
+        if values:
+            self._stage_seq = start + len(values)
+            insert_rows(self.connection, self.stage, values)
 
     def finish_staging(self) -> list[RowIssue]:
         """The stage holds the whole segment: index it, drop duplicate keys (the first row of
