@@ -378,6 +378,7 @@ def run_winback(
     profile: str | None,
     profile_path: Path,
     source: Path = ROOT,
+    phases: bool = False,
 ) -> tuple[float, float, float, dict[str, Any], int, str]:
     """Run `sync run` once: wall s, CPU s, peak RSS MB, the run's JSON, exit code, stderr."""
     command = [sys.executable]
@@ -386,8 +387,10 @@ def run_winback(
     elif profile == "pyinstrument":
         command += ["-m", "pyinstrument", "-r", "text", "--show-all", "-o"]
         command += [str(profile_path.with_suffix(".txt"))]
-    command += ["-m", "connector", "--config", str(config), "sync", "run", "--output", "json"]
-    env = {**os.environ, "WINBACK_BENCH_DAY": str(day)}
+    command += ["-m", "connector", "--config", str(config)]
+    command += ["-v"] if phases else []
+    command += ["sync", "run", "--output", "json"]
+    env = {**os.environ, "WINBACK_BENCH_DAY": str(day), "COLUMNS": "200"}
     if source != ROOT:  # another checkout (e.g. `git archive <rev> connector destinations`)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     out_path = profile_path.with_suffix(".stdout")
@@ -428,10 +431,15 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
             profile=args.profile,
             profile_path=profile_path,
             source=args.source,
+            phases=args.phases,
         )
         measure = Measure(customers, name, wall, cpu, peak, sink.stats(), run, code)
         measures.append(measure)
         print(format_row(measure), flush=True)
+        if args.phases:
+            for line in stderr.splitlines():
+                if "peak memory" in line:
+                    print(f"    {line.strip()}", flush=True)
         if code != 0 or run.get("status") != "success":
             print(f"  winback exit {code}: {run.get('error')}\n{stderr[-2000:]}", file=sys.stderr)
     return measures
@@ -462,6 +470,7 @@ def check_targets(measures: list[Measure]) -> list[str]:
         label = f"{m.size:,} {m.name}"
         if m.exit_code != 0:
             lines.append(f"FAIL {label}: exit code {m.exit_code}")
+            continue
         if m.name == "full":
             ok = m.beyond_sink_s <= TARGETS["full_beyond_sink_s"]
             lines.append(
@@ -525,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="+", choices=("full", "unchanged", "incremental"), help="runs to keep"
     )
     parser.add_argument("--json", type=Path, help="also write the measures to this file")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="run winback with -v and print its phase timings and peak memory",
+    )
     parser.add_argument(
         "--source",
         type=Path,

@@ -34,6 +34,7 @@ from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
 from connector.staging import SegmentSource, SegmentStager
 from connector.state import RowIssue, StateStore, utcnow
+from connector.timing import PhaseClock
 from connector.warehouse import create_warehouse_engine
 from destinations.base import Destination, SyncContext
 
@@ -155,6 +156,7 @@ class SyncRunner:
         sync = self.config.syncs[sync_name]
         adapter = self.build_adapter(sync_name, result.run_id)
         connection = self.store.connect()
+        clock = PhaseClock(sync_name)
         try:
             planner = ChangePlanner(
                 connection,
@@ -165,9 +167,11 @@ class SyncRunner:
                 full_resync=options.full_resync,
             )
             issues = self._stage_segment(sync_name, options, planner, result)
+            clock.done("read and compared the segment", f"{result.segment_rows:,} rows")
             issues += planner.build(self._normaliser(sync_name, adapter))
             result.skipped = sum(1 for issue in issues if issue.kind == "skipped")
             result.planned = planner.summary.planned()
+            clock.done("planned", ", ".join(f"{n:,} to {a}" for a, n in result.planned.items()))
             audience_size = self.store.audience_size(connection, sync_name)
             result.audience_size = audience_size
             if options.dry_run:
@@ -178,11 +182,13 @@ class SyncRunner:
                 connection, run_id=result.run_id, sync=sync_name, issues=issues
             )
             connection.commit()
+            clock.done("recorded row issues", f"{len(issues):,}")
             if not options.force:
                 self._guard(sync_name, result, audience_size, max_pct=sync.max_removal_pct)
             delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
             delivery.run(batch_size=sync.batch_size or adapter.batch_size)
             result.status = "partial" if result.rejected else "success"
+            clock.done("delivered", f"{result.batches:,} batches")
         finally:
             result.retries = adapter.retries
             adapter.close()
