@@ -94,6 +94,8 @@ class Normalised:
 
 
 Normaliser = Callable[[dict[str, Any]], Normalised]
+SnapshotPage = tuple[list[str], list[str]]
+"""A page of the snapshot's keys and raw fingerprints, as two columns of the same length."""
 
 
 class PlannedChange(NamedTuple):
@@ -272,33 +274,51 @@ class ChangePlanner:
             )
         return issues
 
-    def snapshot_fingerprints(self, page_size: int = 50_000) -> Iterator[Sequence[Any]]:
-        """The sync's snapshot as pages of (key, raw_fp), every status, for the warehouse diff.
+    def snapshot_is_empty(self) -> bool:
+        """Whether the sync has no snapshot row at all (first run, or after `sync reset`)."""
+        query = sa.select(snapshot.c.key).where(snapshot.c.sync == self.sync).limit(1)
+        return self.connection.execute(query).first() is None
 
-        Read through the driver's own cursor: half the cost of result rows for 500k keys.
-        """
-        parameters: Any
+    def snapshot_fingerprints(self, page_size: int = 100_000) -> Iterator[SnapshotPage]:
+        """The sync's snapshot as pages of (keys, raw_fps), every status, for the warehouse diff."""
         if self.connection.dialect.name == "sqlite":
-            # A scan reads the table in order; the primary-key index costs one table lookup
-            # per row (twice as slow when the sync holds most of the snapshot).
-            sql, parameters = (
-                'SELECT "key", raw_fp FROM snapshot NOT INDEXED WHERE sync = ?',
-                (self.sync,),
-            )
-        else:
-            query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
-            compiled = query.compile(dialect=self.connection.dialect)
-            sql, parameters = compiled.string, compiled.construct_params()
-            if compiled.positional:
-                parameters = tuple(parameters[name] for name in compiled.positiontup or ())
+            return self._sqlite_snapshot_fingerprints(page_size)
+        return self._cursor_snapshot_fingerprints(page_size)
+
+    def _sqlite_snapshot_fingerprints(self, page_size: int) -> Iterator[SnapshotPage]:
+        """SQLite: each page is a range of rowids, aggregated by SQLite into two texts (a JSON
+        array of the keys, the fingerprints joined by commas) that Python splits in C: about a
+        third of the cost of 500k result rows. A range scan reads the table in storage order;
+        the primary-key index would cost one table lookup per row."""
+        last = self.connection.execute(sa.text("SELECT max(rowid) FROM snapshot")).scalar()
+        page = sa.text(
+            "SELECT json_group_array(\"key\"), group_concat(raw_fp, ',') FROM snapshot "
+            "NOT INDEXED WHERE rowid > :low AND rowid <= :high AND sync = :sync"
+        )
+        for low in range(0, int(last or 0), page_size):
+            keys, fingerprints = self.connection.execute(
+                page, {"low": low, "high": low + page_size, "sync": self.sync}
+            ).one()
+            if fingerprints:  # NULL when no row of this sync is in the range
+                yield json.loads(keys), fingerprints.split(",")
+
+    def _cursor_snapshot_fingerprints(self, page_size: int) -> Iterator[SnapshotPage]:
+        """Other databases: read through the driver's own cursor (half the cost of result
+        rows for 500k keys)."""
+        query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
+        compiled = query.compile(dialect=self.connection.dialect)
+        parameters: Any = compiled.construct_params()
+        if compiled.positional:
+            parameters = tuple(parameters[name] for name in compiled.positiontup or ())
         dbapi_connection = self.connection.connection.dbapi_connection
         if dbapi_connection is None:  # pragma: no cover - an open connection always has one
             raise RuntimeError("the state connection is closed")
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(sql, parameters)
-            while page := cursor.fetchmany(page_size):
-                yield page
+            cursor.execute(compiled.string, parameters)
+            while rows := cursor.fetchmany(page_size):
+                keys, fingerprints = zip(*rows, strict=True)
+                yield list(keys), list(fingerprints)
         finally:
             cursor.close()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,7 +45,8 @@ _SEGMENT = "winback_segment"
 _SNAPSHOT = "winback_snapshot"
 _SNAPSHOT_PAGE = "winback_snapshot_page"
 _DUPLICATES = "winback_duplicates"
-_WHITESPACE = " \t\n\r\x0b\x0c"
+KEY_WHITESPACE = " \t\n\r\x0b\x0c"
+"""What a blank key consists of (the warehouse's `trim` and Python's `str.strip` agree)."""
 
 
 def supports_pushdown(engine: sa.Engine) -> bool:
@@ -126,7 +126,7 @@ class WarehouseDiff:
     # -- set-up ------------------------------------------------------------------------------
 
     def load(
-        self, snapshot_pages: Iterator[Sequence[tuple[str, str]]], *, full_resync: bool
+        self, snapshot_pages: Iterator[tuple[list[str], list[str]]], *, full_resync: bool
     ) -> None:
         """Hand over the snapshot's (key, raw_fp) pages, then materialise the segment.
 
@@ -149,7 +149,7 @@ class WarehouseDiff:
             "finding duplicate keys failed",
         )
 
-    def _load_snapshot(self, pages: Iterator[Sequence[tuple[str, str]]]) -> None:
+    def _load_snapshot(self, pages: Iterator[tuple[list[str], list[str]]]) -> None:
         """Copy the pages into a temporary table: each page is handed over as NumPy columns
         (scanned by DuckDB in place, no per-row Python) and only one page is in memory."""
         import numpy as np  # only this path needs it
@@ -164,17 +164,16 @@ class WarehouseDiff:
             ),
             "creating the snapshot table in the warehouse connection failed",
         )
-        first, second = itemgetter(0), itemgetter(1)
         # Fingerprints are the warehouse's 64-bit hashes, kept as numbers (half the memory of
         # text); one the state database computed (SHA-1 hex) becomes NULL: its row is re-checked.
         insert = (
             f"INSERT INTO {_SNAPSHOT} SELECT snapshot_key, TRY_CAST(snapshot_fp AS UBIGINT) "
             f"FROM {_SNAPSHOT_PAGE}"
         )
-        for page in pages:
+        for keys, fingerprints in pages:
             columns = {
-                "snapshot_key": np.array(list(map(first, page)), dtype=object),
-                "snapshot_fp": np.array(list(map(second, page)), dtype=object),
+                "snapshot_key": np.array(keys, dtype=object),
+                "snapshot_fp": np.array(fingerprints, dtype=object),
             }
             raw.register(_SNAPSHOT_PAGE, columns)
             try:
@@ -187,8 +186,8 @@ class WarehouseDiff:
             # commit every page (and its 100k strings) would stay in memory.
             self.connection.commit()
 
-    def _segment_select(self, *, full_resync: bool) -> sa.Select[Any]:
-        """The segment rows with key text, raw fingerprint and changed flag.
+    def _keyed_select(self) -> sa.Select[Any]:
+        """The segment's mapped columns with its key as text and its raw fingerprint.
 
         The fingerprint is the warehouse's 64-bit hash of a seed naming the mapping and the
         mapped columns: the cheapest function that keeps columns and NULLs apart. Should a new
@@ -200,11 +199,15 @@ class WarehouseDiff:
             sa.literal(fingerprint_seed(self._mapping)),
             *(source.c[column] for _, _, column in self._mapping),
         )
-        keyed = sa.select(
+        return sa.select(
             *(source.c[column] for column in self.columns),
             sa.cast(source.c[self._key], sa.String).label(KEY_COLUMN),
             raw_fp.label(FP_COLUMN),
-        ).subquery("winback_keyed")
+        )
+
+    def _segment_select(self, *, full_resync: bool) -> sa.Select[Any]:
+        """The segment rows with key text, raw fingerprint and changed flag."""
+        keyed = self._keyed_select().subquery("winback_keyed")
         snapshot = sa.table(_SNAPSHOT, sa.column("snapshot_key"), sa.column("snapshot_fp"))
         changed: sa.ColumnElement[bool] = (
             sa.true()
@@ -217,6 +220,21 @@ class WarehouseDiff:
             keyed.c[FP_COLUMN],
             changed.label(CHANGED_COLUMN),
         ).select_from(keyed.outerjoin(snapshot, snapshot.c.snapshot_key == keyed.c[KEY_COLUMN]))
+
+    def every_row(self, *, chunk_size: int) -> Iterator[Sequence[sa.Row[Any]]]:
+        """Every segment row, streamed in segment order: the mapped columns (`columns`), then
+        the key as text and the raw fingerprint as text (how the state store keeps it).
+
+        For a sync with nothing to compare against (no snapshot yet, `--full-resync`): nothing
+        is materialised in the warehouse and the state database finds duplicates and departures.
+        """
+        keyed = self._keyed_select().subquery("winback_keyed")
+        select = sa.select(
+            *(keyed.c[column] for column in self.columns),
+            keyed.c[KEY_COLUMN],
+            sa.cast(keyed.c[FP_COLUMN], sa.String),
+        )
+        return self._stream(select, chunk_size, what="the query failed", fix=self.where_to_fix)
 
     def drop(self) -> None:
         """Free what `load` created (the warehouse connection goes back to the pool)."""
@@ -293,7 +311,7 @@ class WarehouseDiff:
     def _valid_key(self, prefix: str = "") -> str:
         key = f"{prefix}{KEY_COLUMN}"
         return (
-            f"({key} IS NOT NULL AND length(trim({key}, '{_WHITESPACE}')) > 0 "
+            f"({key} IS NOT NULL AND length(trim({key}, '{KEY_WHITESPACE}')) > 0 "
             f"AND length({key}) <= {MAX_KEY_LENGTH})"
         )
 
@@ -312,9 +330,19 @@ class WarehouseDiff:
     def _scalar(self, sql: str) -> Any:
         return self._all(sql)[0][0]
 
-    def _stream(self, sql: str, chunk_size: int) -> Iterator[Sequence[sa.Row[Any]]]:
+    def _stream(
+        self,
+        query: str | sa.Executable,
+        chunk_size: int,
+        *,
+        what: str = "the diff failed",
+        fix: str | None = None,
+    ) -> Iterator[Sequence[sa.Row[Any]]]:
+        statement = sa.text(query) if isinstance(query, str) else query
         try:
-            result = self.connection.execution_options(stream_results=True).execute(sa.text(sql))
+            result = self.connection.execution_options(stream_results=True).execute(statement)
             yield from result.partitions(chunk_size)
         except sa.exc.DBAPIError as error:
-            raise WarehouseError(f"the diff failed: {first_line(error)}") from None
+            raise WarehouseError(
+                f"{what}: {first_line(error)}" + (f"; {fix}" if fix else "")
+            ) from None

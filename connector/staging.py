@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from connector.config import Segment
 from connector.delivery import Reporter
 from connector.diff import ChangePlanner, duplicate_key_issues
-from connector.pushdown import MAX_KEY_LENGTH, BadKeyRow, WarehouseDiff
+from connector.pushdown import KEY_WHITESPACE, MAX_KEY_LENGTH, BadKeyRow, WarehouseDiff
 from connector.segments import (
     check_columns,
     probe_columns,
@@ -190,6 +190,8 @@ class SegmentStager:
                 mapping=source.mapping(),
                 where_to_fix=where_to_fix(source.segment_name, source.segment),
             )
+            if planner.full_resync or planner.snapshot_is_empty():
+                return self._stage_every_fingerprinted_row(diff)
             try:
                 diff.load(planner.snapshot_fingerprints(), full_resync=planner.full_resync)
                 rows = diff.total_rows()
@@ -205,6 +207,31 @@ class SegmentStager:
                 planner.finish_partial_staging(diff.departed_keys(chunk_size=source.chunk_size))
             finally:
                 diff.drop()
+        return StagedSegment(rows, issues)
+
+    def _stage_every_fingerprinted_row(self, diff: WarehouseDiff) -> StagedSegment:
+        """Nothing to compare with (no snapshot yet, `--full-resync`): every row is streamed
+        with the warehouse's key text and fingerprint and staged, and the state database finds
+        duplicates and departures, so the warehouse holds no copy of the segment. The keys and
+        fingerprints are the ones later runs compare in the warehouse."""
+        source, planner = self.source, self.planner
+        issues: list[RowIssue] = []
+        rows = 0
+        payload = payload_builder(diff.columns, source)  # then key, fingerprint
+        for chunk in diff.every_row(chunk_size=source.chunk_size):
+            staged: list[tuple[str, str, Payload]] = []
+            for row in chunk:
+                key = row[-2]
+                if key is None or not key.strip(KEY_WHITESPACE):
+                    issues.append(null_key_issue(source))
+                elif len(key) > MAX_KEY_LENGTH:
+                    issues.append(long_key_issue(source, key, len(key)))
+                else:
+                    staged.append((key, row[-1], payload(row)))
+            planner.stage_fingerprinted_rows(staged)
+            rows += len(chunk)
+            self.reporter.advance(len(chunk))
+        issues += planner.finish_staging()
         return StagedSegment(rows, issues)
 
     def _bad_key_issue(self, bad: BadKeyRow) -> RowIssue:
