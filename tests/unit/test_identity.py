@@ -558,6 +558,122 @@ def test_is_valid_number_agrees_with_phonenumbers_on_shared_codes(text: str) -> 
     assert identity._is_valid_number(number) == phonenumbers.is_valid_number(number)
 
 
+# The fast path must give phonenumbers' answer whenever it answers (it only ever accepts).
+
+_ALL_REGIONS = sorted(phonenumbers.SUPPORTED_REGIONS)
+_NUMBER_TYPES = [
+    phonenumbers.PhoneNumberType.FIXED_LINE,
+    phonenumbers.PhoneNumberType.MOBILE,
+    phonenumbers.PhoneNumberType.TOLL_FREE,
+    phonenumbers.PhoneNumberType.PREMIUM_RATE,
+    phonenumbers.PhoneNumberType.SHARED_COST,
+    phonenumbers.PhoneNumberType.VOIP,
+    phonenumbers.PhoneNumberType.PERSONAL_NUMBER,
+    phonenumbers.PhoneNumberType.PAGER,
+    phonenumbers.PhoneNumberType.UAN,
+    phonenumbers.PhoneNumberType.VOICEMAIL,
+]
+_FORMATS = [
+    phonenumbers.PhoneNumberFormat.E164,
+    phonenumbers.PhoneNumberFormat.INTERNATIONAL,
+    phonenumbers.PhoneNumberFormat.NATIONAL,
+]
+
+
+def _example_texts() -> list[tuple[str, str]]:
+    """(region, text) for every example number phonenumbers ships, in three formats."""
+    texts = []
+    for region in _ALL_REGIONS:
+        for number_type in _NUMBER_TYPES:
+            number = phonenumbers.example_number_for_type(region, number_type)
+            if number is not None:
+                texts += [(region, phonenumbers.format_number(number, f)) for f in _FORMATS]
+    return texts
+
+
+def _assert_fast_path_agrees(text: str, region: str | None) -> None:
+    fast = identity._fast_phone(text, region)
+    if fast is not None:
+        assert (fast, "") == identity._library_phone(text, region), (text, region)
+
+
+def test_fast_phone_path_agrees_with_phonenumbers_on_every_example_number() -> None:
+    examples = _example_texts()
+    accepted = 0
+    for region, text in examples:
+        for reading_region in (region, "US", "GB", "DE", None):
+            if text.startswith("+") and reading_region is not None:
+                continue  # _phone_text reads "+" numbers without a region
+            _assert_fast_path_agrees(text, reading_region)
+            accepted += identity._fast_phone(text, reading_region) is not None
+    assert len(examples) > 3000
+    assert accepted > len(examples) // 2  # the fast path does take the common cases
+
+
+@st.composite
+def example_variants(draw: st.DrawFn) -> tuple[str, str | None]:
+    """An example number of a random region, reformatted and often corrupted."""
+    region = draw(st.sampled_from(_ALL_REGIONS))
+    number_type = draw(st.sampled_from(_NUMBER_TYPES))
+    number = phonenumbers.example_number_for_type(region, number_type)
+    if number is None:
+        number = phonenumbers.example_number(region) or phonenumbers.parse("+12125550100")
+    text = phonenumbers.format_number(number, draw(st.sampled_from(_FORMATS)))
+    digits = list(text)
+    for _ in range(draw(st.integers(0, 3))):
+        position = draw(st.integers(0, len(digits)))
+        action = draw(st.sampled_from(["insert", "replace", "delete"]))
+        char = draw(st.sampled_from("0123456789 -.()+"))
+        if action == "insert":
+            digits.insert(position, char)
+        elif digits and position < len(digits):
+            if action == "replace":
+                digits[position] = char
+            else:
+                del digits[position]
+    text = "".join(digits).strip()
+    prefix = draw(st.sampled_from(["", "", "", "00", "0", "(0)", "+"]))
+    text = prefix + text.removeprefix("+") if prefix else text
+    if text.startswith("+"):
+        return text, None
+    return text, draw(st.sampled_from([region, region, "US", "GB", "FR", "IT", "AR", "BR"]))
+
+
+@settings(max_examples=4000, deadline=None)
+@given(example_variants())
+def test_fast_phone_path_agrees_with_phonenumbers_on_variants(case: tuple[str, str | None]) -> None:
+    _assert_fast_path_agrees(*case)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text("+0123456789 ().-", min_size=1, max_size=24), st.sampled_from(_ALL_REGIONS))
+def test_fast_phone_path_agrees_with_phonenumbers_on_any_simple_text(
+    text: str, region: str
+) -> None:
+    _assert_fast_path_agrees(text, None if text.startswith("+") else region)
+
+
+@pytest.mark.parametrize(
+    ("text", "region", "fast"),
+    [
+        ("+1 212-555-0100", None, True),
+        ("(415) 555-2671", "US", True),
+        ("020 7946 0000", "GB", True),
+        ("+44 (0) 20 7946 0000", None, True),
+        ("06 12 34 56 78", "FR", True),
+        ("+39 06 1234 5678", None, False),  # Italian leading zero
+        ("1 212 555 0100", "US", False),  # the country code written without "+"
+        ("011 44 20 7946 0000", "US", False),  # the IDD
+        ("+1 416 555 0123", None, False),  # CA: +1 regions told apart by the region search
+        ("212 555 0100 ext. 12", "US", False),  # extension
+        ("1-800-FLOWERS", "US", False),  # letters
+    ],
+)
+def test_fast_phone_path_shape(text: str, region: str | None, fast: bool) -> None:
+    assert (identity._fast_phone(text, region) is not None) is fast
+    _assert_fast_path_agrees(text, region)
+
+
 def test_cached_results_keep_each_value_in_messages() -> None:
     for raw in ("12", " 12 ", 12):
         with pytest.raises(InvalidIdentifier) as caught:
