@@ -312,7 +312,8 @@ class _RegionRules:
 
     country_code: int
     general: _NumberDesc
-    types: tuple[_NumberDesc, ...]
+    any_type_by_length: dict[int, re.Pattern[str]]
+    """Per national number length: one pattern matching what any number type's does."""
     possible_lengths: tuple[int, ...]
     local_only_lengths: frozenset[int]
     international_prefix: re.Pattern[str] | None
@@ -322,7 +323,12 @@ class _RegionRules:
 
     def is_valid(self, national: str) -> bool:
         """phonenumbers' number type is not UNKNOWN (``is_valid_number_for_region``)."""
-        return self.general.matches(national) and any(t.matches(national) for t in self.types)
+        any_type = self.any_type_by_length.get(len(national))
+        return (
+            any_type is not None
+            and self.general.matches(national)
+            and any_type.fullmatch(national) is not None
+        )
 
     def without_national_prefix(self, national: str) -> str | None:
         """The national number as phonenumbers.parse leaves it after stripping the national
@@ -353,6 +359,20 @@ class _RegionRules:
         return lengths[-1] < length or length in lengths[1:]
 
 
+def _any_type_by_length(
+    types: list[tuple[frozenset[int], str]], lengths: tuple[int, ...]
+) -> dict[int, re.Pattern[str]]:
+    """For each length, the alternation of the type patterns allowed at that length: its
+    ``fullmatch`` succeeds exactly when one of theirs does (a type without lengths of its own
+    takes the general description's)."""
+    by_length: dict[int, re.Pattern[str]] = {}
+    for length in lengths:
+        patterns = [p for own, p in types if not own or length in own]
+        if patterns:
+            by_length[length] = re.compile("|".join(f"(?:{p})" for p in patterns))
+    return by_length
+
+
 @functools.cache
 def _region_rules(region_code: str) -> _RegionRules | None:
     metadata = phonenumbers.PhoneMetadata.metadata_for_region(region_code, None)
@@ -365,13 +385,18 @@ def _region_rules(region_code: str) -> _RegionRules | None:
     names = list(_NUMBER_TYPES)
     if not metadata.same_mobile_and_fixed_line_pattern:
         names.append("mobile")
-    types = tuple(d for d in (_number_desc(getattr(metadata, n, None)) for n in names) if d)
+    types = []
+    for name in names:
+        desc = getattr(metadata, name, None)
+        pattern = getattr(desc, "national_number_pattern", None)
+        if pattern:
+            types.append((frozenset(getattr(desc, "possible_length", ()) or ()), pattern))
     international = metadata.international_prefix
     national = metadata.national_prefix_for_parsing
     return _RegionRules(
         country_code=metadata.country_code,
         general=general,
-        types=types,
+        any_type_by_length=_any_type_by_length(types, possible),
         possible_lengths=possible,
         local_only_lengths=frozenset(metadata.general_desc.possible_length_local_only or ()),
         international_prefix=re.compile(international) if international else None,
