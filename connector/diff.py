@@ -33,6 +33,8 @@ Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
 STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
 PAGE_SIZE = 5000
+_NO_FIELDS = "{}"
+"""The fields of a removal (none are sent)."""
 DEPARTURES_PAGE = 500
 """Departed keys looked up per query (stays under every database's bind-parameter limit)."""
 
@@ -72,14 +74,15 @@ def _text_encoder(**options: Any) -> Callable[[Any], str]:
 
 # Built once: `json.dumps(value, **same options)` builds a new encoder on every call.
 _COMPACT = _text_encoder(sort_keys=True, separators=(",", ":"), default=str)
-"""The text that is fingerprinted (and staged): compact, sorted keys."""
-_IDENTIFIERS_TEXT = _text_encoder(sort_keys=True)
-_FIELDS_TEXT = _text_encoder(sort_keys=True, default=str)
+"""The text that is fingerprinted, staged and planned: compact, sorted keys."""
 
 
-def fingerprint(value: Any) -> str:
-    """Stable short hash of a JSON-able value (sorted keys)."""
-    return hashlib.sha1(_COMPACT(value).encode(), usedforsecurity=False).hexdigest()
+def fingerprinted_text(value: Any) -> tuple[str, str]:
+    """(compact JSON text, its SHA-1): the stable fingerprint of a JSON-able value and the text
+    the plan and the snapshot keep (read back with `json.loads`: older snapshots hold the same
+    value with spaces after separators)."""
+    text = _COMPACT(value)
+    return text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -403,8 +406,9 @@ class ChangePlanner:
             if is_member and self.mode == "mirror":
                 self._remove_old_identity(row)
             return RowIssue("skipped", row.key, new.skip_reason)
-        identity_fp, fields_fp = fingerprint(new.identifiers), fingerprint(new.fields)
-        values = (row.key, row.raw_fp, identity_fp, fields_fp, new.identifiers, new.fields)
+        identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
+        fields_text, fields_fp = fingerprinted_text(new.fields)
+        values = (row.key, row.raw_fp, identity_fp, fields_fp, identifiers_text, fields_text)
         if not is_member:
             self._add_to_plan("add", *values, None, in_snapshot=row.status is not None)
         elif self.full_resync:
@@ -429,8 +433,8 @@ class ChangePlanner:
             row.old_fp,
             row.identity_fp,
             row.fields_fp,
-            json.loads(row.identifiers),
-            {},
+            row.identifiers,
+            _NO_FIELDS,
             row.platform_id,
         )
 
@@ -441,12 +445,13 @@ class ChangePlanner:
         raw_fp: str,
         identity_fp: str,
         fields_fp: str,
-        identifiers: dict[str, str],
-        fields: dict[str, Any],
+        identifiers_text: str,
+        fields_text: str,
         platform_id: str | None,
         *,
         in_snapshot: bool = True,
     ) -> None:
+        """Buffer one plan row; identifiers and fields come as their JSON text."""
         self._plan_seq += 1
         self._plan_buffer.append(
             (
@@ -456,8 +461,8 @@ class ChangePlanner:
                 raw_fp,
                 identity_fp,
                 fields_fp,
-                _IDENTIFIERS_TEXT(identifiers),
-                _FIELDS_TEXT(fields),
+                identifiers_text,
+                fields_text,
                 platform_id,
                 1 if in_snapshot else 0,
             )
@@ -513,8 +518,8 @@ class ChangePlanner:
                     row.raw_fp,
                     row.identity_fp,
                     row.fields_fp,
-                    json.loads(row.identifiers),
-                    {},
+                    row.identifiers,
+                    _NO_FIELDS,
                     row.platform_id,
                 )
         self._flush_plan()

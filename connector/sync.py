@@ -227,15 +227,19 @@ class SyncRunner:
         if adapter.required_identifiers:
             matching = adapter.required_identifiers
 
+        accepted = adapter.accepted_identifiers
+        # Config validation refuses identifiers the destination does not accept; the filter
+        # below only matters for a config built some other way.
+        all_accepted = accepted.issuperset(sync.identifiers)
+        default_country = sync.default_country
+
         def normalise(payload: dict[str, Any]) -> Normalised:
-            normalised = normalise_identifiers(payload["i"], default_country=sync.default_country)
-            identifiers = {
-                name: value
-                for name, value in normalised.identifiers.items()
-                if name in adapter.accepted_identifiers
-            }
+            normalised = normalise_identifiers(payload["i"], default_country=default_country)
+            identifiers = normalised.identifiers
+            if not all_accepted:
+                identifiers = {n: v for n, v in identifiers.items() if n in accepted}
             fields = payload["f"]
-            if not matching & identifiers.keys():
+            if matching.isdisjoint(identifiers):
                 why = "; ".join(normalised.problems) or "all identifier columns are empty"
                 return Normalised(
                     identifiers,
