@@ -35,7 +35,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 import email_validator
@@ -312,23 +312,31 @@ class _RegionRules:
 
     country_code: int
     general: _NumberDesc
-    any_type_by_length: dict[int, re.Pattern[str]]
-    """Per national number length: one pattern matching what any number type's does."""
+    types: tuple[tuple[frozenset[int], str], ...]
+    """(possible lengths, pattern) of each number type; no lengths: the general ones."""
     possible_lengths: tuple[int, ...]
     local_only_lengths: frozenset[int]
     international_prefix: re.Pattern[str] | None
     national_prefix: re.Pattern[str] | None
     has_transform_rule: bool
     told_apart_by_leading_digits: bool
+    _any_type: dict[int, re.Pattern[str] | None] = field(default_factory=dict, compare=False)
 
     def is_valid(self, national: str) -> bool:
         """phonenumbers' number type is not UNKNOWN (``is_valid_number_for_region``)."""
-        any_type = self.any_type_by_length.get(len(national))
-        return (
-            any_type is not None
-            and self.general.matches(national)
-            and any_type.fullmatch(national) is not None
-        )
+        if not self.general.matches(national):
+            return False
+        length = len(national)
+        if length not in self._any_type:
+            self._any_type[length] = self._any_type_pattern(length)
+        any_type = self._any_type[length]
+        return any_type is not None and any_type.fullmatch(national) is not None
+
+    def _any_type_pattern(self, length: int) -> re.Pattern[str] | None:
+        """The alternation of the type patterns allowed at this length: its ``fullmatch``
+        succeeds exactly when one of theirs does. Compiled on first use (a few ms each)."""
+        patterns = [p for own, p in self.types if not own or length in own]
+        return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
     def without_national_prefix(self, national: str) -> str | None:
         """The national number as phonenumbers.parse leaves it after stripping the national
@@ -359,20 +367,6 @@ class _RegionRules:
         return lengths[-1] < length or length in lengths[1:]
 
 
-def _any_type_by_length(
-    types: list[tuple[frozenset[int], str]], lengths: tuple[int, ...]
-) -> dict[int, re.Pattern[str]]:
-    """For each length, the alternation of the type patterns allowed at that length: its
-    ``fullmatch`` succeeds exactly when one of theirs does (a type without lengths of its own
-    takes the general description's)."""
-    by_length: dict[int, re.Pattern[str]] = {}
-    for length in lengths:
-        patterns = [p for own, p in types if not own or length in own]
-        if patterns:
-            by_length[length] = re.compile("|".join(f"(?:{p})" for p in patterns))
-    return by_length
-
-
 @functools.cache
 def _region_rules(region_code: str) -> _RegionRules | None:
     metadata = phonenumbers.PhoneMetadata.metadata_for_region(region_code, None)
@@ -396,7 +390,7 @@ def _region_rules(region_code: str) -> _RegionRules | None:
     return _RegionRules(
         country_code=metadata.country_code,
         general=general,
-        any_type_by_length=_any_type_by_length(types, possible),
+        types=tuple(types),
         possible_lengths=possible,
         local_only_lengths=frozenset(metadata.general_desc.possible_length_local_only or ()),
         international_prefix=re.compile(international) if international else None,
