@@ -365,11 +365,18 @@ class StateStore:
     # -- snapshot ----------------------------------------------------------------------------
 
     def audience_size(self, connection: sa.Connection | None, sync: str) -> int:
-        query = (
+        """Members winback added to the destination (rejected rows do not count)."""
+        query: sa.Executable = (
             sa.select(sa.func.count())
             .select_from(snapshot)
             .where(snapshot.c.sync == sync, snapshot.c.status == "member")
         )
+        if self.engine.dialect.name == "sqlite":
+            # A scan reads the status next to the key; through the primary-key index each row
+            # costs a table lookup (0.1 s instead of 0.16-0.23 s for 500k members).
+            query = sa.text(
+                "SELECT count(*) FROM snapshot NOT INDEXED WHERE sync = :sync AND status = 'member'"
+            ).bindparams(sync=sync)
         if connection is not None:
             return int(connection.execute(query).scalar_one())
         with self.engine.connect() as own:
