@@ -14,8 +14,11 @@ from typing import Any
 import duckdb
 import pytest
 import sqlalchemy as sa
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from connector.config import build_config
+from connector.pushdown import KEY_WHITESPACE, valid_key_sql
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult, SyncRunner
 from destinations.registry import Registry
@@ -252,3 +255,20 @@ def test_the_warehouse_memory_limit_is_restored_after_the_diff(tmp_path: Path, q
     finally:
         runner.close()
     assert limit == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.text(alphabet=KEY_WHITESPACE + "a\u00a0\u2003é", max_size=8)))
+@example("k" * 500)
+@example("k" * 501)
+@example(" " * 600)
+def test_the_warehouse_and_python_agree_on_valid_keys(key: str | None) -> None:
+    """The streamed first sync checks keys in Python, the in-warehouse diff in DuckDB."""
+    connection = duckdb.connect()
+    try:
+        sql = f"SELECT {valid_key_sql('k')} FROM (SELECT CAST(? AS VARCHAR) AS k)"
+        in_warehouse = connection.execute(sql, [key]).fetchone()[0]  # type: ignore[index]
+    finally:
+        connection.close()
+    in_python = key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
+    assert bool(in_warehouse) is in_python
