@@ -45,6 +45,7 @@ _SEGMENT = "winback_segment"
 _SNAPSHOT = "winback_snapshot"
 _SNAPSHOT_PAGE = "winback_snapshot_page"
 _DUPLICATES = "winback_duplicates"
+_ALLOCATOR_SETTINGS = ("allocator_flush_threshold", "allocator_bulk_deallocation_flush_threshold")
 KEY_WHITESPACE = " \t\n\r\x0b\x0c"
 """What a blank key consists of (the warehouse's test and Python's `str.strip` agree)."""
 
@@ -143,6 +144,7 @@ class WarehouseDiff:
         whether it is new or changed (every row with `full_resync`); the mapped columns are kept
         only for those rows, so an unchanged segment costs the warehouse its keys and hashes.
         """
+        self._hand_back_memory_sooner()
         self._load_snapshot(snapshot_pages)
         self._execute(
             _CreateTempTableAs(_SEGMENT, self._segment_select(full_resync=full_resync)),
@@ -251,27 +253,45 @@ class WarehouseDiff:
             self.connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
         self._release_memory()
 
+    def _hand_back_memory_sooner(self) -> None:
+        """Have DuckDB's allocator return freed memory after each task instead of keeping up
+        to 128 MB (peak of a 500k-row rerun 17 MB lower, no slower). Best effort: a DuckDB
+        without these settings just keeps its defaults."""
+        for setting in _ALLOCATOR_SETTINGS:
+            try:
+                self.connection.execute(sa.text(f"SET {setting} = '8MB'"))
+            except sa.exc.DBAPIError:
+                self.connection.rollback()
+
     def _release_memory(self) -> None:
         """Make DuckDB hand back the buffers of the dropped tables for the rest of the run.
 
         DuckDB keeps freed buffers until its memory limit needs them; lowering the limit for a
-        moment releases them (~80 MB after a 500k-row full sync). The limit is then restored:
-        the one set in the warehouse URL, else DuckDB's default.
+        moment releases them (~80 MB after a 500k-row full sync). The limit and the allocator
+        settings are then restored: those set in the warehouse URL, else DuckDB's defaults.
         """
-        configured = self.connection.engine.url.query.get("memory_limit")
-        restore = (
-            f"SET memory_limit = '{configured}'"
-            if isinstance(configured, str) and "'" not in configured
-            else "RESET memory_limit"
-        )
         self.connection.commit()  # the transaction holds the dropped tables until it ends
         try:
             self.connection.execute(sa.text("SET memory_limit = '16MB'"))
         except sa.exc.DBAPIError:  # could not shrink now: nothing lost, the buffers stay cached
             self.connection.rollback()
         finally:
-            self.connection.execute(sa.text(restore))
+            for setting in ("memory_limit", *_ALLOCATOR_SETTINGS):
+                self._restore(setting)
             self.connection.commit()
+
+    def _restore(self, setting: str) -> None:
+        """The warehouse URL's value of a DuckDB setting, else DuckDB's default."""
+        configured = self.connection.engine.url.query.get(setting)
+        statement = (
+            f"SET {setting} = '{configured}'"
+            if isinstance(configured, str) and "'" not in configured
+            else f"RESET {setting}"
+        )
+        try:
+            self.connection.execute(sa.text(statement))
+        except sa.exc.DBAPIError:  # a setting this DuckDB does not have
+            self.connection.rollback()
 
     # -- results -----------------------------------------------------------------------------
 
