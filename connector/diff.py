@@ -186,6 +186,15 @@ def _driver_rows(connection: sa.Connection, query: sa.Select[Any]) -> list[Any]:
         cursor.close()
 
 
+def _sqlite_has_json(connection: sa.Connection) -> bool:
+    """Whether this SQLite has its JSON functions (built in since 3.38, an option before)."""
+    try:  # a failed statement leaves SQLite's transaction (and the temporary tables) as is
+        connection.exec_driver_sql("SELECT json_group_array(1)").scalar()
+    except sa.exc.OperationalError:
+        return False
+    return True
+
+
 @dataclass
 class PlanSummary:
     add: int = 0
@@ -351,7 +360,7 @@ class ChangePlanner:
 
     def snapshot_fingerprints(self, page_size: int = 100_000) -> Iterator[SnapshotPage]:
         """The sync's snapshot as pages of (keys, raw_fps), every status, for the warehouse diff."""
-        if self.connection.dialect.name == "sqlite":
+        if self.connection.dialect.name == "sqlite" and _sqlite_has_json(self.connection):
             return self._sqlite_snapshot_fingerprints(page_size)
         return self._cursor_snapshot_fingerprints(page_size)
 
