@@ -223,6 +223,7 @@ class Delivery:
             platform_id or change.platform_id,
             now,
             now,
+            None,  # reason: only skipped rows have one
         )
 
     def _update_snapshot(

@@ -268,13 +268,18 @@ class ChangePlanner:
         hashes_identifiers: bool,
         supports_update: bool,
         full_resync: bool = False,
+        skip_settings: str = "",
     ):
+        """`skip_settings` names what decides whether a row has a usable identifier besides
+        its values (normalisation version, default country, the identifiers the destination
+        matches on): a row skipped under other settings is checked again."""
         self.connection = connection
         self.sync = sync
         self.mode = mode
         self.hashes_identifiers = hashes_identifiers
         self.supports_update = supports_update
         self.full_resync = full_resync
+        self.skip_settings = skip_settings
         self.stage, self.plan, self.departed = _temp_tables()
         for table in (self.stage, self.plan, self.departed):
             table.drop(connection, checkfirst=True)
@@ -282,6 +287,7 @@ class ChangePlanner:
         self._stage_seq = 0
         self._plan_seq = 0
         self._plan_buffer: list[tuple[Any, ...]] = []
+        self._skipped_buffer: list[tuple[str, str, str, bool]] = []
         self.summary = PlanSummary()
 
     # -- staging -----------------------------------------------------------------------------
@@ -371,12 +377,19 @@ class ChangePlanner:
         the primary-key index would cost one table lookup per row."""
         last = self.connection.execute(sa.text("SELECT max(rowid) FROM snapshot")).scalar()
         page = sa.text(
-            "SELECT json_group_array(\"key\"), group_concat(raw_fp, ',') FROM snapshot "
+            "SELECT json_group_array(\"key\"), group_concat(CASE WHEN status = 'skipped' "
+            "AND identity_fp != :settings THEN '' ELSE raw_fp END, ',') FROM snapshot "
             "NOT INDEXED WHERE rowid > :low AND rowid <= :high AND sync = :sync"
         )
         for low in range(0, int(last or 0), page_size):
             keys, fingerprints = self.connection.execute(
-                page, {"low": low, "high": low + page_size, "sync": self.sync}
+                page,
+                {
+                    "low": low,
+                    "high": low + page_size,
+                    "sync": self.sync,
+                    "settings": self.skip_settings,
+                },
             ).one()
             if fingerprints:  # NULL when no row of this sync is in the range
                 yield json.loads(keys), fingerprints.split(",")
@@ -384,7 +397,7 @@ class ChangePlanner:
     def _cursor_snapshot_fingerprints(self, page_size: int) -> Iterator[SnapshotPage]:
         """Other databases: read through the driver's own cursor (half the cost of result
         rows for 500k keys)."""
-        query = sa.select(snapshot.c.key, snapshot.c.raw_fp).where(snapshot.c.sync == self.sync)
+        query = sa.select(snapshot.c.key, self._comparable_fp()).where(snapshot.c.sync == self.sync)
         cursor = _driver_cursor(self.connection)
         try:
             cursor.execute(*_driver_statement(self.connection, query))
@@ -394,12 +407,22 @@ class ChangePlanner:
         finally:
             cursor.close()
 
+    def _stale_skip(self) -> sa.ColumnElement[bool]:
+        """A skipped snapshot row decided under other settings: it is checked again."""
+        return sa.and_(snapshot.c.status == "skipped", snapshot.c.identity_fp != self.skip_settings)
+
+    def _comparable_fp(self) -> sa.ColumnElement[Any]:
+        """The snapshot's raw fingerprint, empty for stale skipped rows (never equal)."""
+        return sa.case((self._stale_skip(), ""), else_=snapshot.c.raw_fp)
+
     # -- planning ----------------------------------------------------------------------------
 
     def build(self, normalise: Normaliser) -> list[RowIssue]:
         """Fill the plan table; returns the rows skipped because they cannot be sent."""
-        issues = self._plan_candidates(normalise)
+        issues = [] if self.full_resync else self._unchanged_skipped_rows()
+        issues += self._plan_candidates(normalise)
         self._flush_plan()
+        self._flush_skipped()
         self._plan_departures()
         if self.hashes_identifiers:
             self._keep_shared_identities()
@@ -433,6 +456,24 @@ class ChangePlanner:
         self.summary.remove -= kept
         self.summary.forget += kept
 
+    def _unchanged_skipped_rows(self) -> list[RowIssue]:
+        """Rows skipped by an earlier run that are still in the segment, unchanged, under the
+        same settings: skipped again with the stored reason, without being checked again.
+
+        Read before planning writes this run's skipped rows (which are reported as planned)."""
+        snap, stage, departed = snapshot, self.stage, self.departed
+        query = sa.select(snap.c.key, snap.c.reason).where(
+            snap.c.sync == self.sync,
+            snap.c.status == "skipped",
+            snap.c.identity_fp == self.skip_settings,
+            ~sa.exists().where(departed.c.key == snap.c.key),
+            ~sa.exists().where(stage.c.key == snap.c.key, stage.c.raw_fp != snap.c.raw_fp),
+        )
+        return [
+            RowIssue("skipped", key, reason or "no usable identifier")
+            for key, reason in _driver_rows(self.connection, query)
+        ]
+
     def _candidate_query(self, after_seq: int) -> sa.Select[Any]:
         s, snap = self.stage, snapshot
         joined = s.outerjoin(snap, sa.and_(snap.c.sync == self.sync, snap.c.key == s.c.key))
@@ -449,7 +490,9 @@ class ChangePlanner:
             snap.c.platform_id,
         ).select_from(joined)
         if not self.full_resync:
-            query = query.where(sa.or_(snap.c.key.is_(None), snap.c.raw_fp != s.c.raw_fp))
+            query = query.where(
+                sa.or_(snap.c.key.is_(None), snap.c.raw_fp != s.c.raw_fp, self._stale_skip())
+            )
         return query.where(s.c.seq > after_seq).order_by(s.c.seq).limit(PAGE_SIZE)
 
     def _plan_candidates(self, normalise: Normaliser) -> list[RowIssue]:
@@ -475,6 +518,8 @@ class ChangePlanner:
         if new.skip_reason is not None:
             if is_member and self.mode == "mirror":
                 self._remove_old_identity(row)
+            elif not is_member:  # a member's row stays until its removal is acknowledged
+                self._record_skipped(row, new.skip_reason)
             return RowIssue("skipped", row.key, new.skip_reason)
         identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
         fields_text, fields_fp = fingerprinted_text(new.fields)
@@ -542,6 +587,45 @@ class ChangePlanner:
         setattr(self.summary, action, getattr(self.summary, action) + 1)
         if len(self._plan_buffer) >= PAGE_SIZE:
             self._flush_plan()
+
+    def _record_skipped(self, row: _Candidate, reason: str) -> None:
+        self._skipped_buffer.append((row.key, row.raw_fp, reason, row.status is not None))
+        if len(self._skipped_buffer) >= PAGE_SIZE:
+            self._flush_skipped()
+
+    def _flush_skipped(self) -> None:
+        """Keep this run's skipped rows in the snapshot (replacing an older skipped or rejected
+        row of the key): committed with the run's row issues, never by a dry run."""
+        if not self._skipped_buffer:
+            return
+        replaced = [key for key, _, _, in_snapshot in self._skipped_buffer if in_snapshot]
+        for start in range(0, len(replaced), DEPARTURES_PAGE):
+            self.connection.execute(
+                snapshot.delete().where(
+                    snapshot.c.sync == self.sync,
+                    snapshot.c.status != "member",
+                    snapshot.c.key.in_(replaced[start : start + DEPARTURES_PAGE]),
+                )
+            )
+        # Snapshot columns in order; identity_fp holds the settings the row was skipped under.
+        rows = [
+            (
+                self.sync,
+                key,
+                "skipped",
+                raw_fp,
+                self.skip_settings,
+                "",
+                "{}",
+                None,
+                None,
+                None,
+                reason[:2000],
+            )
+            for key, raw_fp, reason, _ in self._skipped_buffer
+        ]
+        insert_rows(self.connection, snapshot, rows)
+        self._skipped_buffer = []
 
     def _flush_plan(self) -> None:
         if self._plan_buffer:

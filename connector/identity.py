@@ -42,7 +42,10 @@ import email_validator
 import phonenumbers
 import pycountry
 
+from connector import __version__
+
 __all__ = [
+    "NORMALISATION_VERSION",
     "InvalidIdentifier",
     "NormalisedIdentifiers",
     "google_email",
@@ -59,6 +62,22 @@ __all__ = [
     "normalise_text_id",
     "sha256_hex",
 ]
+
+
+def _library_version(module: object) -> str:
+    return str(getattr(module, "__version__", "?"))
+
+
+NORMALISATION_VERSION = ";".join(
+    [
+        f"winback {__version__}",
+        f"phonenumbers {_library_version(phonenumbers)}",
+        f"email-validator {_library_version(email_validator)}",
+        f"pycountry {_library_version(pycountry)}",
+    ]
+)
+"""What decides how a value normalises besides the sync's settings: a row skipped by one version
+is checked again by another."""
 
 _MAX_SHOWN = 80
 """Longest value quoted in full in an error message; longer ones are cut with an ellipsis."""

@@ -5,9 +5,11 @@ first use and carries a version number so later releases can migrate it in place
 
 Tables:
 - ``snapshot``: one row per (sync, key) that winback added to the destination (``status =
-  'member'``) or that the destination rejected (``'rejected'``, so it is not re-sent until it
-  changes). It keeps what later runs need: fingerprints for the diff, the normalised identifiers
-  and the platform id to remove the member again.
+  'member'``), that the destination rejected (``'rejected'``, so it is not re-sent until it
+  changes) or that has no usable identifier (``'skipped'``, with its ``reason``, so it is not
+  re-checked until it changes or the normalisation settings do). It keeps what later runs need:
+  fingerprints for the diff, the normalised identifiers and the platform id to remove the member
+  again.
 - ``runs``: one row per run with its counts, duration and outcome.
 - ``row_issues``: rows skipped before sending (null/duplicate key, no usable identifier) and rows
   the destination rejected, with the reason.
@@ -30,7 +32,8 @@ import sqlalchemy as sa
 from connector.errors import LockedError, StateError
 from connector.warehouse import first_line, redact_url
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: first release; 2: snapshot.reason and rows with status 'skipped'."""
 LOCK_TTL = dt.timedelta(minutes=30)
 
 metadata = sa.MetaData()
@@ -54,7 +57,16 @@ snapshot = sa.Table(
     sa.Column("platform_id", sa.String(200)),
     sa.Column("first_added_at", sa.DateTime),
     sa.Column("last_sent_at", sa.DateTime),
+    sa.Column("reason", sa.Text),
 )
+SKIPPED_INDEX = sa.Index(
+    "snapshot_skipped",
+    snapshot.c.sync,
+    snapshot.c.key,
+    sqlite_where=snapshot.c.status == "skipped",
+    postgresql_where=snapshot.c.status == "skipped",
+)
+"""Finds a sync's skipped rows without scanning its members (partial: members are not in it)."""
 
 runs = sa.Table(
     "runs",
@@ -165,6 +177,14 @@ def insert_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Seque
     connection.exec_driver_sql(compiled.string, rows)
 
 
+def _migrate(connection: sa.Connection, version: int) -> None:
+    """Bring a store written by an older winback to SCHEMA_VERSION, in the caller's transaction."""
+    if version < 2:
+        connection.execute(sa.text("ALTER TABLE snapshot ADD COLUMN reason TEXT"))
+        SKIPPED_INDEX.create(connection, checkfirst=True)
+    connection.execute(schema_info.update().values(version=SCHEMA_VERSION))
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -216,6 +236,8 @@ class StateStore:
                         f"the state store `{redact_url(self.url)}` has schema version {version}, "
                         f"newer than this winback ({SCHEMA_VERSION}); upgrade winback"
                     )
+                elif version < SCHEMA_VERSION:
+                    _migrate(connection, version)
         except sa.exc.DBAPIError as error:
             raise StateError(
                 f"cannot open the state store `{redact_url(self.url)}`: {first_line(error)}; "

@@ -22,13 +22,14 @@ from connector.delivery import Delivery, Reporter, SilentReporter
 from connector.diff import (
     ChangePlanner,
     Normalised,
+    fingerprinted_text,
 )
 from connector.errors import (
     GuardError,
     LockedError,
     WinbackError,
 )
-from connector.identity import normalise_identifiers
+from connector.identity import NORMALISATION_VERSION, normalise_identifiers
 from connector.pushdown import supports_pushdown
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
@@ -50,6 +51,13 @@ log = logging.getLogger("winback.sync")
 
 MATCHING_IDENTIFIERS = frozenset({"email", "phone", "external_id", "mobile_id"})
 GUARD_MIN_AUDIENCE = 100
+
+
+def _matching_identifiers(adapter: Destination) -> frozenset[str]:
+    """The identifiers a row needs one of to be sent to this destination."""
+    if adapter.required_identifiers:
+        return frozenset(adapter.required_identifiers)
+    return frozenset(MATCHING_IDENTIFIERS & adapter.accepted_identifiers)
 
 
 def new_run_id() -> str:
@@ -165,6 +173,7 @@ class SyncRunner:
                 hashes_identifiers=adapter.hashes_identifiers,
                 supports_update=adapter.supports_update,
                 full_resync=options.full_resync,
+                skip_settings=self._skip_settings(sync_name, adapter),
             )
             issues = self._stage_segment(sync_name, options, planner, result)
             clock.done("read and compared the segment", f"{result.segment_rows:,} rows")
@@ -221,11 +230,7 @@ class SyncRunner:
         self, sync_name: str, adapter: Destination
     ) -> Callable[[dict[str, Any]], Normalised]:
         sync = self.config.syncs[sync_name]
-        matching = (
-            MATCHING_IDENTIFIERS & adapter.accepted_identifiers
-        ) | adapter.required_identifiers
-        if adapter.required_identifiers:
-            matching = adapter.required_identifiers
+        matching = _matching_identifiers(adapter)
 
         accepted = adapter.accepted_identifiers
         # Config validation refuses identifiers the destination does not accept; the filter
@@ -249,6 +254,18 @@ class SyncRunner:
             return Normalised(identifiers, fields, dropped=tuple(normalised.problems))
 
         return normalise
+
+    def _skip_settings(self, sync_name: str, adapter: Destination) -> str:
+        """Fingerprint of what, besides a row's values, decides that it has no usable
+        identifier: rows skipped under other settings are checked again."""
+        sync = self.config.syncs[sync_name]
+        settings = [
+            NORMALISATION_VERSION,
+            sync.default_country or "",
+            sorted(adapter.accepted_identifiers),
+            sorted(_matching_identifiers(adapter)),
+        ]
+        return fingerprinted_text(settings)[1]
 
     def _guard(self, sync_name: str, result: RunResult, audience: int, *, max_pct: float) -> None:
         remaining = result.segment_rows - result.skipped

@@ -215,10 +215,13 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
 
     assert refused.returncode == 2, refused
     assert "--yes" in refused.stderr
-    assert snapshot_members(tmp_path, "lapsed_to_csv")
+    assert len(snapshot_members(tmp_path, "lapsed_to_csv")) == audience
+    # Members and the rows kept as skipped (no usable identifier) are all forgotten.
+    kept = sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot WHERE sync = 'lapsed_to_csv'")
+    assert len(kept) > audience
     reset = run_cli("sync", "reset", "lapsed_to_csv", "--yes", cwd=tmp_path)
     assert reset.returncode == 0, reset
-    assert f"forgot {audience}" in reset.stdout
+    assert f"forgot {len(kept)} snapshot rows" in reset.stdout
     assert not snapshot_members(tmp_path, "lapsed_to_csv")
     assert snapshot_members(tmp_path, "prospects_to_jsonl")  # the other sync is untouched
     resend = run_cli("sync", "run", "lapsed_to_csv", "--output", "json", cwd=tmp_path)

@@ -42,7 +42,7 @@ def test_pages_hold_exactly_the_syncs_keys_and_fingerprints(
     for index, key in enumerate(keys):
         for sync in ("a", "b"):
             status = "rejected" if index % 3 == 0 else "member"
-            rows.append((sync, key, status, f"{sync}{index}", "i", "f", "{}", None, now, now))
+            rows.append((sync, key, status, f"{sync}{index}", "i", "f", "{}", None, now, now, None))
     with store.engine.begin() as connection:
         insert_rows(connection, snapshot, rows)
     planner, connection = _planner(store, "a")
