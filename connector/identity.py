@@ -388,6 +388,15 @@ class _RegionRules:
 
 @functools.cache
 def _region_rules(region_code: str) -> _RegionRules | None:
+    """The region's rules, or None (phonenumbers decides) when its metadata cannot be read the
+    way this fast path expects (a phonenumbers release that changed its metadata objects)."""
+    try:
+        return _read_region_rules(region_code)
+    except (AttributeError, TypeError, ValueError, re.error):
+        return None
+
+
+def _read_region_rules(region_code: str) -> _RegionRules | None:
     metadata = phonenumbers.PhoneMetadata.metadata_for_region(region_code, None)
     if metadata is None or metadata.country_code is None or metadata.general_desc is None:
         return None

@@ -674,6 +674,26 @@ def test_fast_phone_path_shape(text: str, region: str | None, fast: bool) -> Non
     _assert_fast_path_agrees(text, region)
 
 
+def test_fast_phone_path_steps_aside_for_metadata_it_cannot_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A phonenumbers release with other metadata objects: phonenumbers itself decides."""
+
+    class Changed:  # what a future release might return: none of the expected attributes
+        country_code = 1
+
+    monkeypatch.setattr(
+        phonenumbers.PhoneMetadata, "metadata_for_region", lambda *_a, **_k: Changed()
+    )
+    identity._region_rules.cache_clear()
+    try:
+        assert identity._fast_phone("+1 212-555-0100", None) is None
+    finally:
+        monkeypatch.undo()
+        identity._region_rules.cache_clear()
+    assert identity._fast_phone("+1 212-555-0100", None) == "+12125550100"
+
+
 def test_cached_results_keep_each_value_in_messages() -> None:
     for raw in ("12", " 12 ", 12):
         with pytest.raises(InvalidIdentifier) as caught:
