@@ -23,6 +23,11 @@ from typing import Any
 
 import duckdb
 
+from connector.config import build_config
+from connector.sync import SyncRunner
+from destinations.registry import Registry
+from tests.fakes.memory_destination import MemoryDestination
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = (
     "whsec_dGVzdC1zZWNyZXQtZm9yLXdpbmJhY2stZTJl"  # whsec_ + base64("test-secret-for-winback-e2e")
@@ -36,6 +41,58 @@ SEGMENT_SQL = (
 
 
 # -- warehouse ----------------------------------------------------------------------------------
+
+
+PEOPLE_IDENTIFIERS = {"email": "email", "phone": "phone", "country": "country"}
+
+
+def write_people(folder: Path, kind: str, rows: Iterable[tuple[Any, ...]]) -> str:
+    """A warehouse with one table `people (id, email, phone, country)`; returns its URL.
+
+    `kind` is "duckdb" (the in-warehouse diff) or "sqlite" (the state-database diff)."""
+    create = "CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)"
+    if kind == "duckdb":
+        path = folder / "warehouse.duckdb"
+        with duckdb.connect(str(path)) as db:
+            db.execute("DROP TABLE IF EXISTS people")
+            db.execute(create)
+            db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", list(rows))
+        return f"duckdb:///{path}"
+    path = folder / "warehouse.db"
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE IF EXISTS people")
+        db.execute(create)
+        db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", rows)
+    return f"sqlite:///{path}"
+
+
+def memory_runner(
+    folder: Path,
+    warehouse_url: str,
+    *,
+    state_url: str | None = None,
+    identifiers: Mapping[str, str] = PEOPLE_IDENTIFIERS,
+    **sync: Any,
+) -> SyncRunner:
+    """A SyncRunner of one sync `s`: segment `SELECT * FROM people` (key `id`) to audience `A`
+    of the in-memory destination; state in `folder`/state.db unless `state_url` is given."""
+    document: dict[str, Any] = {
+        "warehouse": {"url": warehouse_url},
+        "state": {"url": state_url or f"sqlite:///{folder / 'state.db'}"},
+        "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
+        "destinations": {"mem": {"type": "memory"}},
+        "syncs": {
+            "s": {
+                "segment": "people",
+                "destination": "mem",
+                "audience": "A",
+                "identifiers": dict(identifiers),
+                **sync,
+            }
+        },
+    }
+    registry = Registry(adapters={"memory": MemoryDestination})
+    return SyncRunner(build_config(document, path=folder / "winback.toml", registry=registry))
 
 
 def build_warehouse(path: Path, customers: int, *, start: int = 1) -> Path:

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
-from connector.config import build_config
 from connector.state import StateStore
 from connector.sync import RunOptions, SyncRunner
-from destinations.registry import Registry
 from tests.fakes.memory_destination import MemoryDestination
+from tests.helpers import memory_runner, write_people
 
 
 def make_runner(folder: Path, rows: list[tuple[Any, ...]]) -> SyncRunner:
-    with sqlite3.connect(folder / "warehouse.db") as db:
-        db.execute("DROP TABLE IF EXISTS people")
-        db.execute("CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)")
-        db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", rows)
-    document: dict[str, Any] = {
-        "warehouse": {"url": f"sqlite:///{folder / 'warehouse.db'}"},
-        "state": {"url": f"sqlite:///{folder / 'state.db'}"},
-        "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
-        "destinations": {"mem": {"type": "memory"}},
-        "syncs": {
-            "s": {
-                "segment": "people",
-                "destination": "mem",
-                "audience": "A",
-                "identifiers": {"email": "email", "phone": "phone", "country": "country"},
-            }
-        },
-    }
-    registry = Registry(adapters={"memory": MemoryDestination})
-    return SyncRunner(build_config(document, path=folder / "winback.toml", registry=registry))
+    return memory_runner(folder, write_people(folder, "sqlite", rows))
 
 
 def test_an_invalid_identifier_is_dropped_and_recorded_the_row_still_sent(tmp_path: Path) -> None:

@@ -3,20 +3,17 @@ with their reason, checked again only when they change or the normalisation sett
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 import sqlalchemy as sa
 
-from connector.config import build_config
 from connector.diff import ChangePlanner, Normalised
 from connector.state import StateStore, snapshot
-from connector.sync import RunOptions, RunResult, SyncRunner
-from destinations.registry import Registry
+from connector.sync import RunOptions, RunResult
 from tests.fakes.memory_destination import MemoryDestination
+from tests.helpers import memory_runner, write_people
 
 Row = tuple[str, str | None, str | None, str | None]  # id, email, phone, country
 
@@ -25,24 +22,6 @@ ROWS: list[Row] = [
     ("2", "bad@", None, None),  # invalid email, no phone: skipped
     ("3", None, None, "FR"),  # no identifier at all: skipped
 ]
-
-
-def write_people(folder: Path, kind: str, rows: list[Row]) -> str:
-    """The warehouse table `people`; returns its URL (DuckDB: in-warehouse diff)."""
-    if kind == "duckdb":
-        path = folder / "warehouse.duckdb"
-        with duckdb.connect(str(path)) as db:
-            db.execute(
-                "CREATE OR REPLACE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)"
-            )
-            db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", rows)
-        return f"duckdb:///{path}"
-    path = folder / "warehouse.db"
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE IF EXISTS people")
-        db.execute("CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)")
-        db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", rows)
-    return f"sqlite:///{path}"
 
 
 def state_url(folder: Path) -> str:
@@ -54,24 +33,9 @@ STATE_URLS: dict[Path, str] = {}
 
 
 def run_sync(folder: Path, kind: str, rows: list[Row], **sync: Any) -> RunResult:
-    url = write_people(folder, kind, rows)
-    document: dict[str, Any] = {
-        "warehouse": {"url": url},
-        "state": {"url": state_url(folder)},
-        "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
-        "destinations": {"mem": {"type": "memory"}},
-        "syncs": {
-            "s": {
-                "segment": "people",
-                "destination": "mem",
-                "audience": "A",
-                "identifiers": {"email": "email", "phone": "phone", "country": "country"},
-                **sync,
-            }
-        },
-    }
-    registry = Registry(adapters={"memory": MemoryDestination})
-    runner = SyncRunner(build_config(document, path=folder / "winback.toml", registry=registry))
+    runner = memory_runner(
+        folder, write_people(folder, kind, rows), state_url=state_url(folder), **sync
+    )
     try:
         result = runner.run("s", RunOptions())
     finally:
@@ -171,23 +135,12 @@ def test_a_member_that_loses_its_identifiers_is_removed_then_kept_as_skipped(
 
 
 def test_a_dry_run_keeps_no_skipped_rows(tmp_path: Path, kind: str) -> None:
-    url = write_people(tmp_path, kind, ROWS)
-    document: dict[str, Any] = {
-        "warehouse": {"url": url},
-        "state": {"url": state_url(tmp_path)},
-        "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
-        "destinations": {"mem": {"type": "memory"}},
-        "syncs": {
-            "s": {
-                "segment": "people",
-                "destination": "mem",
-                "audience": "A",
-                "identifiers": {"email": "email"},
-            }
-        },
-    }
-    registry = Registry(adapters={"memory": MemoryDestination})
-    runner = SyncRunner(build_config(document, path=tmp_path / "winback.toml", registry=registry))
+    runner = memory_runner(
+        tmp_path,
+        write_people(tmp_path, kind, ROWS),
+        state_url=state_url(tmp_path),
+        identifiers={"email": "email"},
+    )
     try:
         plan = runner.run("s", RunOptions(dry_run=True))
     finally:
