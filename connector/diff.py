@@ -28,7 +28,7 @@ from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 
-from connector.state import RowIssue, insert_rows, snapshot
+from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
@@ -598,15 +598,9 @@ class ChangePlanner:
         row of the key): committed with the run's row issues, never by a dry run."""
         if not self._skipped_buffer:
             return
+        # Keys the planner saw with a skipped or rejected row (members are never recorded here).
         replaced = [key for key, _, _, in_snapshot in self._skipped_buffer if in_snapshot]
-        for start in range(0, len(replaced), DEPARTURES_PAGE):
-            self.connection.execute(
-                snapshot.delete().where(
-                    snapshot.c.sync == self.sync,
-                    snapshot.c.status != "member",
-                    snapshot.c.key.in_(replaced[start : start + DEPARTURES_PAGE]),
-                )
-            )
+        StateStore.delete_snapshot_keys(self.connection, self.sync, replaced)
         # Snapshot columns in order; identity_fp holds the settings the row was skipped under.
         rows = [
             (
