@@ -262,10 +262,7 @@ class WarehouseDiff:
         to 128 MB (peak of a 500k-row rerun ~10-17 MB lower, no slower). Best effort: a DuckDB
         without these settings just keeps its defaults."""
         for setting in _ALLOCATOR_SETTINGS:
-            try:
-                self.connection.execute(sa.text(f"SET {setting} = '8MB'"))
-            except sa.exc.DBAPIError:
-                self.connection.rollback()
+            self._set_if_possible(f"SET {setting} = '8MB'")
 
     def _release_memory(self) -> None:
         """Make DuckDB hand back the buffers of the dropped tables for the rest of the run.
@@ -275,10 +272,8 @@ class WarehouseDiff:
         settings are then restored: those set in the warehouse URL, else DuckDB's defaults.
         """
         self.connection.commit()  # the transaction holds the dropped tables until it ends
-        try:
-            self.connection.execute(sa.text("SET memory_limit = '16MB'"))
-        except sa.exc.DBAPIError:  # could not shrink now: nothing lost, the buffers stay cached
-            self.connection.rollback()
+        try:  # could not shrink now: nothing lost, the buffers stay cached
+            self._set_if_possible("SET memory_limit = '16MB'")
         finally:
             for setting in ("memory_limit", *_ALLOCATOR_SETTINGS):
                 self._restore(setting)
@@ -292,9 +287,14 @@ class WarehouseDiff:
             if isinstance(configured, str) and "'" not in configured
             else f"RESET {setting}"
         )
+        self._set_if_possible(statement)
+
+    def _set_if_possible(self, statement: str) -> None:
+        """Run a SET/RESET; one this DuckDB refuses (unknown setting, limit below what is in
+        use) is rolled back and the run goes on with the setting as it was."""
         try:
             self.connection.execute(sa.text(statement))
-        except sa.exc.DBAPIError:  # a setting this DuckDB does not have
+        except sa.exc.DBAPIError:
             self.connection.rollback()
 
     # -- results -----------------------------------------------------------------------------
