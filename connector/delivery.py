@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
@@ -68,13 +68,25 @@ class Delivery:
         the snapshot keeps the old identity until the platform has dropped it."""
 
     def run(self, *, batch_size: int) -> None:
+        """Apply and send the planner's plan."""
         for state_action in STATE_ONLY_ACTIONS:
             self._apply_state_only(state_action)
         for action in SENT_ACTIONS:
             planned = self.result.planned[action]
             if planned:
                 self.reporter.phase(f"{self.result.sync}: {action}", planned)
-                self._send_action(action, batch_size)
+                self._send_action(action, self.planner.changes(action), batch_size)
+        self._raise_if_batches_failed()
+
+    def send(self, action: Action, changes: Iterable[PlannedChange], *, batch_size: int) -> None:
+        """Send changes produced as they are read (a streamed first sync), not from the plan.
+
+        `changes` is consumed in the calling thread, between checkpoints: it may write to the
+        state connection, and what it writes is committed with the next checkpoint."""
+        self._send_action(action, changes, batch_size)
+        self._raise_if_batches_failed()
+
+    def _raise_if_batches_failed(self) -> None:
         if self.batch_errors:
             failed = len(self.batch_errors)
             raise BatchFailedError(
@@ -89,9 +101,11 @@ class Delivery:
         members = [Member(c.key, c.identifiers, c.fields, c.platform_id) for c in changes]
         return Batch(self._batch_number, members), {c.key: c for c in changes}
 
-    def _batches(self, action: Action, size: int) -> Iterator[list[PlannedChange]]:
+    def _batches(
+        self, action: Action, changes: Iterable[PlannedChange], size: int
+    ) -> Iterator[list[PlannedChange]]:
         batch: list[PlannedChange] = []
-        for change in self.planner.changes(action):
+        for change in changes:
             if action == "add" and change.key in self.unremoved:
                 continue
             batch.append(change)
@@ -101,19 +115,21 @@ class Delivery:
         if batch:
             yield batch
 
-    def _send_action(self, action: Action, batch_size: int) -> None:
+    def _send_action(
+        self, action: Action, changes: Iterable[PlannedChange], batch_size: int
+    ) -> None:
         call: Callable[[Batch], BatchResult] = getattr(self.adapter, action)
         fatal: BaseException | None = None
         in_flight: dict[Future[BatchResult], tuple[Batch, dict[str, PlannedChange]]] = {}
-        queue = self._batches(action, batch_size)
+        queue = self._batches(action, changes, batch_size)
         retry_queue: list[list[PlannedChange]] = []
         with ThreadPoolExecutor(max_workers=self.adapter.max_concurrency) as pool:
             while True:
                 while fatal is None and len(in_flight) < self.adapter.max_concurrency:
-                    changes = retry_queue.pop() if retry_queue else next(queue, None)
-                    if changes is None:
+                    next_changes = retry_queue.pop() if retry_queue else next(queue, None)
+                    if next_changes is None:
                         break
-                    batch, by_key = self._next_batch(changes)
+                    batch, by_key = self._next_batch(next_changes)
                     in_flight[pool.submit(call, batch)] = (batch, by_key)
                 if not in_flight:
                     break

@@ -207,6 +207,20 @@ class PlanSummary:
         return {"add": self.add, "remove": self.remove, "update": self.update}
 
 
+def dropped_issue(key: str, dropped: Sequence[str]) -> RowIssue:
+    """The row is sent without the identifiers normalisation left out as invalid."""
+    return RowIssue("dropped", key, "; ".join(dropped) + "; sent with the other identifiers")
+
+
+def skipped_snapshot_row(
+    sync: str, key: str, raw_fp: str, reason: str, skip_settings: str
+) -> tuple[Any, ...]:
+    """The snapshot row (columns in order) that keeps a row without a usable identifier, so
+    later runs report it again without checking it again; identity_fp holds the settings it
+    was skipped under."""
+    return (sync, key, "skipped", raw_fp, skip_settings, "", "{}", None, None, None, reason[:2000])
+
+
 def duplicate_key_issues(key: str, rows: int) -> list[RowIssue]:
     """One skipped-row issue per extra row of a key the segment returns `rows` times."""
     reason = (
@@ -510,8 +524,7 @@ class ChangePlanner:
                 if issue is not None:
                     issues.append(issue)
                 elif new.dropped:
-                    reason = "; ".join(new.dropped) + "; sent with the other identifiers"
-                    issues.append(RowIssue("dropped", row.key, reason))
+                    issues.append(dropped_issue(row.key, new.dropped))
 
     def _plan_candidate(self, row: _Candidate, new: Normalised) -> RowIssue | None:
         is_member = row.status == "member"
@@ -601,21 +614,8 @@ class ChangePlanner:
         # Keys the planner saw with a skipped or rejected row (members are never recorded here).
         replaced = [key for key, _, _, in_snapshot in self._skipped_buffer if in_snapshot]
         StateStore.delete_snapshot_keys(self.connection, self.sync, replaced)
-        # Snapshot columns in order; identity_fp holds the settings the row was skipped under.
         rows = [
-            (
-                self.sync,
-                key,
-                "skipped",
-                raw_fp,
-                self.skip_settings,
-                "",
-                "{}",
-                None,
-                None,
-                None,
-                reason[:2000],
-            )
+            skipped_snapshot_row(self.sync, key, raw_fp, reason, self.skip_settings)
             for key, raw_fp, reason, _ in self._skipped_buffer
         ]
         insert_rows(self.connection, snapshot, rows)

@@ -94,6 +94,14 @@ class BadKeyRow:
     length: int
 
 
+@dataclass(frozen=True)
+class KeyCensus:
+    """The segment's number of rows and its duplicate keys (key text → number of rows)."""
+
+    rows: int
+    duplicates: dict[str, int]
+
+
 def fingerprint_seed(mapping: Sequence[tuple[str, str, str]]) -> str:
     """Text naming the mapping: (kind, name, column) in the order they are fingerprinted."""
     return ";".join(f"{kind}:{name}={column}" for kind, name, column in mapping)
@@ -250,6 +258,30 @@ class WarehouseDiff:
             sa.cast(keyed.c[FP_COLUMN], sa.String),
         )
         return self._stream(select, chunk_size, what="the query failed", fix=self.where_to_fix)
+
+    def key_census(self) -> KeyCensus:
+        """One aggregate pass of the segment query, nothing kept in the warehouse: how many rows
+        it returns and which valid keys it returns more than once (for a first sync that is
+        streamed straight to the destination, which keeps the first row of each)."""
+        keyed = self._keyed_select().subquery("winback_keyed")
+        key, rows, is_total = (
+            keyed.c[KEY_COLUMN],
+            sa.func.count(),
+            sa.func.grouping(keyed.c[KEY_COLUMN]),
+        )
+        query = (
+            sa.select(key, rows, is_total)
+            .group_by(sa.func.rollup(key))
+            .having(sa.or_(is_total == 1, sa.and_(rows > 1, sa.text(self._valid_key()))))
+        )
+        total, duplicates = 0, {}
+        for chunk in self._stream(query, 10_000, what="the query failed", fix=self.where_to_fix):
+            for duplicate_key, n, total_row in chunk:
+                if total_row:
+                    total = int(n)
+                else:
+                    duplicates[duplicate_key] = int(n)
+        return KeyCensus(total, duplicates)
 
     def drop(self) -> None:
         """Free what `load` created (the warehouse connection goes back to the pool)."""

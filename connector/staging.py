@@ -91,6 +91,15 @@ def long_key_issue(source: SegmentSource, key: str, length: int) -> RowIssue:
     )
 
 
+def warehouse_key_issue(source: SegmentSource, key: str | None) -> RowIssue | None:
+    """Why a key as the warehouse gave it as text cannot be synced (null, blank, too long)."""
+    if key is None or not key.strip(KEY_WHITESPACE):
+        return null_key_issue(source)
+    if len(key) > MAX_KEY_LENGTH:
+        return long_key_issue(source, key, len(key))
+    return None
+
+
 def payload_builder(
     columns: Sequence[str], source: SegmentSource
 ) -> Callable[[Sequence[Any]], Payload]:
@@ -222,12 +231,11 @@ class SegmentStager:
             staged: list[tuple[str, str, Payload]] = []
             for row in chunk:
                 key = row[-2]
-                if key is None or not key.strip(KEY_WHITESPACE):
-                    issues.append(null_key_issue(source))
-                elif len(key) > MAX_KEY_LENGTH:
-                    issues.append(long_key_issue(source, key, len(key)))
-                else:
+                issue = warehouse_key_issue(source, key)
+                if issue is None:
                     staged.append((key, row[-1], payload(row)))
+                else:
+                    issues.append(issue)
             planner.stage_fingerprinted_rows(staged)
             rows += len(chunk)
             self.reporter.advance(len(chunk))

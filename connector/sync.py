@@ -29,6 +29,7 @@ from connector.errors import (
     LockedError,
     WinbackError,
 )
+from connector.first_sync import StreamedFirstSync
 from connector.identity import NORMALISATION_VERSION, normalise_identifiers
 from connector.pushdown import supports_pushdown
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
@@ -175,7 +176,18 @@ class SyncRunner:
                 full_resync=options.full_resync,
                 skip_settings=self._skip_settings(sync_name, adapter),
             )
-            issues = self._stage_segment(sync_name, options, planner, result)
+            source = self._segment_source(sync_name, options)
+            in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
+            batch_size = sync.batch_size or adapter.batch_size
+            first_sync = not (options.dry_run or options.full_resync) and (
+                in_warehouse and planner.snapshot_is_empty()
+            )
+            if first_sync:  # nothing to compare with: stream the segment to the destination
+                delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
+                self._stream_first_sync(source, delivery, planner.skip_settings, batch_size)
+                clock.done("streamed the segment (first sync)", f"{result.segment_rows:,} rows")
+                return
+            issues = self._stage_segment(source, planner, result, in_warehouse=in_warehouse)
             clock.done("read and compared the segment", f"{result.segment_rows:,} rows")
             issues += planner.build(self._normaliser(sync_name, adapter))
             result.skipped = sum(1 for issue in issues if issue.kind == "skipped")
@@ -195,7 +207,7 @@ class SyncRunner:
             if not options.force:
                 self._guard(sync_name, result, audience_size, max_pct=sync.max_removal_pct)
             delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
-            delivery.run(batch_size=sync.batch_size or adapter.batch_size)
+            delivery.run(batch_size=batch_size)
             result.status = "partial" if result.rejected else "success"
             clock.done("delivered", f"{result.batches:,} batches")
         finally:
@@ -204,12 +216,28 @@ class SyncRunner:
             connection.rollback()
             connection.close()
 
-    def _stage_segment(
-        self, sync_name: str, options: RunOptions, planner: ChangePlanner, result: RunResult
-    ) -> list[RowIssue]:
+    def _stream_first_sync(
+        self, source: SegmentSource, delivery: Delivery, skip_settings: str, batch_size: int
+    ) -> None:
+        """Normalise and send every row as it is read (`connector.first_sync`)."""
+        result = delivery.result
+        result.audience_size = 0
+        StreamedFirstSync(
+            source,
+            engine=self.warehouse,
+            connection=delivery.connection,
+            delivery=delivery,
+            normalise=self._normaliser(source.sync, delivery.adapter),
+            skip_settings=skip_settings,
+            result=result,
+            reporter=self.reporter,
+        ).run(batch_size=batch_size)
+        result.status = "partial" if result.rejected else "success"
+
+    def _segment_source(self, sync_name: str, options: RunOptions) -> SegmentSource:
         sync = self.config.syncs[sync_name]
         segment = self.config.segments[sync.segment]
-        source = SegmentSource(
+        return SegmentSource(
             sync=sync_name,
             segment_name=sync.segment,
             segment=segment,
@@ -218,10 +246,18 @@ class SyncRunner:
             as_of=effective_as_of(segment, options.as_of),
             chunk_size=self.config.warehouse.chunk_size,
         )
+
+    def _stage_segment(
+        self,
+        source: SegmentSource,
+        planner: ChangePlanner,
+        result: RunResult,
+        *,
+        in_warehouse: bool,
+    ) -> list[RowIssue]:
         stager = SegmentStager(
             source, engine=self.warehouse, planner=planner, reporter=self.reporter
         )
-        in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
         staged = stager.stage(in_warehouse=in_warehouse)
         result.segment_rows = staged.rows
         return staged.issues

@@ -1,0 +1,160 @@
+"""A first sync streamed straight to the destination.
+
+With no snapshot yet (a new sync, or after `sync reset`) every valid segment row is an add:
+there is nothing to compare with, so staging the segment and writing a plan (`connector.diff`)
+would only write every row twice and read it back twice. Instead the rows read from the
+warehouse are normalised and handed to delivery as they arrive, in batches, and each
+acknowledged batch is checkpointed as usual. Rows that cannot be sent (null, blank, too long
+or duplicate key, no usable identifier) are recorded on the same state connection and committed
+with the next checkpoint; a row without a usable identifier is kept in the snapshot as
+`skipped`, as the planner does.
+
+Duplicate keys are found beforehand by one aggregate pass of the segment query in the warehouse
+(the first row of each key is sent, as on the other paths), so nothing of the segment is held in
+memory. A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and
+the next run, which has a snapshot to compare with, sends what is missing.
+
+Only on the in-warehouse path (DuckDB) and not for dry runs, which plan as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from connector.delivery import Delivery, Reporter
+from connector.diff import (
+    Normaliser,
+    PlannedChange,
+    dropped_issue,
+    duplicate_key_issues,
+    fingerprinted_text,
+    skipped_snapshot_row,
+)
+from connector.pushdown import KeyCensus, WarehouseDiff
+from connector.run_result import RunResult
+from connector.segments import check_columns, probe_columns, segment_query, where_to_fix
+from connector.staging import SegmentSource, payload_builder, warehouse_key_issue
+from connector.state import RowIssue, StateStore, insert_rows, snapshot
+from connector.warehouse import warehouse_connection
+
+ISSUES_PAGE = 5000
+"""Row issues and skipped rows written at most this many at a time."""
+
+
+class StreamedFirstSync:
+    """Reads, normalises and sends one sync's segment in a single pass."""
+
+    def __init__(
+        self,
+        source: SegmentSource,
+        *,
+        engine: sa.Engine,
+        connection: sa.Connection,
+        delivery: Delivery,
+        normalise: Normaliser,
+        skip_settings: str,
+        result: RunResult,
+        reporter: Reporter,
+    ):
+        self.source = source
+        self.engine = engine
+        self.connection = connection
+        self.delivery = delivery
+        self.normalise = normalise
+        self.skip_settings = skip_settings
+        self.result = result
+        self.reporter = reporter
+        self._issues: list[RowIssue] = []
+        self._skipped_rows: list[tuple[Any, ...]] = []
+
+    def run(self, *, batch_size: int) -> None:
+        source = self.source
+        query = segment_query(
+            source.segment_name, source.segment, as_of=source.as_of, engine=self.engine
+        )
+        columns = probe_columns(
+            source.segment_name,
+            source.segment,
+            engine=self.engine,
+            as_of=source.as_of,
+            query=query,
+        )
+        check_columns(source.segment_name, source.segment, columns, source.needed_columns)
+        with warehouse_connection(self.engine) as connection:
+            diff = WarehouseDiff(
+                connection,
+                query,
+                segment_columns=columns,
+                key=source.segment.key,
+                mapping=source.mapping(),
+                where_to_fix=where_to_fix(source.segment_name, source.segment),
+            )
+            census = diff.key_census()
+            self.reporter.phase(f"{source.sync}: add (first sync)", census.rows)
+            self.delivery.send("add", self._changes(diff, census), batch_size=batch_size)
+        self._write_issues()
+        self.connection.commit()
+
+    def _changes(self, diff: WarehouseDiff, census: KeyCensus) -> Iterator[PlannedChange]:
+        """The segment's rows as adds, in segment order; the others recorded as issues."""
+        source, result, normalise = self.source, self.result, self.normalise
+        duplicates, seen_duplicates = census.duplicates, set[str]()
+        payload = payload_builder(diff.columns, source)  # then key, fingerprint
+        for chunk in diff.every_row(chunk_size=source.chunk_size):
+            for row in chunk:
+                key, raw_fp = row[-2], row[-1]
+                issue = warehouse_key_issue(source, key)
+                if issue is not None:
+                    self._issues.append(issue)
+                    continue
+                if key in duplicates:
+                    if key in seen_duplicates:
+                        continue  # counted by duplicate_key_issues below
+                    seen_duplicates.add(key)
+                    self._issues += duplicate_key_issues(key, duplicates[key])
+                new = normalise(payload(row))
+                if new.skip_reason is not None:
+                    self._issues.append(RowIssue("skipped", key, new.skip_reason))
+                    self._skipped_rows.append(
+                        skipped_snapshot_row(
+                            source.sync, key, raw_fp, new.skip_reason, self.skip_settings
+                        )
+                    )
+                    continue
+                if new.dropped:
+                    self._issues.append(dropped_issue(key, new.dropped))
+                identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
+                fields_fp = fingerprinted_text(new.fields)[1]
+                result.planned["add"] += 1
+                yield PlannedChange(
+                    result.planned["add"],
+                    "add",
+                    key,
+                    raw_fp,
+                    identity_fp,
+                    fields_fp,
+                    new.identifiers,
+                    new.fields,
+                    None,
+                    identifiers_text,
+                    in_snapshot=False,
+                )
+            result.segment_rows += len(chunk)
+            if len(self._issues) >= ISSUES_PAGE:
+                self._write_issues()
+
+    def _write_issues(self) -> None:
+        """Record the rows not sent so far (committed with the next checkpoint)."""
+        issues, self._issues = self._issues, []
+        result = self.result
+        StateStore.record_issues(
+            self.connection, run_id=result.run_id, sync=self.source.sync, issues=issues
+        )
+        if self._skipped_rows:
+            insert_rows(self.connection, snapshot, self._skipped_rows)
+            self._skipped_rows = []
+        result.skipped += sum(1 for issue in issues if issue.kind == "skipped")
+        self.reporter.advance(sum(1 for issue in issues if issue.kind != "dropped"))
