@@ -28,6 +28,8 @@ from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 
+from connector.json_text import compact_text, fingerprinted_text, loads_text
+from connector.row_normaliser import Normalised
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
@@ -38,87 +40,6 @@ _NO_FIELDS = "{}"
 """The fields of a removal (none are sent)."""
 DEPARTURES_PAGE = 500
 """Departed keys looked up per query (stays under every database's bind-parameter limit)."""
-
-
-def _text_encoder(**options: Any) -> Callable[[Any], str]:
-    """`json.JSONEncoder(**options).encode` with its per-call set-up done once.
-
-    `encode` builds a new C encoder on every call (~1 us of a ~2 us call for a small dict);
-    this one is built once and reused. Same text for every value; the only difference is that
-    it does not check for circular references (the values planned come from JSON or the
-    warehouse and cannot be circular).
-    """
-    encoder = json.JSONEncoder(**options)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None or encoder.indent is not None:
-        return encoder.encode
-    iterencode = make(
-        None,  # markers: no circular-reference check
-        encoder.default,
-        json.encoder.encode_basestring_ascii
-        if encoder.ensure_ascii
-        else json.encoder.encode_basestring,
-        None,
-        encoder.key_separator,
-        encoder.item_separator,
-        encoder.sort_keys,
-        encoder.skipkeys,
-        encoder.allow_nan,
-    )
-    join = "".join
-
-    def encode(value: Any) -> str:
-        return join(iterencode(value, 0))
-
-    return encode
-
-
-def _text_decoder() -> Callable[[str], Any]:
-    """`json.loads` for the texts winback wrote, without its per-call Python overhead.
-
-    `json.loads` wraps the C scanner in two regex whitespace skips and a few calls (~2 us of a
-    ~3 us call for a small object); this calls the scanner directly and falls back to
-    `json.loads` for anything it does not consume exactly (leading or trailing whitespace,
-    errors), so every text decodes to the same value and every error is the same.
-    """
-    make_scanner: Any = json.scanner.make_scanner  # typeshed's signature is not the runtime's
-    scan_once = make_scanner(json.JSONDecoder())
-    loads = json.loads
-
-    def decode(text: str) -> Any:
-        try:
-            value, end = scan_once(text, 0)
-        except StopIteration:
-            return loads(text)
-        return value if end == len(text) else loads(text)
-
-    return decode
-
-
-_LOADS = _text_decoder()
-
-# Built once: `json.dumps(value, **same options)` builds a new encoder on every call.
-_COMPACT = _text_encoder(sort_keys=True, separators=(",", ":"), default=str)
-"""The text that is fingerprinted, staged and planned: compact, sorted keys."""
-
-
-def fingerprinted_text(value: Any) -> tuple[str, str]:
-    """(compact JSON text, its SHA-1): the stable fingerprint of a JSON-able value and the text
-    the plan and the snapshot keep (read back with `json.loads`: older snapshots hold the same
-    value with spaces after separators)."""
-    text = _COMPACT(value)
-    return text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
-
-
-@dataclass(frozen=True)
-class Normalised:
-    """A staged row after identity normalisation; `skip_reason` set when it cannot be sent."""
-
-    identifiers: dict[str, str]
-    fields: dict[str, Any]
-    skip_reason: str | None = None
-    dropped: tuple[str, ...] = ()
-    """Identifiers left out because they are invalid (the row is sent with the others)."""
 
 
 Normaliser = Callable[[dict[str, Any]], Normalised]
@@ -309,7 +230,7 @@ class ChangePlanner:
     def stage_rows(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Add (key, payload) rows of the segment to the stage; the raw fingerprint is the
         SHA-1 of the payload's compact JSON."""
-        sha1, compact = hashlib.sha1, _COMPACT
+        sha1, compact = hashlib.sha1, compact_text
         self._append_to_stage(
             [
                 (
@@ -323,7 +244,7 @@ class ChangePlanner:
 
     def stage_fingerprinted_rows(self, rows: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         """Add (key, raw fingerprint, payload) rows whose fingerprint the warehouse computed."""
-        self._append_to_stage((key, raw_fp, _COMPACT(payload)) for key, raw_fp, payload in rows)
+        self._append_to_stage((key, raw_fp, compact_text(payload)) for key, raw_fp, payload in rows)
 
     def _append_to_stage(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Insert (key, raw_fp, payload text) rows, numbered on from the last staged row."""
@@ -511,7 +432,7 @@ class ChangePlanner:
 
     def _plan_candidates(self, normalise: Normaliser) -> list[RowIssue]:
         issues: list[RowIssue] = []
-        loads = _LOADS
+        loads = loads_text
         after = 0
         while True:
             page = _driver_rows(self.connection, self._candidate_query(after))
@@ -678,7 +599,7 @@ class ChangePlanner:
 
     def changes(self, action: Action, page_size: int = PAGE_SIZE) -> Iterator[PlannedChange]:
         """The planned changes of one action, in plan order, read back in pages."""
-        plan, loads = self.plan, _LOADS
+        plan, loads = self.plan, loads_text
         query = sa.select(
             plan.c.seq,
             plan.c.key,

@@ -19,27 +19,37 @@ Only on the in-warehouse path (DuckDB) and not for dry runs, which plan as usual
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import sqlalchemy as sa
 
 from connector.delivery import Delivery, Reporter
 from connector.diff import (
-    Normaliser,
     PlannedChange,
     dropped_issue,
     duplicate_key_issues,
-    fingerprinted_text,
     skipped_snapshot_row,
 )
 from connector.pushdown import KeyCensus, WarehouseDiff
+from connector.row_normaliser import (
+    PARALLEL_MIN_ROWS,
+    ChunkNormaliser,
+    NormalisingPool,
+    Outcome,
+    RowNormaliser,
+)
 from connector.run_result import RunResult
 from connector.segments import check_columns, probe_columns, segment_query, where_to_fix
-from connector.staging import SegmentSource, payload_builder, warehouse_key_issue
+from connector.staging import SegmentSource, warehouse_key_issue
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 from connector.warehouse import warehouse_connection
 
+CHUNKS_AHEAD = 1
+"""Chunks handed to the normaliser before the oldest one's rows are sent."""
 ISSUES_PAGE = 5000
 """Row issues and skipped rows written at most this many at a time."""
 
@@ -54,7 +64,7 @@ class StreamedFirstSync:
         engine: sa.Engine,
         connection: sa.Connection,
         delivery: Delivery,
-        normalise: Normaliser,
+        normalise: RowNormaliser,
         skip_settings: str,
         result: RunResult,
         reporter: Reporter,
@@ -99,52 +109,71 @@ class StreamedFirstSync:
         self.connection.commit()
 
     def _changes(self, diff: WarehouseDiff, census: KeyCensus) -> Iterator[PlannedChange]:
-        """The segment's rows as adds, in segment order; the others recorded as issues."""
-        source, result, normalise = self.source, self.result, self.normalise
+        """The segment's rows as adds, in segment order; the others recorded as issues.
+
+        Each chunk's rows are checked by key here and normalised by the pool (in a second
+        process for a large segment) while the next chunk is read and earlier ones are sent."""
+        source = self.source
         duplicates, seen_duplicates = census.duplicates, set[str]()
-        payload = payload_builder(diff.columns, source)  # then key, fingerprint
-        for chunk in diff.every_row(chunk_size=source.chunk_size):
-            for row in chunk:
-                key, raw_fp = row[-2], row[-1]
-                issue = warehouse_key_issue(source, key)
-                if issue is not None:
-                    self._issues.append(issue)
-                    continue
-                if key in duplicates:
-                    if key in seen_duplicates:
-                        continue  # counted by duplicate_key_issues below
-                    seen_duplicates.add(key)
-                    self._issues += duplicate_key_issues(key, duplicates[key])
-                new = normalise(payload(row))
-                if new.skip_reason is not None:
-                    self._issues.append(RowIssue("skipped", key, new.skip_reason))
-                    self._skipped_rows.append(
-                        skipped_snapshot_row(
-                            source.sync, key, raw_fp, new.skip_reason, self.skip_settings
-                        )
-                    )
-                    continue
-                if new.dropped:
-                    self._issues.append(dropped_issue(key, new.dropped))
-                identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
-                fields_fp = fingerprinted_text(new.fields)[1]
-                result.planned["add"] += 1
-                yield PlannedChange(
-                    result.planned["add"],
-                    "add",
-                    key,
-                    raw_fp,
-                    identity_fp,
-                    fields_fp,
-                    new.identifiers,
-                    new.fields,
-                    None,
-                    identifiers_text,
-                    in_snapshot=False,
+        normalise = ChunkNormaliser.for_columns(
+            self.normalise, diff.columns, source.identifiers, source.fields
+        )
+        parallel = census.rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
+        in_flight: deque[tuple[list[str], list[str], Future[list[Outcome]]]] = deque()
+        with NormalisingPool(normalise, parallel=parallel) as pool:
+            for chunk in diff.every_row(chunk_size=source.chunk_size):
+                keys, fingerprints, values = [], [], []
+                for row in chunk:  # mapped columns, then key and fingerprint
+                    key = row[-2]
+                    issue = warehouse_key_issue(source, key)
+                    if issue is not None:
+                        self._issues.append(issue)
+                        continue
+                    if key in duplicates:
+                        if key in seen_duplicates:
+                            continue  # counted by duplicate_key_issues below
+                        seen_duplicates.add(key)
+                        self._issues += duplicate_key_issues(key, duplicates[key])
+                    keys.append(key)
+                    fingerprints.append(row[-1])
+                    values.append(tuple(row))
+                in_flight.append((keys, fingerprints, pool.submit(values)))
+                self.result.segment_rows += len(chunk)
+                if len(in_flight) > CHUNKS_AHEAD:
+                    yield from self._adds(*in_flight.popleft())
+            while in_flight:
+                yield from self._adds(*in_flight.popleft())
+
+    def _adds(
+        self, keys: list[str], fingerprints: list[str], future: Future[list[Outcome]]
+    ) -> Iterator[PlannedChange]:
+        result, sync = self.result, self.source.sync
+        outcomes = NormalisingPool.outcomes(future)
+        for key, raw_fp, outcome in zip(keys, fingerprints, outcomes, strict=True):
+            if isinstance(outcome, str):  # no usable identifier
+                self._issues.append(RowIssue("skipped", key, outcome))
+                self._skipped_rows.append(
+                    skipped_snapshot_row(sync, key, raw_fp, outcome, self.skip_settings)
                 )
-            result.segment_rows += len(chunk)
-            if len(self._issues) >= ISSUES_PAGE:
-                self._write_issues()
+                continue
+            if outcome.dropped:
+                self._issues.append(dropped_issue(key, outcome.dropped))
+            result.planned["add"] += 1
+            yield PlannedChange(
+                result.planned["add"],
+                "add",
+                key,
+                raw_fp,
+                outcome.identity_fp,
+                outcome.fields_fp,
+                outcome.identifiers,
+                outcome.fields,
+                None,
+                outcome.identifiers_text,
+                in_snapshot=False,
+            )
+        if len(self._issues) >= ISSUES_PAGE:
+            self._write_issues()
 
     def _write_issues(self) -> None:
         """Record the rows not sent so far (committed with the next checkpoint)."""

@@ -11,27 +11,23 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 
 from connector.config import WinbackConfig
 from connector.delivery import Delivery, Reporter, SilentReporter
-from connector.diff import (
-    ChangePlanner,
-    Normalised,
-    fingerprinted_text,
-)
+from connector.diff import ChangePlanner
 from connector.errors import (
     GuardError,
     LockedError,
     WinbackError,
 )
 from connector.first_sync import StreamedFirstSync
-from connector.identity import NORMALISATION_VERSION, normalise_identifiers
+from connector.identity import NORMALISATION_VERSION
+from connector.json_text import fingerprinted_text
 from connector.pushdown import supports_pushdown
+from connector.row_normaliser import RowNormaliser
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
 from connector.staging import SegmentSource, SegmentStager
@@ -262,34 +258,12 @@ class SyncRunner:
         result.segment_rows = staged.rows
         return staged.issues
 
-    def _normaliser(
-        self, sync_name: str, adapter: Destination
-    ) -> Callable[[dict[str, Any]], Normalised]:
-        sync = self.config.syncs[sync_name]
-        matching = _matching_identifiers(adapter)
-
-        accepted = adapter.accepted_identifiers
-        # Config validation refuses identifiers the destination does not accept; the filter
-        # below only matters for a config built some other way.
-        all_accepted = accepted.issuperset(sync.identifiers)
-        default_country = sync.default_country
-
-        def normalise(payload: dict[str, Any]) -> Normalised:
-            normalised = normalise_identifiers(payload["i"], default_country=default_country)
-            identifiers = normalised.identifiers
-            if not all_accepted:
-                identifiers = {n: v for n, v in identifiers.items() if n in accepted}
-            fields = payload["f"]
-            if matching.isdisjoint(identifiers):
-                why = "; ".join(normalised.problems) or "all identifier columns are empty"
-                return Normalised(
-                    identifiers,
-                    fields,
-                    skip_reason=f"no usable identifier ({', '.join(sorted(matching))}): {why}",
-                )
-            return Normalised(identifiers, fields, dropped=tuple(normalised.problems))
-
-        return normalise
+    def _normaliser(self, sync_name: str, adapter: Destination) -> RowNormaliser:
+        return RowNormaliser(
+            default_country=self.config.syncs[sync_name].default_country,
+            accepted=frozenset(adapter.accepted_identifiers),
+            matching=_matching_identifiers(adapter),
+        )
 
     def _skip_settings(self, sync_name: str, adapter: Destination) -> str:
         """Fingerprint of what, besides a row's values, decides that it has no usable

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from connector.diff import ChangePlanner, Normalised
+from connector.diff import ChangePlanner
+from connector.row_normaliser import Normalised
 from connector.state import StateStore, snapshot
 from connector.sync import RunOptions, RunResult
 from tests.fakes.memory_destination import MemoryDestination

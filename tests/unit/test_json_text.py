@@ -8,7 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.diff import _COMPACT, _LOADS
+from connector.json_text import compact_text as _COMPACT
+from connector.json_text import loads_text as _LOADS
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -1,0 +1,201 @@
+"""Turns a segment row's mapped values into what is sent, in this process or in a second one.
+
+`RowNormaliser` normalises one staged payload for a sync (its identifiers through
+`connector.identity`, the destination's accepted and matching identifiers, the sync's default
+country). `ChunkNormaliser` does the same for chunks of warehouse rows and also computes the
+fingerprints the snapshot keeps. Both are plain picklable objects, so a large first sync can
+hand its chunks to `NormalisingPool`: one more process normalises a chunk while this one reads
+the next and sends the previous ones (normalising is most of a first sync's per-row work and
+Python runs it on one core per process).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from connector.errors import WinbackError
+from connector.identity import normalise_identifiers
+from connector.json_text import fingerprinted_text
+
+PARALLEL_MIN_ROWS = 20_000
+"""Below this many rows the second process costs more (its start, ~0.5 s) than it saves."""
+
+_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
+"""Types `json_value` returns unchanged; checked inline in the per-row loop."""
+
+
+@dataclass(frozen=True)
+class Normalised:
+    """A staged row after identity normalisation; `skip_reason` set when it cannot be sent."""
+
+    identifiers: dict[str, str]
+    fields: dict[str, Any]
+    skip_reason: str | None = None
+    dropped: tuple[str, ...] = ()
+    """Identifiers left out because they are invalid (the row is sent with the others)."""
+
+
+@dataclass(frozen=True)
+class RowNormaliser:
+    """Normalises one payload ``{"i": identifiers, "f": fields}`` for one sync."""
+
+    default_country: str | None
+    accepted: frozenset[str]
+    """Identifiers the destination takes; others are left out."""
+    matching: frozenset[str]
+    """A row needs one of these to be sent; without, it is skipped with the reason."""
+
+    def __call__(self, payload: dict[str, Any]) -> Normalised:
+        normalised = normalise_identifiers(payload["i"], default_country=self.default_country)
+        identifiers = normalised.identifiers
+        if not self.accepted.issuperset(identifiers):
+            # Config validation refuses identifiers the destination does not accept; this only
+            # matters for a config built some other way.
+            identifiers = {n: v for n, v in identifiers.items() if n in self.accepted}
+        fields = payload["f"]
+        if self.matching.isdisjoint(identifiers):
+            why = "; ".join(normalised.problems) or "all identifier columns are empty"
+            matching = ", ".join(sorted(self.matching))
+            return Normalised(
+                identifiers, fields, skip_reason=f"no usable identifier ({matching}): {why}"
+            )
+        return Normalised(identifiers, fields, dropped=tuple(normalised.problems))
+
+
+class Ready(NamedTuple):
+    """A normalised row ready to send, with the texts and fingerprints the snapshot keeps."""
+
+    identifiers: dict[str, str]
+    fields: dict[str, Any]
+    dropped: tuple[str, ...]
+    identifiers_text: str
+    identity_fp: str
+    fields_fp: str
+
+    @classmethod
+    def of(cls, new: Normalised) -> Ready:
+        identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
+        fields_fp = fingerprinted_text(new.fields)[1]
+        return cls(
+            new.identifiers, new.fields, new.dropped, identifiers_text, identity_fp, fields_fp
+        )
+
+
+Outcome = Ready | str
+"""A row's outcome: ready to send, or the reason it is skipped."""
+
+
+@dataclass(frozen=True)
+class ChunkNormaliser:
+    """Normalises chunks of warehouse rows: values at the positions the mapping names."""
+
+    normalise: RowNormaliser
+    identifier_at: tuple[tuple[str, int], ...]
+    field_at: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def for_columns(
+        cls,
+        normalise: RowNormaliser,
+        columns: Sequence[str],
+        identifiers: dict[str, str],
+        fields: dict[str, str],
+    ) -> ChunkNormaliser:
+        """`identifiers` and `fields` map names to the columns (`columns`) holding them."""
+        position = {name: index for index, name in enumerate(columns)}
+        return cls(
+            normalise,
+            tuple((n, position[c]) for n, c in identifiers.items()),
+            tuple((n, position[c]) for n, c in fields.items()),
+        )
+
+    def __call__(self, rows: Sequence[Sequence[Any]]) -> list[Outcome]:
+        native, identifier_at, field_at = _JSON_NATIVE, self.identifier_at, self.field_at
+        json_value = _json_value
+        outcomes: list[Outcome] = []
+        for row in rows:
+            payload = {
+                "i": {n: v if type(v := row[i]) in native else json_value(v) for n, i in identifier_at},
+                "f": {n: v if type(v := row[i]) in native else json_value(v) for n, i in field_at},
+            }  # fmt: skip
+            new = self.normalise(payload)
+            outcomes.append(new.skip_reason if new.skip_reason is not None else Ready.of(new))
+        return outcomes
+
+
+def _json_value(value: Any) -> Any:
+    """`destinations.base.json_value`, imported on first use: the worker process then loads
+    the HTTP and pydantic stack only for warehouse types JSON lacks (dates, decimals...)."""
+    from destinations.base import json_value
+
+    return json_value(value)
+
+
+class NormalisingPool:
+    """Normalises chunks in one more process (`parallel`) or in this one, as they are handed in.
+
+    `submit` returns a future either way; the caller keeps a few chunks in flight and takes the
+    results in order. The worker exits when this process goes away, even by `kill -9`.
+    """
+
+    def __init__(self, normalise: ChunkNormaliser, *, parallel: bool):
+        self.normalise = normalise
+        self._executor: ProcessPoolExecutor | None = None
+        if parallel:
+            self._executor = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
+
+    @property
+    def parallel(self) -> bool:
+        return self._executor is not None
+
+    def submit(self, rows: list[tuple[Any, ...]]) -> Future[list[Outcome]]:
+        if self._executor is None:
+            done: Future[list[Outcome]] = Future()
+            done.set_result(self.normalise(rows))
+            return done
+        return self._executor.submit(self.normalise, rows)
+
+    @staticmethod
+    def outcomes(future: Future[list[Outcome]]) -> list[Outcome]:
+        try:
+            return future.result()
+        except BrokenProcessPool as error:
+            raise WinbackError(
+                f"the process normalising identifiers stopped unexpectedly ({error}); nothing "
+                "unacknowledged was recorded, run the sync again"
+            ) from None
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> NormalisingPool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: exit as soon as the process that started this one is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="winback-parent-watch", daemon=True).start()
