@@ -166,17 +166,17 @@ class NormalisingPool:
             done: Future[list[Outcome]] = Future()
             done.set_result(self.normalise(rows))
             return done
-        return self._executor.submit(self.normalise, rows)
+        try:
+            return self._executor.submit(self.normalise, rows)
+        except BrokenProcessPool as error:
+            raise _worker_stopped(error) from None
 
     @staticmethod
     def outcomes(future: Future[list[Outcome]]) -> list[Outcome]:
         try:
             return future.result()
         except BrokenProcessPool as error:
-            raise WinbackError(
-                f"the process normalising identifiers stopped unexpectedly ({error}); nothing "
-                "unacknowledged was recorded, run the sync again"
-            ) from None
+            raise _worker_stopped(error) from None
 
     def close(self) -> None:
         if self._executor is not None:
@@ -188,6 +188,13 @@ class NormalisingPool:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _worker_stopped(error: BrokenProcessPool) -> WinbackError:
+    return WinbackError(
+        f"the process normalising identifiers stopped unexpectedly ({error}); what was "
+        "acknowledged so far is recorded, run the sync again to send the rest"
+    )
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -1,0 +1,261 @@
+"""A first sync on DuckDB is streamed straight to the destination (`connector.first_sync`).
+
+It must end exactly where the staged path ends (the path `--full-resync` takes): the same
+audience, the same snapshot rows, the same row issues; in this process and with the second,
+normalising process; and later runs must compare against what it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import connector.first_sync
+from connector.errors import BatchFailedError, WinbackError
+from connector.identity import normalise_identifiers
+from connector.row_normaliser import ChunkNormaliser, NormalisingPool, Ready, RowNormaliser
+from connector.state import StateStore
+from connector.sync import RunOptions, RunResult
+from tests.fakes.memory_destination import MemoryDestination
+from tests.helpers import memory_runner, sqlite_rows, write_people
+
+ROWS: list[tuple[Any, ...]] = [
+    ("1", "ann@example.com", "+33 6 12 34 56 78", "France"),
+    ("2", "  BOB@Example.COM ", None, "GB"),
+    ("3", "bad@", "+1 415 555 0100", "US"),  # email dropped, sent with the phone
+    ("4", "bad@", None, "DE"),  # no usable identifier: skipped, kept as 'skipped'
+    ("5", None, None, None),  # nothing at all: skipped
+    (None, "nokey@example.com", None, None),  # null key
+    ("   ", "blank@example.com", None, None),  # blank key
+    ("x" * 501, "long@example.com", None, None),  # key too long
+    ("6", "first@example.com", None, "FR"),  # duplicate key: first row kept
+    ("6", "second@example.com", None, "FR"),
+    ("6", "third@example.com", None, "FR"),
+    ("7", "bad@", None, None),  # duplicate whose first row has no usable identifier
+    ("7", "later@example.com", None, None),
+    ("8", "carl@example.com", "020 7946 0958", "United Kingdom"),
+]
+
+
+def snapshot_rows(folder: Path) -> set[tuple[Any, ...]]:
+    """Everything but the timestamps and the destination's platform ids."""
+    return set(
+        sqlite_rows(
+            folder / "state.db",
+            "SELECT key, status, raw_fp, identity_fp, fields_fp, identifiers, reason "
+            "FROM snapshot WHERE sync = 's'",
+        )
+    )
+
+
+def issues_of(folder: Path, run_id: str) -> Counter[tuple[Any, ...]]:
+    store = StateStore(f"sqlite:///{folder / 'state.db'}")
+    try:
+        return Counter((i.kind, i.key, i.reason, i.action) for i in store.issues(run_id))
+    finally:
+        store.dispose()
+
+
+def run_once(folder: Path, options: RunOptions, **sync: Any) -> RunResult:
+    runner = memory_runner(folder, write_people(folder, "duckdb", ROWS), **sync)
+    try:
+        return runner.run("s", options)
+    finally:
+        runner.close()
+
+
+def counts(result: RunResult) -> tuple[Any, ...]:
+    return (
+        result.status,
+        result.segment_rows,
+        result.skipped,
+        result.planned,
+        result.sent,
+        result.rejected,
+    )
+
+
+@pytest.fixture(params=["this process", "second process"])
+def normalising(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "second process":
+        monkeypatch.setattr(connector.first_sync, "PARALLEL_MIN_ROWS", 0)
+    return str(request.param)
+
+
+def test_streamed_first_sync_ends_where_the_staged_path_ends(
+    tmp_path: Path, normalising: str
+) -> None:
+    MemoryDestination.reset()
+    MemoryDestination.reject = staticmethod(
+        lambda m: "refused by the platform" if m.key == "8" else None
+    )
+    streamed_folder, staged_folder = tmp_path / "streamed", tmp_path / "staged"
+    streamed_folder.mkdir()
+    staged_folder.mkdir()
+
+    streamed = run_once(streamed_folder, RunOptions())
+    streamed_audience = MemoryDestination.audiences.pop("A")
+    staged = run_once(staged_folder, RunOptions(full_resync=True))  # stages the segment
+    staged_audience = MemoryDestination.audiences.pop("A")
+
+    assert counts(streamed) == counts(staged)
+    assert counts(streamed) == (
+        "partial",
+        len(ROWS),
+        9,  # null, blank, long key; 4, 5 and 7's first row; two extra rows of 6, one of 7
+        {"add": 5, "remove": 0, "update": 0},
+        {"add": 4, "remove": 0, "update": 0},
+        1,
+    )
+
+    def without_platform_ids(audience: dict[str, Any]) -> dict[str, Any]:
+        return {k: {**v, "platform_id": None} for k, v in audience.items()}
+
+    assert without_platform_ids(streamed_audience) == without_platform_ids(staged_audience)
+    assert streamed_audience["6"]["identifiers"]["email"] == "first@example.com"
+    assert "7" not in streamed_audience  # its first row had nothing usable
+    assert snapshot_rows(streamed_folder) == snapshot_rows(staged_folder)
+    assert issues_of(streamed_folder, streamed.run_id) == issues_of(staged_folder, staged.run_id)
+
+
+def test_next_run_compares_against_what_the_streamed_sync_wrote(
+    tmp_path: Path, normalising: str
+) -> None:
+    MemoryDestination.reset()
+    first = run_once(tmp_path, RunOptions())
+    assert first.status == "success", first.error
+    MemoryDestination.calls.clear()
+
+    again = run_once(tmp_path, RunOptions())
+
+    assert again.status == "success", again.error
+    assert again.planned == {"add": 0, "remove": 0, "update": 0}
+    assert again.skipped == first.skipped
+    assert MemoryDestination.calls == []
+
+
+def test_a_failed_batch_stays_pending_for_the_next_run(tmp_path: Path) -> None:
+    MemoryDestination.reset()
+    MemoryDestination.fail_batch = staticmethod(
+        lambda action, batch: BatchFailedError("injected 400") if batch.number == 1 else None
+    )
+    first = run_once(tmp_path, RunOptions(), batch_size=2)
+    assert first.status == "failed" and "injected 400" in (first.error or "")
+    assert first.sent["add"] == 3  # batches of 2, 2 and 1: the first failed
+    MemoryDestination.fail_batch = staticmethod(lambda action, batch: None)
+
+    second = run_once(tmp_path, RunOptions(), batch_size=2)
+
+    assert second.status == "success", second.error
+    assert second.planned == {"add": 2, "remove": 0, "update": 0}
+    assert set(MemoryDestination.audiences["A"]) == {"1", "2", "3", "6", "8"}
+
+
+def test_a_dry_run_of_a_first_sync_writes_nothing(tmp_path: Path) -> None:
+    MemoryDestination.reset()
+    plan = run_once(tmp_path, RunOptions(dry_run=True))
+    assert plan.status == "dry_run"
+    assert plan.planned == {"add": 5, "remove": 0, "update": 0}
+    assert MemoryDestination.calls == []
+    assert snapshot_rows(tmp_path) == set()
+
+
+# -- the normalising process ------------------------------------------------------------------
+
+
+def chunk_normaliser() -> ChunkNormaliser:
+    normalise = RowNormaliser(
+        default_country=None,
+        accepted=frozenset({"email", "phone", "country"}),
+        matching=frozenset({"email", "phone"}),
+    )
+    return ChunkNormaliser.for_columns(
+        normalise, ["email", "phone", "country"], {"email": "email", "phone": "phone"}, {}
+    )
+
+
+def test_the_second_process_gives_what_this_one_gives() -> None:
+    rows = [("A@B.com", "+1 415 555 0100", "US"), ("bad@", None, None), (None, "12", None)]
+    inline = NormalisingPool(chunk_normaliser(), parallel=False)
+    with NormalisingPool(chunk_normaliser(), parallel=True) as pool:
+        assert pool.parallel
+        parallel = NormalisingPool.outcomes(pool.submit(rows))
+    assert parallel == NormalisingPool.outcomes(inline.submit(rows))
+    ready = parallel[0]
+    assert isinstance(ready, Ready)
+    expected = normalise_identifiers({"email": "A@B.com", "phone": "+1 415 555 0100"})
+    assert ready.identifiers == expected.identifiers
+    assert isinstance(parallel[1], str) and "no usable identifier" in parallel[1]
+
+
+def test_a_worker_that_dies_fails_the_run_with_a_clear_error() -> None:
+    with NormalisingPool(chunk_normaliser(), parallel=True) as pool:
+        NormalisingPool.outcomes(pool.submit([("a@b.com", None, None)]))
+        executor = pool._executor
+        assert executor is not None
+        for process in list(executor._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        with pytest.raises(
+            WinbackError, match=r"stopped unexpectedly.*run the sync again to send the rest"
+        ):
+            NormalisingPool.outcomes(pool.submit([("a@b.com", None, None)]))
+
+
+def test_the_worker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from tests.integration.test_first_sync import chunk_normaliser
+        from connector.row_normaliser import NormalisingPool
+
+        if __name__ == "__main__":
+            pool = NormalisingPool(chunk_normaliser(), parallel=True)
+            NormalisingPool.outcomes(pool.submit([("a@b.com", None, None)]))
+            print(*[p.pid for p in pool._executor._processes.values()], flush=True)
+            time.sleep(60)
+        """
+    )
+    path = tmp_path / "parent.py"
+    path.write_text(script)
+    root = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen(
+        [sys.executable, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert parent.stdout is not None
+    with parent.stdout:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert workers
+        parent.kill()
+        parent.wait(timeout=10)
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; it only waits for its new parent (init) to reap it.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
