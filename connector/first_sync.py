@@ -48,8 +48,10 @@ from connector.staging import SegmentSource, warehouse_key_issue
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 from connector.warehouse import warehouse_connection
 
-CHUNKS_AHEAD = 1
-"""Chunks handed to the normaliser before the oldest one's rows are sent."""
+JOB_ROWS = 2000
+"""Rows per job handed to the normaliser: small jobs keep both processes' memory low."""
+JOBS_AHEAD = 4
+"""Jobs handed to the normaliser before the oldest one's rows are sent."""
 ISSUES_PAGE = 5000
 """Row issues and skipped rows written at most this many at a time."""
 
@@ -137,10 +139,12 @@ class StreamedFirstSync:
                     keys.append(key)
                     fingerprints.append(row[-1])
                     values.append(tuple(row))
-                in_flight.append((keys, fingerprints, pool.submit(values)))
                 self.result.segment_rows += len(chunk)
-                if len(in_flight) > CHUNKS_AHEAD:
-                    yield from self._adds(*in_flight.popleft())
+                for start in range(0, len(keys), JOB_ROWS):
+                    job = slice(start, start + JOB_ROWS)
+                    in_flight.append((keys[job], fingerprints[job], pool.submit(values[job])))
+                    if len(in_flight) > JOBS_AHEAD:
+                        yield from self._adds(*in_flight.popleft())
             while in_flight:
                 yield from self._adds(*in_flight.popleft())
 
