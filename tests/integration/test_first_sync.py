@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import connector.first_sync
 from connector.errors import BatchFailedError, WinbackError
@@ -26,7 +27,7 @@ from connector.row_normaliser import ChunkNormaliser, NormalisingPool, Ready, Ro
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult
 from tests.fakes.memory_destination import MemoryDestination
-from tests.helpers import memory_runner, sqlite_rows, write_people
+from tests.helpers import memory_runner, write_people
 
 ROWS: list[tuple[Any, ...]] = [
     ("1", "ann@example.com", "+33 6 12 34 56 78", "France"),
@@ -46,31 +47,53 @@ ROWS: list[tuple[Any, ...]] = [
 ]
 
 
-def snapshot_rows(folder: Path) -> set[tuple[Any, ...]]:
+def snapshot_rows(state_url: str) -> set[tuple[Any, ...]]:
     """Everything but the timestamps and the destination's platform ids."""
-    return set(
-        sqlite_rows(
-            folder / "state.db",
-            "SELECT key, status, raw_fp, identity_fp, fields_fp, identifiers, reason "
-            "FROM snapshot WHERE sync = 's'",
-        )
-    )
+    engine = sa.create_engine(state_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text(
+                    "SELECT key, status, raw_fp, identity_fp, fields_fp, identifiers, reason "
+                    "FROM snapshot WHERE sync = 's'"
+                )
+            )
+            return {tuple(row) for row in rows}
+    finally:
+        engine.dispose()
 
 
-def issues_of(folder: Path, run_id: str) -> Counter[tuple[Any, ...]]:
-    store = StateStore(f"sqlite:///{folder / 'state.db'}")
+def issues_of(state_url: str, run_id: str) -> Counter[tuple[Any, ...]]:
+    store = StateStore(state_url)
     try:
         return Counter((i.kind, i.key, i.reason, i.action) for i in store.issues(run_id))
     finally:
         store.dispose()
 
 
-def run_once(folder: Path, options: RunOptions, **sync: Any) -> RunResult:
-    runner = memory_runner(folder, write_people(folder, "duckdb", ROWS), **sync)
+def run_once(folder: Path, options: RunOptions, state_url: str, **sync: Any) -> RunResult:
+    warehouse = write_people(folder, "duckdb", ROWS)
+    runner = memory_runner(folder, warehouse, state_url=state_url, **sync)
     try:
         return runner.run("s", options)
     finally:
         runner.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def forget(state_url: str) -> None:
+    """`winback sync reset s`: the next run is a first sync again."""
+    store = StateStore(state_url)
+    try:
+        store.reset("s")
+    finally:
+        store.dispose()
 
 
 def counts(result: RunResult) -> tuple[Any, ...]:
@@ -92,19 +115,17 @@ def normalising(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_streamed_first_sync_ends_where_the_staged_path_ends(
-    tmp_path: Path, normalising: str
+    tmp_path: Path, normalising: str, state_url: str
 ) -> None:
     MemoryDestination.reset()
     MemoryDestination.reject = staticmethod(
         lambda m: "refused by the platform" if m.key == "8" else None
     )
-    streamed_folder, staged_folder = tmp_path / "streamed", tmp_path / "staged"
-    streamed_folder.mkdir()
-    staged_folder.mkdir()
-
-    streamed = run_once(streamed_folder, RunOptions())
+    streamed = run_once(tmp_path, RunOptions(), state_url)
     streamed_audience = MemoryDestination.audiences.pop("A")
-    staged = run_once(staged_folder, RunOptions(full_resync=True))  # stages the segment
+    streamed_snapshot = snapshot_rows(state_url)
+    forget(state_url)
+    staged = run_once(tmp_path, RunOptions(full_resync=True), state_url)  # stages the segment
     staged_audience = MemoryDestination.audiences.pop("A")
 
     assert counts(streamed) == counts(staged)
@@ -123,19 +144,21 @@ def test_streamed_first_sync_ends_where_the_staged_path_ends(
     assert without_platform_ids(streamed_audience) == without_platform_ids(staged_audience)
     assert streamed_audience["6"]["identifiers"]["email"] == "first@example.com"
     assert "7" not in streamed_audience  # its first row had nothing usable
-    assert snapshot_rows(streamed_folder) == snapshot_rows(staged_folder)
-    assert issues_of(streamed_folder, streamed.run_id) == issues_of(staged_folder, staged.run_id)
+    assert streamed_snapshot == snapshot_rows(state_url)
+    assert len(streamed_snapshot) == 8  # 5 sent (one rejected) and 3 kept as skipped
+    assert issues_of(state_url, streamed.run_id) == issues_of(state_url, staged.run_id)
 
 
 def test_next_run_compares_against_what_the_streamed_sync_wrote(
     tmp_path: Path, normalising: str
 ) -> None:
     MemoryDestination.reset()
-    first = run_once(tmp_path, RunOptions())
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    first = run_once(tmp_path, RunOptions(), state_url)
     assert first.status == "success", first.error
     MemoryDestination.calls.clear()
 
-    again = run_once(tmp_path, RunOptions())
+    again = run_once(tmp_path, RunOptions(), state_url)
 
     assert again.status == "success", again.error
     assert again.planned == {"add": 0, "remove": 0, "update": 0}
@@ -148,12 +171,13 @@ def test_a_failed_batch_stays_pending_for_the_next_run(tmp_path: Path) -> None:
     MemoryDestination.fail_batch = staticmethod(
         lambda action, batch: BatchFailedError("injected 400") if batch.number == 1 else None
     )
-    first = run_once(tmp_path, RunOptions(), batch_size=2)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    first = run_once(tmp_path, RunOptions(), state_url, batch_size=2)
     assert first.status == "failed" and "injected 400" in (first.error or "")
     assert first.sent["add"] == 3  # batches of 2, 2 and 1: the first failed
     MemoryDestination.fail_batch = staticmethod(lambda action, batch: None)
 
-    second = run_once(tmp_path, RunOptions(), batch_size=2)
+    second = run_once(tmp_path, RunOptions(), state_url, batch_size=2)
 
     assert second.status == "success", second.error
     assert second.planned == {"add": 2, "remove": 0, "update": 0}
@@ -162,11 +186,12 @@ def test_a_failed_batch_stays_pending_for_the_next_run(tmp_path: Path) -> None:
 
 def test_a_dry_run_of_a_first_sync_writes_nothing(tmp_path: Path) -> None:
     MemoryDestination.reset()
-    plan = run_once(tmp_path, RunOptions(dry_run=True))
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    plan = run_once(tmp_path, RunOptions(dry_run=True), state_url)
     assert plan.status == "dry_run"
     assert plan.planned == {"add": 5, "remove": 0, "update": 0}
     assert MemoryDestination.calls == []
-    assert snapshot_rows(tmp_path) == set()
+    assert snapshot_rows(state_url) == set()
 
 
 # -- the normalising process ------------------------------------------------------------------
