@@ -11,6 +11,7 @@ Python runs it on one core per process).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -24,6 +25,8 @@ from typing import Any, NamedTuple
 from connector.errors import WinbackError
 from connector.identity import normalise_identifiers
 from connector.json_text import fingerprinted_text
+
+log = logging.getLogger("winback.normalise")
 
 PARALLEL_MIN_ROWS = 20_000
 """Below this many rows the second process costs more (its start, ~0.5 s) than it saves."""
@@ -150,26 +153,39 @@ class NormalisingPool:
         self.normalise = normalise
         self._executor: ProcessPoolExecutor | None = None
         if parallel:
-            self._executor = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_exit_with_parent,
-                initargs=(os.getpid(),),
-            )
+            try:
+                self._executor = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_exit_with_parent,
+                    initargs=(os.getpid(),),
+                )
+            except OSError as error:  # e.g. no POSIX semaphores in this container
+                self._in_this_process(error)
 
     @property
     def parallel(self) -> bool:
         return self._executor is not None
 
     def submit(self, rows: list[tuple[Any, ...]]) -> Future[list[Outcome]]:
-        if self._executor is None:
-            done: Future[list[Outcome]] = Future()
-            done.set_result(self.normalise(rows))
-            return done
-        try:
-            return self._executor.submit(self.normalise, rows)
-        except BrokenProcessPool as error:
-            raise _worker_stopped(error) from None
+        if self._executor is not None:
+            try:
+                return self._executor.submit(self.normalise, rows)
+            except BrokenProcessPool as error:
+                raise _worker_stopped(error) from None
+            except OSError as error:  # the worker could not be started
+                self._executor.shutdown(wait=False)  # jobs already handed in still finish
+                self._in_this_process(error)
+        done: Future[list[Outcome]] = Future()
+        done.set_result(self.normalise(rows))
+        return done
+
+    def _in_this_process(self, error: OSError) -> None:
+        log.warning(
+            "cannot start a process to normalise identifiers (%s); normalising in this one",
+            error,
+        )
+        self._executor = None
 
     @staticmethod
     def outcomes(future: Future[list[Outcome]]) -> list[Outcome]:
@@ -198,7 +214,9 @@ def _worker_stopped(error: BrokenProcessPool) -> WinbackError:
 
 
 def _exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: exit as soon as the process that started this one is gone."""
+    """Worker initializer: exit as soon as the process that started this one is gone (POSIX:
+    an orphan is handed to another parent; elsewhere the worker exits when winback closes the
+    pool, as after any run that is not killed)."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:

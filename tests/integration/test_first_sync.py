@@ -7,6 +7,8 @@ normalising process; and later runs must compare against what it wrote.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import subprocess
@@ -284,3 +286,23 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+class _CannotStartProcesses(multiprocessing.context.SpawnContext):
+    """A system where starting a process fails (no fork/spawn allowed in the container)."""
+
+    class Process(multiprocessing.context.SpawnProcess):
+        def start(self) -> None:
+            raise OSError(38, "Function not implemented")
+
+
+def test_without_processes_the_pool_normalises_in_this_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: _CannotStartProcesses())
+    rows = [("A@B.com", None, None), ("bad@", None, None)]
+    with NormalisingPool(chunk_normaliser(), parallel=True) as pool:
+        outcomes = NormalisingPool.outcomes(pool.submit(rows))
+        assert not pool.parallel
+    assert outcomes == chunk_normaliser()(rows)
+    assert "cannot start a process to normalise identifiers" in caplog.text
