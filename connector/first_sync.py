@@ -11,7 +11,8 @@ with the next checkpoint; a row without a usable identifier is kept in the snaps
 
 Duplicate keys are found beforehand by one aggregate pass of the segment query in the warehouse
 (the first row of each key is sent, as on the other paths), so nothing of the segment is held in
-memory. A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and
+memory. Normalising, most of the per-row work, runs in a second process for a large segment
+(`connector.row_normaliser`) while this one reads the next rows and sends the previous ones. A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and
 the next run, which has a snapshot to compare with, sends what is missing.
 
 Only on the in-warehouse path (DuckDB) and not for dry runs, which plan as usual.
@@ -43,10 +44,13 @@ from connector.row_normaliser import (
     RowNormaliser,
 )
 from connector.run_result import RunResult
-from connector.segments import check_columns, probe_columns, segment_query, where_to_fix
-from connector.staging import SegmentSource, warehouse_key_issue
+from connector.staging import (
+    SegmentSource,
+    payload_builder,
+    warehouse_diff,
+    warehouse_key_issue,
+)
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
-from connector.warehouse import warehouse_connection
 
 JOB_ROWS = 2000
 """Rows per job handed to the normaliser: small jobs keep both processes' memory low."""
@@ -83,29 +87,9 @@ class StreamedFirstSync:
         self._skipped_rows: list[tuple[Any, ...]] = []
 
     def run(self, *, batch_size: int) -> None:
-        source = self.source
-        query = segment_query(
-            source.segment_name, source.segment, as_of=source.as_of, engine=self.engine
-        )
-        columns = probe_columns(
-            source.segment_name,
-            source.segment,
-            engine=self.engine,
-            as_of=source.as_of,
-            query=query,
-        )
-        check_columns(source.segment_name, source.segment, columns, source.needed_columns)
-        with warehouse_connection(self.engine) as connection:
-            diff = WarehouseDiff(
-                connection,
-                query,
-                segment_columns=columns,
-                key=source.segment.key,
-                mapping=source.mapping(),
-                where_to_fix=where_to_fix(source.segment_name, source.segment),
-            )
+        with warehouse_diff(self.source, self.engine) as diff:
             census = diff.key_census()
-            self.reporter.phase(f"{source.sync}: add (first sync)", census.rows)
+            self.reporter.phase(f"{self.source.sync}: add (first sync)", census.rows)
             self.delivery.send("add", self._changes(diff, census), batch_size=batch_size)
         self._write_issues()
         self.connection.commit()
@@ -117,9 +101,7 @@ class StreamedFirstSync:
         process for a large segment) while the next chunk is read and earlier ones are sent."""
         source = self.source
         duplicates, seen_duplicates = census.duplicates, set[str]()
-        normalise = ChunkNormaliser.for_columns(
-            self.normalise, diff.columns, source.identifiers, source.fields
-        )
+        normalise = ChunkNormaliser(payload_builder(diff.columns, source), self.normalise)
         parallel = census.rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
         in_flight: deque[tuple[list[str], list[str], Future[list[Outcome]]]] = deque()
         with NormalisingPool(normalise, parallel=parallel) as pool:

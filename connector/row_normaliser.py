@@ -31,7 +31,7 @@ log = logging.getLogger("winback.normalise")
 PARALLEL_MIN_ROWS = 20_000
 """Below this many rows the second process costs more (its start, ~0.5 s) than it saves."""
 
-_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
+JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
 """Types `json_value` returns unchanged; checked inline in the per-row loop."""
 
 
@@ -97,39 +97,44 @@ Outcome = Ready | str
 
 
 @dataclass(frozen=True)
-class ChunkNormaliser:
-    """Normalises chunks of warehouse rows: values at the positions the mapping names."""
+class PayloadBuilder:
+    """Builds the payload ``{"i": identifiers, "f": fields}`` of a warehouse row from the
+    positions of the mapped columns; values JSON lacks (dates, decimals...) become JSON-able."""
 
-    normalise: RowNormaliser
     identifier_at: tuple[tuple[str, int], ...]
     field_at: tuple[tuple[str, int], ...]
 
     @classmethod
     def for_columns(
-        cls,
-        normalise: RowNormaliser,
-        columns: Sequence[str],
-        identifiers: dict[str, str],
-        fields: dict[str, str],
-    ) -> ChunkNormaliser:
+        cls, columns: Sequence[str], identifiers: dict[str, str], fields: dict[str, str]
+    ) -> PayloadBuilder:
         """`identifiers` and `fields` map names to the columns (`columns`) holding them."""
         position = {name: index for index, name in enumerate(columns)}
         return cls(
-            normalise,
             tuple((n, position[c]) for n, c in identifiers.items()),
             tuple((n, position[c]) for n, c in fields.items()),
         )
 
+    def __call__(self, row: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        native, json_value = JSON_NATIVE, _json_value
+        return {
+            "i": {n: v if type(v := row[i]) in native else json_value(v) for n, i in self.identifier_at},
+            "f": {n: v if type(v := row[i]) in native else json_value(v) for n, i in self.field_at},
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChunkNormaliser:
+    """Normalises chunks of warehouse rows."""
+
+    payload: PayloadBuilder
+    normalise: RowNormaliser
+
     def __call__(self, rows: Sequence[Sequence[Any]]) -> list[Outcome]:
-        native, identifier_at, field_at = _JSON_NATIVE, self.identifier_at, self.field_at
-        json_value = _json_value
+        payload, normalise = self.payload, self.normalise
         outcomes: list[Outcome] = []
         for row in rows:
-            payload = {
-                "i": {n: v if type(v := row[i]) in native else json_value(v) for n, i in identifier_at},
-                "f": {n: v if type(v := row[i]) in native else json_value(v) for n, i in field_at},
-            }  # fmt: skip
-            new = self.normalise(payload)
+            new = normalise(payload(row))
             outcomes.append(new.skip_reason if new.skip_reason is not None else Ready.of(new))
         return outcomes
 

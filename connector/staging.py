@@ -14,8 +14,9 @@ Either way rows that cannot be synced because of their key are skipped with a re
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from connector.config import Segment
 from connector.delivery import Reporter
 from connector.diff import ChangePlanner, duplicate_key_issues
 from connector.pushdown import KEY_WHITESPACE, MAX_KEY_LENGTH, BadKeyRow, WarehouseDiff
+from connector.row_normaliser import JSON_NATIVE, PayloadBuilder
 from connector.segments import (
     check_columns,
     probe_columns,
@@ -35,9 +37,6 @@ from connector.segments import (
 from connector.state import RowIssue
 from connector.warehouse import warehouse_connection
 from destinations.base import json_value
-
-_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
-"""Types `json_value` returns unchanged; checked inline in the per-row loops."""
 
 Payload = dict[str, dict[str, Any]]
 
@@ -100,22 +99,29 @@ def warehouse_key_issue(source: SegmentSource, key: str | None) -> RowIssue | No
     return None
 
 
-def payload_builder(
-    columns: Sequence[str], source: SegmentSource
-) -> Callable[[Sequence[Any]], Payload]:
+def payload_builder(columns: Sequence[str], source: SegmentSource) -> PayloadBuilder:
     """Builds the staged payload ({"i": identifiers, "f": fields}) of a warehouse row."""
-    position = {name: index for index, name in enumerate(columns)}
-    identifier_at = [(n, position[c]) for n, c in source.identifiers.items()]
-    field_at = [(n, position[c]) for n, c in source.fields.items()]
-    native = _JSON_NATIVE
+    return PayloadBuilder.for_columns(columns, source.identifiers, source.fields)
 
-    def payload(row: Sequence[Any]) -> Payload:
-        return {
-            "i": {n: v if type(v := row[i]) in native else json_value(v) for n, i in identifier_at},
-            "f": {n: v if type(v := row[i]) in native else json_value(v) for n, i in field_at},
-        }
 
-    return payload
+@contextlib.contextmanager
+def warehouse_diff(source: SegmentSource, engine: sa.Engine) -> Iterator[WarehouseDiff]:
+    """The segment's query, checked against the warehouse (it runs and returns the mapped
+    columns), ready to compare or stream on a connection of its own."""
+    query = segment_query(source.segment_name, source.segment, as_of=source.as_of, engine=engine)
+    columns = probe_columns(
+        source.segment_name, source.segment, engine=engine, as_of=source.as_of, query=query
+    )
+    check_columns(source.segment_name, source.segment, columns, source.needed_columns)
+    with warehouse_connection(engine) as connection:
+        yield WarehouseDiff(
+            connection,
+            query,
+            segment_columns=columns,
+            key=source.segment.key,
+            mapping=source.mapping(),
+            where_to_fix=where_to_fix(source.segment_name, source.segment),
+        )
 
 
 class SegmentStager:
@@ -146,7 +152,7 @@ class SegmentStager:
         source, planner = self.source, self.planner
         issues: list[RowIssue] = []
         rows = 0
-        native = _JSON_NATIVE
+        native = JSON_NATIVE
         with read_segment(
             source.segment_name,
             source.segment,
@@ -179,26 +185,7 @@ class SegmentStager:
 
     def _stage_changes_found_by_warehouse(self) -> StagedSegment:
         source, planner = self.source, self.planner
-        query = segment_query(
-            source.segment_name, source.segment, as_of=source.as_of, engine=self.engine
-        )
-        columns = probe_columns(
-            source.segment_name,
-            source.segment,
-            engine=self.engine,
-            as_of=source.as_of,
-            query=query,
-        )
-        check_columns(source.segment_name, source.segment, columns, source.needed_columns)
-        with warehouse_connection(self.engine) as connection:
-            diff = WarehouseDiff(
-                connection,
-                query,
-                segment_columns=columns,
-                key=source.segment.key,
-                mapping=source.mapping(),
-                where_to_fix=where_to_fix(source.segment_name, source.segment),
-            )
+        with warehouse_diff(source, self.engine) as diff:
             if planner.full_resync or planner.snapshot_is_empty():
                 return self._stage_every_fingerprinted_row(diff)
             try:

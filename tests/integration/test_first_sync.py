@@ -25,7 +25,13 @@ import sqlalchemy as sa
 import connector.first_sync
 from connector.errors import BatchFailedError, WinbackError
 from connector.identity import normalise_identifiers
-from connector.row_normaliser import ChunkNormaliser, NormalisingPool, Ready, RowNormaliser
+from connector.row_normaliser import (
+    ChunkNormaliser,
+    NormalisingPool,
+    PayloadBuilder,
+    Ready,
+    RowNormaliser,
+)
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult
 from tests.fakes.memory_destination import MemoryDestination
@@ -205,9 +211,9 @@ def chunk_normaliser() -> ChunkNormaliser:
         accepted=frozenset({"email", "phone", "country"}),
         matching=frozenset({"email", "phone"}),
     )
-    return ChunkNormaliser.for_columns(
-        normalise, ["email", "phone", "country"], {"email": "email", "phone": "phone"}, {}
-    )
+    columns = ["email", "phone", "country"]
+    payload = PayloadBuilder.for_columns(columns, {"email": "email", "phone": "phone"}, {})
+    return ChunkNormaliser(payload, normalise)
 
 
 def test_the_second_process_gives_what_this_one_gives() -> None:
