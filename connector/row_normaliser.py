@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -221,7 +222,9 @@ def _worker_stopped(error: BrokenProcessPool) -> WinbackError:
 def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: exit as soon as the process that started this one is gone (POSIX:
     an orphan is handed to another parent; elsewhere the worker exits when winback closes the
-    pool, as after any run that is not killed)."""
+    pool, as after any run that is not killed). Ctrl-C reaches the whole process group: winback
+    handles it and closes the pool, so the worker ignores it instead of printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent_pid:
