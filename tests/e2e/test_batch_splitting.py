@@ -1,0 +1,70 @@
+"""A destination that answers 413 gets smaller batches, down to single rows, through the CLI.
+
+The first run of a sync on DuckDB is streamed (`connector.first_sync`), later runs are planned:
+both paths halve a refused batch until the receiver takes it, and a row too large even alone is
+recorded as rejected (exit 3) instead of blocking the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.helpers import (
+    SECRET,
+    build_warehouse,
+    run_cli,
+    warehouse_sql,
+    webhook_destination,
+    webhook_sync,
+    write_config,
+)
+
+RUN = ("sync", "run", "--output", "json")
+
+
+def test_refused_batches_are_halved_until_the_receiver_takes_them(tmp_path: Path) -> None:
+    build_warehouse(tmp_path / "warehouse.duckdb", 40)
+    with WebhookReceiver(secret=SECRET, max_records=3) as receiver:
+        write_config(
+            tmp_path,
+            destinations={"hook": webhook_destination(receiver.url, batch_size=16)},
+            syncs={"s": webhook_sync()},
+        )
+        first = run_cli(*RUN, cwd=tmp_path)
+        assert first.returncode == 0, first
+        run = first.json()["runs"][0]
+        assert run["sent"]["add"] == 40 and run["rejected"] == 0
+        assert set(receiver.members) == {str(i) for i in range(1, 41)}
+        assert max(len(d.keys) for d in receiver.deliveries) <= 3
+        assert not any(d.duplicate for d in receiver.deliveries)
+
+        warehouse_sql(  # 10 join: planned, not streamed
+            tmp_path / "warehouse.duckdb",
+            "INSERT INTO customers SELECT i, 'user' || i || '@example.com', NULL, 'Name' || i, "
+            "'US', 't0', true FROM range(41, 51) AS r(i)",
+        )
+        second = run_cli(*RUN, cwd=tmp_path)
+        assert second.returncode == 0, second
+        assert second.json()["runs"][0]["sent"]["add"] == 10
+        assert set(receiver.members) == {str(i) for i in range(1, 51)}
+
+
+def test_a_row_too_large_even_alone_is_rejected_and_the_others_are_sent(tmp_path: Path) -> None:
+    build_warehouse(tmp_path / "warehouse.duckdb", 6)
+    with WebhookReceiver(secret=SECRET, max_records=0) as receiver:
+        write_config(
+            tmp_path,
+            destinations={"hook": webhook_destination(receiver.url, batch_size=4)},
+            syncs={"s": webhook_sync()},
+        )
+        result = run_cli(*RUN, cwd=tmp_path)
+        again = run_cli(*RUN, cwd=tmp_path)
+    assert result.returncode == 3, result
+    run = result.json()["runs"][0]
+    assert run["status"] == "partial"
+    assert (run["sent"]["add"], run["rejected"]) == (0, 6)
+    assert receiver.members == {} and receiver.deliveries == []
+    # Rejected rows are not retried until they change.
+    assert again.returncode == 0, again
+    assert again.json()["runs"][0]["planned"] == {"add": 0, "remove": 0, "update": 0}
