@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from connector.collector import tune_garbage_collector
 from connector.errors import WinbackError
 from connector.identity import normalise_identifiers
 from connector.json_text import fingerprinted_text
@@ -97,6 +98,10 @@ Outcome = Ready | str
 """A row's outcome: ready to send, or the reason it is skipped."""
 
 
+def outcome_of(new: Normalised) -> Outcome:
+    return new.skip_reason if new.skip_reason is not None else Ready.of(new)
+
+
 @dataclass(frozen=True)
 class PayloadBuilder:
     """Builds the payload ``{"i": identifiers, "f": fields}`` of a warehouse row from the
@@ -133,11 +138,7 @@ class ChunkNormaliser:
 
     def __call__(self, rows: Sequence[Sequence[Any]]) -> list[Outcome]:
         payload, normalise = self.payload, self.normalise
-        outcomes: list[Outcome] = []
-        for row in rows:
-            new = normalise(payload(row))
-            outcomes.append(new.skip_reason if new.skip_reason is not None else Ready.of(new))
-        return outcomes
+        return [outcome_of(normalise(payload(row))) for row in rows]
 
 
 def _json_value(value: Any) -> Any:
@@ -155,7 +156,7 @@ class NormalisingPool:
     results in order. The worker exits when this process goes away, even by `kill -9`.
     """
 
-    def __init__(self, normalise: ChunkNormaliser, *, parallel: bool):
+    def __init__(self, normalise: ChunkNormaliser, *, parallel: bool) -> None:
         self.normalise = normalise
         self._executor: ProcessPoolExecutor | None = None
         if parallel:
@@ -173,7 +174,7 @@ class NormalisingPool:
     def parallel(self) -> bool:
         return self._executor is not None
 
-    def submit(self, rows: list[tuple[Any, ...]]) -> Future[list[Outcome]]:
+    def submit(self, rows: Sequence[Any]) -> Future[list[Outcome]]:
         if self._executor is not None:
             try:
                 return self._executor.submit(self.normalise, rows)
@@ -223,8 +224,10 @@ def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: exit as soon as the process that started this one is gone (POSIX:
     an orphan is handed to another parent; elsewhere the worker exits when winback closes the
     pool, as after any run that is not killed). Ctrl-C reaches the whole process group: winback
-    handles it and closes the pool, so the worker ignores it instead of printing a traceback."""
+    handles it and closes the pool, so the worker ignores it instead of printing a traceback.
+    The cycle collector is tuned as in winback itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_garbage_collector()
 
     def watch() -> None:
         while os.getppid() == parent_pid:
