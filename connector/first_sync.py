@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector.delivery import Delivery, Reporter
+from connector.delivery import Delivery
 from connector.diff import (
     PlannedChange,
     dropped_issue,
@@ -43,7 +43,6 @@ from connector.row_normaliser import (
     Outcome,
     RowNormaliser,
 )
-from connector.run_result import RunResult
 from connector.staging import (
     SegmentSource,
     payload_builder,
@@ -68,21 +67,20 @@ class StreamedFirstSync:
         source: SegmentSource,
         *,
         engine: sa.Engine,
-        connection: sa.Connection,
         delivery: Delivery,
         normalise: RowNormaliser,
         skip_settings: str,
-        result: RunResult,
-        reporter: Reporter,
     ):
+        """Rows are sent through `delivery`, whose state connection, run record and progress
+        reporter this uses too."""
         self.source = source
         self.engine = engine
-        self.connection = connection
         self.delivery = delivery
         self.normalise = normalise
         self.skip_settings = skip_settings
-        self.result = result
-        self.reporter = reporter
+        self.connection = delivery.connection
+        self.result = delivery.result
+        self.reporter = delivery.reporter
         self._issues: list[RowIssue] = []
         self._skipped_rows: list[tuple[Any, ...]] = []
 

@@ -221,12 +221,9 @@ class SyncRunner:
         StreamedFirstSync(
             source,
             engine=self.warehouse,
-            connection=delivery.connection,
             delivery=delivery,
             normalise=self._normaliser(source.sync, delivery.adapter),
             skip_settings=skip_settings,
-            result=result,
-            reporter=self.reporter,
         ).run(batch_size=batch_size)
         result.status = "partial" if result.rejected else "success"
 
