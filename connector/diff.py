@@ -28,8 +28,8 @@ from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 
-from connector.json_text import compact_text, fingerprinted_text, loads_text
-from connector.row_normaliser import Normalised
+from connector.json_text import compact_text, loads_text
+from connector.row_normaliser import Normalised, Ready, outcome_of
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
@@ -440,24 +440,34 @@ class ChangePlanner:
                 return issues
             after = page[-1][0]
             for row in map(_Candidate._make, page):
-                new = normalise(loads(row.payload))
-                issue = self._plan_candidate(row, new)
-                if issue is not None:
-                    issues.append(issue)
-                elif new.dropped:
-                    issues.append(dropped_issue(row.key, new.dropped))
+                outcome = outcome_of(normalise(loads(row.payload)))
+                if isinstance(outcome, str):  # no usable identifier
+                    issues.append(self._plan_skipped(row, outcome))
+                    continue
+                self._plan_candidate(row, outcome)
+                if outcome.dropped:
+                    issues.append(dropped_issue(row.key, outcome.dropped))
 
-    def _plan_candidate(self, row: _Candidate, new: Normalised) -> RowIssue | None:
-        is_member = row.status == "member"
-        if new.skip_reason is not None:
-            if is_member and self.mode == "mirror":
+    def _plan_skipped(self, row: _Candidate, reason: str) -> RowIssue:
+        if row.status == "member":
+            if self.mode == "mirror":
                 self._remove_old_identity(row)
-            elif not is_member:  # a member's row stays until its removal is acknowledged
-                self._record_skipped(row, new.skip_reason)
-            return RowIssue("skipped", row.key, new.skip_reason)
-        identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
-        fields_text, fields_fp = fingerprinted_text(new.fields)
-        values = (row.key, row.raw_fp, identity_fp, fields_fp, identifiers_text, fields_text)
+            # a member's row stays until its removal is acknowledged
+        else:
+            self._record_skipped(row, reason)
+        return RowIssue("skipped", row.key, reason)
+
+    def _plan_candidate(self, row: _Candidate, new: Ready) -> None:
+        is_member = row.status == "member"
+        identity_fp, fields_fp = new.identity_fp, new.fields_fp
+        values = (
+            row.key,
+            row.raw_fp,
+            identity_fp,
+            fields_fp,
+            new.identifiers_text,
+            new.fields_text,
+        )
         if not is_member:
             self._add_to_plan("add", *values, None, in_snapshot=row.status is not None)
         elif self.full_resync:
@@ -472,7 +482,6 @@ class ChangePlanner:
             self._add_to_plan("update", *values, row.platform_id)
         elif not self.supports_update:
             self._add_to_plan("refresh", *values, row.platform_id)
-        return None
 
     def _remove_old_identity(self, row: _Candidate) -> None:
         """Plan the removal of what the snapshot says was sent for this key (a member)."""

@@ -83,14 +83,21 @@ class Ready(NamedTuple):
     dropped: tuple[str, ...]
     identifiers_text: str
     identity_fp: str
+    fields_text: str
     fields_fp: str
 
     @classmethod
     def of(cls, new: Normalised) -> Ready:
         identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
-        fields_fp = fingerprinted_text(new.fields)[1]
+        fields_text, fields_fp = fingerprinted_text(new.fields)
         return cls(
-            new.identifiers, new.fields, new.dropped, identifiers_text, identity_fp, fields_fp
+            new.identifiers,
+            new.fields,
+            new.dropped,
+            identifiers_text,
+            identity_fp,
+            fields_text,
+            fields_fp,
         )
 
 
@@ -99,6 +106,7 @@ Outcome = Ready | str
 
 
 def outcome_of(new: Normalised) -> Outcome:
+    """What the planner and the streamed first sync act on: the skip reason, or the row."""
     return new.skip_reason if new.skip_reason is not None else Ready.of(new)
 
 
