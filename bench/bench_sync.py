@@ -384,7 +384,10 @@ def run_winback(
 ) -> tuple[float, float, float, dict[str, Any], int, str]:
     """Run `sync run` once: wall s, CPU s, peak RSS MB, the run's JSON, exit code, stderr."""
     command = [sys.executable]
-    if profile == "cprofile":
+    if profile == "py-spy":  # samples every thread and the normalising worker (pip install py-spy)
+        command = ["py-spy", "record", "--subprocesses", "--threads", "--nonblocking", "-r", "100"]
+        command += ["-f", "raw", "-o", str(profile_path.with_suffix(".pyspy")), "--", sys.executable]
+    elif profile == "cprofile":
         command += ["-m", "cProfile", "-o", str(profile_path.with_suffix(".prof"))]
     elif profile == "pyinstrument":
         command += ["-m", "pyinstrument", "-r", "text", "--show-all", "-o"]
@@ -546,6 +549,38 @@ def print_profile(path: Path, limit: int) -> None:
     stats.sort_stats("tottime").print_stats(limit)
 
 
+def print_pyspy(path: Path, limit: int) -> None:
+    """Summarise a py-spy raw profile: samples per thread, then the top leaf and inclusive frames.
+
+    Each line of the raw (collapsed) format is ``frame;frame;...;leaf count``; with
+    ``--subprocesses --threads`` the first frames name the process and the thread."""
+    from collections import Counter
+
+    threads: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        owner = [f for f in frames[:2] if f.startswith(("process", "thread"))]
+        code = frames[len(owner) :]
+        total += count
+        threads[" ".join(owner)] += count
+        if code:
+            leaves[code[-1]] += count
+        for frame in set(code):
+            inclusive[frame] += count
+    print(f"{total} samples (100 a second, running threads only)")
+    for title, counter in (("thread", threads), ("leaf", leaves), ("inclusive", inclusive)):
+        print(f"--- by {title} ---")
+        for name, count in counter.most_common(limit):
+            print(f"{count / 100:8.2f} s  {name[:150]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--customers", type=int, nargs="+", default=[1_000_000])
@@ -563,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="diff in the state database ([warehouse] pushdown = false) instead of in DuckDB",
     )
-    parser.add_argument("--profile", choices=("cprofile", "pyinstrument"))
+    parser.add_argument("--profile", choices=("cprofile", "pyinstrument", "py-spy"))
     parser.add_argument("--profile-lines", type=int, default=35)
     parser.add_argument(
         "--only", nargs="+", choices=("full", "unchanged", "incremental"), help="runs to keep"
@@ -612,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in measures:
             print(f"\n=== profile {m.size:,} {m.name} ===")
             print_profile(args.workdir / f"run-{m.size}-{m.name}.prof", args.profile_lines)
+    elif args.profile == "py-spy":
+        for m in measures:
+            print(f"\n=== py-spy {m.size:,} {m.name} ===")
+            print_pyspy(args.workdir / f"run-{m.size}-{m.name}.pyspy", args.profile_lines)
     elif args.profile == "pyinstrument":
         for m in measures:
             print(f"profile of {m.size:,} {m.name}: {args.workdir}/run-{m.size}-{m.name}.txt")

@@ -46,6 +46,7 @@ from destinations.base import (
     DestinationOptions,
     Member,
     SyncContext,
+    json_bytes,
     json_value,
 )
 
@@ -256,8 +257,7 @@ def _csv_line(cells: list[str]) -> bytes:
 def _jsonl_line(action: str, member: Member) -> bytes:
     fields = {name: json_value(value) for name, value in member.fields.items()}
     document = {"action": action, "key": member.key, "identifiers": dict(member.identifiers)}
-    line = json.dumps({**document, "fields": fields}, ensure_ascii=False, separators=(",", ":"))
-    return (line + "\n").encode()
+    return json_bytes({**document, "fields": fields}) + b"\n"
 
 
 def _cut_partial_line(handle: IO[bytes]) -> int:

@@ -44,7 +44,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
@@ -64,6 +63,7 @@ from destinations.base import (
     SyncContext,
     Verdict,
     default_verdict,
+    json_bytes,
     json_value,
 )
 
@@ -222,7 +222,7 @@ class WebhookDestination(HttpDestination):
             "audience": self.context.audience,
             "records": records,
         }
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        return json_bytes(document)
 
     def _deliver(self, action: Action, batch: Batch) -> BatchResult:
         # An empty batch is a no-op: nothing to deliver, so no request.

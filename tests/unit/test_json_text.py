@@ -48,3 +48,45 @@ def test_decoding_fails_where_json_loads_fails(text: str) -> None:
 def test_compact_text_is_json_dumps_with_sorted_keys(value: Any) -> None:
     expected = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     assert _COMPACT(value) == expected
+
+
+sent_values = st.recursive(  # what json_value returns: no NaN or infinity
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text().filter(lambda text: not any("\ud800" <= c <= "\udfff" for c in text)),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sent_values)
+def test_json_bytes_is_json_dumps_in_utf8(value: Any) -> None:
+    from destinations.base import json_bytes
+
+    expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    sent = json_bytes(value)
+    assert json.loads(sent) == json.loads(expected)
+    if not _has_float(value):  # floats may be written 1e16 instead of 1e+16: the same number
+        assert sent == expected.encode()
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float(v) for v in value)
+    return False
+
+
+def test_json_bytes_falls_back_to_json_for_what_orjson_refuses() -> None:
+    from destinations.base import json_bytes
+
+    assert json_bytes({"n": 2**70}) == b'{"n":1180591620717411303424}'
+    assert json_bytes({1: "a"}) == b'{"1":"a"}'
