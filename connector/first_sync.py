@@ -40,8 +40,8 @@ from connector.row_normaliser import (
     PARALLEL_MIN_ROWS,
     ChunkNormaliser,
     NormalisingPool,
-    Outcome,
     RowNormaliser,
+    SentOutcomes,
 )
 from connector.staging import (
     SegmentSource,
@@ -101,7 +101,7 @@ class StreamedFirstSync:
         duplicates, seen_duplicates = census.duplicates, set[str]()
         normalise = ChunkNormaliser(payload_builder(diff.columns, source), self.normalise)
         parallel = census.rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
-        in_flight: deque[tuple[list[str], list[str], Future[list[Outcome]]]] = deque()
+        in_flight: deque[tuple[list[str], list[str], Future[SentOutcomes]]] = deque()
         with NormalisingPool(normalise, parallel=parallel) as pool:
             for chunk in diff.every_row(chunk_size=source.chunk_size):
                 keys, fingerprints, values = [], [], []
@@ -129,7 +129,7 @@ class StreamedFirstSync:
                 yield from self._adds(*in_flight.popleft())
 
     def _adds(
-        self, keys: list[str], fingerprints: list[str], future: Future[list[Outcome]]
+        self, keys: list[str], fingerprints: list[str], future: Future[SentOutcomes]
     ) -> Iterator[PlannedChange]:
         result, sync = self.result, self.source.sync
         outcomes = NormalisingPool.outcomes(future)

@@ -23,6 +23,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
+
 from connector.collector import tune_garbage_collector
 from connector.errors import WinbackError
 from connector.identity import normalise_identifiers
@@ -105,6 +107,10 @@ Outcome = Ready | str
 """A row's outcome: ready to send, or the reason it is skipped."""
 
 
+SentOutcomes = bytes | list[Outcome]
+"""A chunk's outcomes as a worker returns them (`encode_outcomes`) or as computed here."""
+
+
 def outcome_of(new: Normalised) -> Outcome:
     """What the planner and the streamed first sync act on: the skip reason, or the row."""
     return new.skip_reason if new.skip_reason is not None else Ready.of(new)
@@ -148,6 +154,33 @@ class ChunkNormaliser:
         payload, normalise = self.payload, self.normalise
         return [outcome_of(normalise(payload(row))) for row in rows]
 
+    def encoded(self, rows: Sequence[Sequence[Any]]) -> SentOutcomes:
+        """The outcomes as they leave the worker: one JSON document (see `decoded_outcomes`)."""
+        return encode_outcomes(self(rows))
+
+
+def encode_outcomes(outcomes: list[Outcome]) -> SentOutcomes:
+    """Outcomes as one orjson document: ~5x less work on both sides than pickling the tuples
+    and their dicts. Values orjson refuses (integers beyond 64 bits) leave them as they are.
+    NaN and infinite field values arrive as None, which is how every destination renders them
+    (`json_value`); their fingerprints were taken before and stay those of the originals."""
+    try:  # orjson writes tuples but not their subclasses (Ready)
+        return orjson.dumps([o if o.__class__ is str else tuple(o) for o in outcomes])
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return outcomes
+
+
+def decoded_outcomes(sent: SentOutcomes) -> list[Outcome]:
+    """What `encode_outcomes` sent, as outcomes again."""
+    if not isinstance(sent, bytes):
+        return sent
+    return [
+        entry if entry.__class__ is str else Ready(
+            entry[0], entry[1], tuple(entry[2]) if entry[2] else (), *entry[3:]
+        )
+        for entry in orjson.loads(sent)
+    ]  # fmt: skip
+
 
 def _json_value(value: Any) -> Any:
     """`destinations.base.json_value`, imported on first use: the worker process then loads
@@ -182,16 +215,16 @@ class NormalisingPool:
     def parallel(self) -> bool:
         return self._executor is not None
 
-    def submit(self, rows: Sequence[Any]) -> Future[list[Outcome]]:
+    def submit(self, rows: Sequence[Any]) -> Future[SentOutcomes]:
         if self._executor is not None:
             try:
-                return self._executor.submit(self.normalise, rows)
+                return self._executor.submit(self.normalise.encoded, rows)
             except BrokenProcessPool as error:
                 raise _worker_stopped(error) from None
             except OSError as error:  # the worker could not be started
                 self._executor.shutdown(wait=False)  # jobs already handed in still finish
                 self._in_this_process(error)
-        done: Future[list[Outcome]] = Future()
+        done: Future[SentOutcomes] = Future()
         done.set_result(self.normalise(rows))
         return done
 
@@ -203,9 +236,10 @@ class NormalisingPool:
         self._executor = None
 
     @staticmethod
-    def outcomes(future: Future[list[Outcome]]) -> list[Outcome]:
+    def outcomes(future: Future[SentOutcomes]) -> list[Outcome]:
+        """A submitted chunk's outcomes, in the order of its rows (waits for them)."""
         try:
-            return future.result()
+            return decoded_outcomes(future.result())
         except BrokenProcessPool as error:
             raise _worker_stopped(error) from None
 

@@ -31,6 +31,8 @@ from connector.row_normaliser import (
     PayloadBuilder,
     Ready,
     RowNormaliser,
+    decoded_outcomes,
+    encode_outcomes,
 )
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult
@@ -228,6 +230,22 @@ def test_the_second_process_gives_what_this_one_gives() -> None:
     expected = normalise_identifiers({"email": "A@B.com", "phone": "+1 415 555 0100"})
     assert ready.identifiers == expected.identifiers
     assert isinstance(parallel[1], str) and "no usable identifier" in parallel[1]
+
+
+def test_outcomes_leave_the_worker_as_one_json_document_and_come_back_equal() -> None:
+    outcomes = [
+        Ready({"email": "a@b.com"}, {"F": 1.5, "G": None, "H": [1, "x"]}, ("phone: bad",),
+              '{"email":"a@b.com"}', "fp1", '{"F":1.5}', "fp2"),
+        Ready({"email": "é@b.com"}, {}, (), '{"email":"\\u00e9@b.com"}', "fp3", "{}", "fp4"),
+        "no usable identifier (email): all identifier columns are empty",
+    ]  # fmt: skip
+    sent = encode_outcomes(outcomes)
+    assert isinstance(sent, bytes)
+    assert decoded_outcomes(sent) == outcomes
+    # What orjson refuses (an integer beyond 64 bits) is handed over as it is.
+    huge = [Ready({"email": "a@b.com"}, {"N": 2**70}, (), "{}", "fp", "{}", "fp")]
+    assert encode_outcomes(huge) is huge
+    assert decoded_outcomes(huge) is huge
 
 
 def test_a_worker_that_dies_fails_the_run_with_a_clear_error() -> None:
