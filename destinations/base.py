@@ -545,16 +545,23 @@ class HttpDestination(Destination):
         self.http.close()
 
 
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+"""Dates and dataclasses go through `json_value` like every other type JSON lacks."""
+
+
 def json_bytes(document: Any) -> bytes:
-    """`document` as compact UTF-8 JSON (no spaces, non-ASCII characters as they are): the
-    bytes adapters send and files hold. orjson writes them ~12x faster than `json` (a batch of
-    5,000 records: 2 ms instead of 24 ms). The text is `json.dumps`'s (compact, UTF-8) except
-    that floats with an exponent lose its `+` and leading zeros (`1e16`, not `1e+16`): the same
-    numbers. What orjson refuses (integers beyond 64 bits, non-text keys) goes through `json`."""
+    """`json_value(document)` as compact UTF-8 JSON (no spaces, non-ASCII characters as they
+    are): the bytes adapters send and files hold.
+
+    orjson writes them ~12x faster than `json` (a batch of 5,000 records: 2 ms instead of
+    24 ms) and calls `json_value` only for the values it cannot write itself. The text is
+    `json.dumps`'s except that floats with an exponent lose its `+` and leading zeros (`1e16`,
+    not `1e+16`): the same numbers. What orjson refuses (integers beyond 64 bits, keys that are
+    not text, mappings that are not dicts) goes through `json`."""
     try:
-        return orjson.dumps(document)
+        return orjson.dumps(document, default=json_value, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(json_value(document), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def json_value(value: Any) -> Any:

@@ -255,9 +255,13 @@ def _csv_line(cells: list[str]) -> bytes:
 
 
 def _jsonl_line(action: str, member: Member) -> bytes:
-    fields = {name: json_value(value) for name, value in member.fields.items()}
-    document = {"action": action, "key": member.key, "identifiers": dict(member.identifiers)}
-    return json_bytes({**document, "fields": fields}) + b"\n"
+    document = {
+        "action": action,
+        "key": member.key,
+        "identifiers": member.identifiers,
+        "fields": member.fields,
+    }
+    return json_bytes(document) + b"\n"
 
 
 def _cut_partial_line(handle: IO[bytes]) -> int:

@@ -64,15 +64,11 @@ from destinations.base import (
     Verdict,
     default_verdict,
     json_bytes,
-    json_value,
 )
 
 Action = Literal["add", "remove", "update"]
 
 SECRET_PREFIX = "whsec_"
-
-_AS_IS = frozenset({str, int, bool, type(None)})
-"""Exact types `json_value` returns unchanged."""
 
 
 class WebhookOptions(HttpDestinationOptions):
@@ -200,21 +196,20 @@ class WebhookDestination(HttpDestination):
 
     def body(self, action: Action, batch: Batch) -> bytes:
         """The exact bytes sent (and signed) for a batch."""
-        hashed = self.options.hash
-        records = []
-        for member in batch.members:
-            identifiers = member.identifiers
-            if hashed:
-                identifiers = {name: sha256_hex(value) for name, value in identifiers.items()}
-            elif type(identifiers) is not dict:
-                identifiers = dict(identifiers)
-            fields = member.fields
-            # Values json_value() returns unchanged are sent as they are, without a copy.
-            if type(fields) is not dict or any(
-                type(value) not in _AS_IS for value in fields.values()
-            ):
-                fields = {name: json_value(value) for name, value in fields.items()}
-            records.append({"key": member.key, "identifiers": identifiers, "fields": fields})
+        if self.options.hash:
+            records = [
+                {
+                    "key": member.key,
+                    "identifiers": {n: sha256_hex(v) for n, v in member.identifiers.items()},
+                    "fields": member.fields,
+                }
+                for member in batch.members
+            ]
+        else:
+            records = [
+                {"key": m.key, "identifiers": m.identifiers, "fields": m.fields}
+                for m in batch.members
+            ]
         document = {
             "sync": self.context.sync,
             "run_id": self.context.run_id,

@@ -90,3 +90,32 @@ def test_json_bytes_falls_back_to_json_for_what_orjson_refuses() -> None:
 
     assert json_bytes({"n": 2**70}) == b'{"n":1180591620717411303424}'
     assert json_bytes({1: "a"}) == b'{"1":"a"}'
+
+
+def test_json_bytes_renders_what_json_lacks_as_json_value_does() -> None:
+    import datetime
+    import decimal
+    import uuid
+    from types import MappingProxyType
+
+    from destinations.base import json_bytes, json_value
+
+    document = {
+        "date": datetime.date(2026, 12, 7),
+        "at": datetime.datetime(2026, 12, 7, 2, 45, 59, 123456),
+        "aware": datetime.datetime(2026, 12, 7, tzinfo=datetime.UTC),
+        "time": datetime.time(8, 30),
+        "price": decimal.Decimal("12.50"),
+        "count": decimal.Decimal("3"),
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "raw": b"\x01\xff",
+        "tags": ("a", "b"),
+        "set": frozenset({"x"}),
+        "id": uuid.UUID(int=7),
+        "gap": datetime.timedelta(days=1),
+        "nested": {"when": datetime.date(2026, 1, 1)},
+        "proxy": MappingProxyType({"k": "v"}),
+    }
+    expected = json.dumps(json_value(document), ensure_ascii=False, separators=(",", ":"))
+    assert json_bytes(document) == expected.encode()
