@@ -27,7 +27,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -107,9 +108,12 @@ class NoSyncOptions(BaseModel):
 # What flows between the engine and an adapter
 
 
-@dataclass(frozen=True)
-class Member:
-    """One audience member as the adapter sees it.
+_NO_FIELDS: Mapping[str, Any] = MappingProxyType({})
+
+
+class Member(NamedTuple):
+    """One audience member as the adapter sees it (immutable; a tuple, cheap to build for each
+    of a large segment's rows).
 
     ``identifiers`` are normalised but plain (adapters hash them when the platform wants hashes);
     ``fields`` are the extra attributes mapped by the sync; ``platform_id`` is what the platform
@@ -118,7 +122,7 @@ class Member:
 
     key: str
     identifiers: Mapping[str, str]
-    fields: Mapping[str, Any] = field(default_factory=dict)
+    fields: Mapping[str, Any] = _NO_FIELDS
     platform_id: str | None = None
 
 
@@ -133,16 +137,14 @@ class Batch:
         return len(self.members)
 
 
-@dataclass(frozen=True)
-class Rejection:
+class Rejection(NamedTuple):
     """A row the platform refused; it is recorded, not retried."""
 
     key: str
     reason: str
 
 
-@dataclass(frozen=True)
-class Acknowledged:
+class Acknowledged(NamedTuple):
     """A row the platform accepted, with the platform's own id when it returns one."""
 
     key: str

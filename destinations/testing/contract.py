@@ -36,7 +36,6 @@ The rules it checks:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +198,7 @@ class DestinationContract:
     ) -> None:
         added = adapter.add(_batch(harness, 1, [1, 2, 3]))
         platform_ids = {a.key: a.platform_id for a in added.acknowledged}
-        gone = dataclasses.replace(harness.make_member(2), platform_id=platform_ids["k2"])
+        gone = harness.make_member(2)._replace(platform_id=platform_ids["k2"])
         result = adapter.remove(Batch(2, [gone]))
         assert _keys(result) == ({"k2"}, set())
         assert set(harness.members()) == {"k1", "k3"}
