@@ -248,12 +248,16 @@ def test_the_warehouse_memory_settings_are_restored_after_the_diff(
     tmp_path: Path, query: str
 ) -> None:
     """The diff lowers DuckDB's memory limit for a moment to release its buffers and its
-    allocator's flush thresholds while it runs; the URL's values or the defaults come back."""
+    allocator's flush thresholds while it runs; the URL's values or the defaults come back
+    (winback's own memory limit, 128MB, when the URL sets none)."""
     write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
     runner = make_runner(tmp_path, pushdown=True, audience="A", sql=SEGMENT_SQL)
     url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}{query}"
     runner.config.warehouse.url = url
-    fresh = sa.create_engine(url, connect_args={"read_only": True})
+    fresh = sa.create_engine(
+        url if "memory_limit" in query else f"{url}{'&' if query else '?'}memory_limit=128MB",
+        connect_args={"read_only": True},
+    )
     try:
         with fresh.connect() as connection:
             expected = [connection.exec_driver_sql(SETTINGS).all()]
