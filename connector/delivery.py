@@ -200,11 +200,10 @@ class Delivery:
             keys = [a.key for a in acknowledged if by_key[a.key].in_snapshot]
             keys += [r.key for r in rejected if by_key[r.key].in_snapshot]
             StateStore.delete_snapshot_keys(connection, self.result.sync, keys)
-            rows = [
-                self._snapshot_row(by_key[a.key], "member", a.platform_id, now)
-                for a in acknowledged
-            ]
-            rows += [self._snapshot_row(by_key[r.key], "rejected", None, now) for r in rejected]
+            rows = self._snapshot_rows(
+                [(by_key[a.key], a.platform_id) for a in acknowledged], "member", now
+            )
+            rows += self._snapshot_rows([(by_key[r.key], None) for r in rejected], "rejected", now)
             insert_rows(connection, snapshot, rows)
         elif action == "update" and acknowledged:
             self._update_snapshot(
@@ -224,23 +223,31 @@ class Delivery:
         self.result.batches += 1
         self.reporter.advance(len(by_key))
 
-    def _snapshot_row(
-        self, change: PlannedChange, status: str, platform_id: str | None, now: dt.datetime
-    ) -> tuple[Any, ...]:
-        """A snapshot row, in the column order of `snapshot` (for `insert_rows`)."""
-        return (
-            self.result.sync,
-            change.key,
-            status,
-            change.raw_fp,
-            change.identity_fp,
-            change.fields_fp,
-            change.identifiers_text,
-            platform_id or change.platform_id,
-            now,
-            now,
-            None,  # reason: only skipped rows have one
-        )
+    def _snapshot_rows(
+        self,
+        changes: Sequence[tuple[PlannedChange, str | None]],
+        status: str,
+        now: dt.datetime,
+    ) -> list[tuple[Any, ...]]:
+        """Snapshot rows in the column order of `snapshot` (for `insert_rows`): each change
+        with the platform id its acknowledgement returned, else the one it had."""
+        sync = self.result.sync
+        return [
+            (
+                sync,
+                c.key,
+                status,
+                c.raw_fp,
+                c.identity_fp,
+                c.fields_fp,
+                c.identifiers_text,
+                platform_id or c.platform_id,
+                now,
+                now,
+                None,  # reason: only skipped rows have one
+            )
+            for c, platform_id in changes
+        ]
 
     def _update_snapshot(
         self, changes: Sequence[tuple[PlannedChange, str | None]], now: dt.datetime | None

@@ -61,20 +61,32 @@ class RowNormaliser:
     """A row needs one of these to be sent; without, it is skipped with the reason."""
 
     def __call__(self, payload: dict[str, Any]) -> Normalised:
+        identifiers, problems = self._identifiers(payload)
+        fields = payload["f"]
+        if self.matching.isdisjoint(identifiers):
+            return Normalised(identifiers, fields, skip_reason=self._skip_reason(problems))
+        return Normalised(identifiers, fields, dropped=tuple(problems))
+
+    def outcome(self, payload: dict[str, Any]) -> Outcome:
+        """`outcome_of(self(payload))` without the intermediate `Normalised` (the per-row path
+        of a large first sync)."""
+        identifiers, problems = self._identifiers(payload)
+        if self.matching.isdisjoint(identifiers):
+            return self._skip_reason(problems)
+        return Ready.of_values(identifiers, payload["f"], tuple(problems))
+
+    def _identifiers(self, payload: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
         normalised = normalise_identifiers(payload["i"], default_country=self.default_country)
         identifiers = normalised.identifiers
         if not self.accepted.issuperset(identifiers):
             # Config validation refuses identifiers the destination does not accept; this only
             # matters for a config built some other way.
             identifiers = {n: v for n, v in identifiers.items() if n in self.accepted}
-        fields = payload["f"]
-        if self.matching.isdisjoint(identifiers):
-            why = "; ".join(normalised.problems) or "all identifier columns are empty"
-            matching = ", ".join(sorted(self.matching))
-            return Normalised(
-                identifiers, fields, skip_reason=f"no usable identifier ({matching}): {why}"
-            )
-        return Normalised(identifiers, fields, dropped=tuple(normalised.problems))
+        return identifiers, normalised.problems
+
+    def _skip_reason(self, problems: list[str]) -> str:
+        why = "; ".join(problems) or "all identifier columns are empty"
+        return f"no usable identifier ({', '.join(sorted(self.matching))}): {why}"
 
 
 class Ready(NamedTuple):
@@ -90,16 +102,16 @@ class Ready(NamedTuple):
 
     @classmethod
     def of(cls, new: Normalised) -> Ready:
-        identifiers_text, identity_fp = fingerprinted_text(new.identifiers)
-        fields_text, fields_fp = fingerprinted_text(new.fields)
+        return cls.of_values(new.identifiers, new.fields, new.dropped)
+
+    @classmethod
+    def of_values(
+        cls, identifiers: dict[str, str], fields: dict[str, Any], dropped: tuple[str, ...]
+    ) -> Ready:
+        identifiers_text, identity_fp = fingerprinted_text(identifiers)
+        fields_text, fields_fp = fingerprinted_text(fields)
         return cls(
-            new.identifiers,
-            new.fields,
-            new.dropped,
-            identifiers_text,
-            identity_fp,
-            fields_text,
-            fields_fp,
+            identifiers, fields, dropped, identifiers_text, identity_fp, fields_text, fields_fp
         )
 
 
@@ -151,8 +163,8 @@ class ChunkNormaliser:
     normalise: RowNormaliser
 
     def __call__(self, rows: Sequence[Sequence[Any]]) -> list[Outcome]:
-        payload, normalise = self.payload, self.normalise
-        return [outcome_of(normalise(payload(row))) for row in rows]
+        payload, outcome = self.payload, self.normalise.outcome
+        return [outcome(payload(row)) for row in rows]
 
     def encoded(self, rows: Sequence[Sequence[Any]]) -> SentOutcomes:
         """The outcomes as they leave the worker: one JSON document (see `decoded_outcomes`)."""
