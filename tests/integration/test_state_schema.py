@@ -75,3 +75,43 @@ def test_a_version_1_store_is_migrated_in_place(v1_store_url: str) -> None:
     finally:
         store.dispose()
     StateStore(v1_store_url).dispose()  # opening again changes nothing
+
+
+def test_insert_rows_stores_what_a_core_insert_stores(tmp_path: Path) -> None:
+    """SQLite inserts write columns that hold one value throughout into the statement: the
+    stored rows are those of a plain insert, quotes, NUL characters and one-row batches too."""
+    import datetime as dt
+
+    from connector.state import insert_rows
+
+    now = dt.datetime(2026, 12, 7, 3, 14, 9, 287321)
+    sync, status = "o'brien's sync", "member"
+
+    def row(key: str, identifiers: str, reason: str | None = None) -> tuple[object, ...]:
+        return (sync, key, status, "1", "a" * 40, "b" * 40, identifiers, None, now, now, reason)
+
+    batches = [
+        [row("1", '{"email":"a@b.com"}'), row("2", '{"email":"c@d.com"}')],
+        [row("3", "same"), row("4", "same")],  # a constant text column beside bound ones
+        [row("5", "nul\x00inside", "x"), row("6", "nul\x00inside", "x")],
+        [row("7", "one row")],
+    ]
+    stores = {}
+    for name in ("raw", "core"):
+        store = StateStore(f"sqlite:///{tmp_path / name}.db")
+        with store.connect() as connection:
+            for rows in batches:
+                if name == "raw":
+                    insert_rows(connection, snapshot, rows)
+                else:
+                    names = [column.key for column in snapshot.columns]
+                    connection.execute(
+                        snapshot.insert(), [dict(zip(names, r, strict=True)) for r in rows]
+                    )
+            connection.commit()
+            stores[name] = connection.execute(
+                sa.select(snapshot, sa.func.typeof(snapshot.c.platform_id)).order_by("key")
+            ).all()
+        store.dispose()
+    assert stores["raw"] == stores["core"]
+    assert len(stores["raw"]) == 7
