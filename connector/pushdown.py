@@ -36,7 +36,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from connector.errors import WarehouseError
-from connector.warehouse import first_line
+from connector.warehouse import query_problem
 
 PUSHDOWN_DIALECTS = frozenset({"duckdb"})
 MAX_KEY_LENGTH = 500
@@ -285,7 +285,10 @@ class WarehouseDiff:
         return KeyCensus(total, duplicates)
 
     def drop(self) -> None:
-        """Free what `load` created (the warehouse connection goes back to the pool)."""
+        """Free what `load` created (the warehouse connection goes back to the pool). A failed
+        statement (e.g. DuckDB out of memory) leaves its transaction aborted: it is rolled back
+        first, so the cleanup works and the failure is the one reported."""
+        self.connection.rollback()
         for name in (_DUPLICATES, _SEGMENT, _SNAPSHOT):
             self.connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
         self._release_memory()
@@ -381,13 +384,13 @@ class WarehouseDiff:
         try:
             self.connection.execute(statement)
         except sa.exc.DBAPIError as error:
-            raise WarehouseError(f"{what}: {first_line(error)}; {self.where_to_fix}") from None
+            raise WarehouseError(f"{what}: {query_problem(error)}; {self.where_to_fix}") from None
 
     def _all(self, sql: str) -> list[sa.Row[Any]]:
         try:
             return list(self.connection.execute(sa.text(sql)).all())
         except sa.exc.DBAPIError as error:
-            raise WarehouseError(f"the diff failed: {first_line(error)}") from None
+            raise WarehouseError(f"the diff failed: {query_problem(error)}") from None
 
     def _scalar(self, sql: str) -> Any:
         return self._all(sql)[0][0]
@@ -406,5 +409,5 @@ class WarehouseDiff:
             yield from result.partitions(chunk_size)
         except sa.exc.DBAPIError as error:
             raise WarehouseError(
-                f"{what}: {first_line(error)}" + (f"; {fix}" if fix else "")
+                f"{what}: {query_problem(error)}" + (f"; {fix}" if fix else "")
             ) from None

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from connector.config import QuerySegment, Segment
 from connector.errors import WarehouseError
 from connector.rules import RulesSegment, compile_rules
-from connector.warehouse import first_line, stream_rows, warehouse_connection
+from connector.warehouse import query_problem, stream_rows, warehouse_connection
 
 
 def effective_as_of(segment: Segment, as_of: dt.date | None) -> dt.date:
@@ -64,7 +64,7 @@ def probe_columns(
             columns = list(connection.execute(probe).keys())
         except sa.exc.DBAPIError as error:
             raise WarehouseError(
-                f"the query failed: {first_line(error)}; {where_to_fix(name, segment)}",
+                f"the query failed: {query_problem(error)}; {where_to_fix(name, segment)}",
                 segment=name,
             ) from None
     if segment.key not in columns:
@@ -114,7 +114,7 @@ def read_segment(
             columns, chunks = stream_rows(connection, query, chunk_size=chunk_size)
         except sa.exc.DBAPIError as error:
             raise WarehouseError(
-                f"the query failed: {first_line(error)}; {where_to_fix(name, segment)}",
+                f"the query failed: {query_problem(error)}; {where_to_fix(name, segment)}",
                 segment=name,
             ) from None
         check_columns(name, segment, columns, required_columns)
@@ -142,6 +142,6 @@ def _guarded(
         yield from chunks
     except sa.exc.DBAPIError as error:
         raise WarehouseError(
-            f"reading the result failed: {first_line(error)}; {where_to_fix(name, segment)}",
+            f"reading the result failed: {query_problem(error)}; {where_to_fix(name, segment)}",
             segment=name,
         ) from None

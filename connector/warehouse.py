@@ -27,6 +27,19 @@ def first_line(error: BaseException) -> str:
     return text[0] if text else type(original).__name__
 
 
+def query_problem(error: BaseException) -> str:
+    """What went wrong with a warehouse query: the database's first line, and for DuckDB
+    running out of its memory limit, how to give it more room."""
+    text = first_line(error)
+    if text.startswith("Out of Memory Error"):
+        text += (
+            f" (DuckDB's memory_limit: winback sets {DUCKDB_MEMORY_LIMIT} unless the warehouse "
+            "URL sets one; raise it, e.g. `duckdb:///w.duckdb?memory_limit=1GB`, or set "
+            "`temp_directory` to a writable folder DuckDB can spill to)"
+        )
+    return text
+
+
 DUCKDB_MEMORY_LIMIT = "128MB"
 """DuckDB's memory limit when the warehouse URL sets none (DuckDB's own default is 80% of the
 machine's memory). The in-warehouse diff of a 500k-row segment runs within it no slower; larger

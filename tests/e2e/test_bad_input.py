@@ -347,3 +347,24 @@ def test_secrets_never_reach_output_or_state(project: Project) -> None:
         assert result.returncode == 0, result
         assert SECRET not in result.stdout + result.stderr
     assert SECRET.encode() not in database_dump(state_db(project.folder))
+
+
+@pytest.mark.usefixtures("unchanged_state")
+def test_duckdb_out_of_memory_says_how_to_give_it_more(project: Project) -> None:
+    """A segment query that needs more than DuckDB's memory limit (here 4MB with spilling
+    switched off) fails naming the limit and where to raise it."""
+    text = project.bad_config(
+        'url = "duckdb:///warehouse.duckdb"',
+        'url = "duckdb:///warehouse.duckdb?memory_limit=4MB&temp_directory="',
+    )
+    text = text.replace(
+        "FROM customers WHERE",
+        "FROM customers WHERE customer_id NOT IN "
+        "(SELECT -1 - range FROM range(2000000) ORDER BY md5(range::VARCHAR)) AND",
+        1,
+    )
+    result = run_bad(project, text, "sync", "run", "--output", "json")
+    assert_one_paragraph(
+        result, 1, "the query failed", "Out of Memory", "memory_limit", "segments.lapsed.sql"
+    )
+    assert result.run()["status"] == "failed"
