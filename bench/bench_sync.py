@@ -386,7 +386,14 @@ def run_winback(
     command = [sys.executable]
     if profile == "py-spy":  # samples every thread and the normalising worker (pip install py-spy)
         command = ["py-spy", "record", "--subprocesses", "--threads", "--nonblocking", "-r", "100"]
-        command += ["-f", "raw", "-o", str(profile_path.with_suffix(".pyspy")), "--", sys.executable]
+        command += [
+            "-f",
+            "raw",
+            "-o",
+            str(profile_path.with_suffix(".pyspy")),
+            "--",
+            sys.executable,
+        ]
     elif profile == "cprofile":
         command += ["-m", "cProfile", "-o", str(profile_path.with_suffix(".prof"))]
     elif profile == "pyinstrument":
