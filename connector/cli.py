@@ -443,6 +443,15 @@ def _run_syncs(
             results.append(result)
             if settings.verbosity > 1 and result.error and sys.exc_info()[0] is None:
                 logging.getLogger("winback").debug("run %s: %s", result.run_id, result.error)
+    except KeyboardInterrupt:
+        stderr.print(
+            "error: interrupted; every batch the destination acknowledged is recorded (the run "
+            "is in `winback sync history` as failed) and the next run sends the rest",
+            style="red",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     finally:
         if reporter is not None:
             reporter.progress.stop()

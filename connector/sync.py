@@ -8,6 +8,7 @@ nothing: the next run re-sends exactly what was not acknowledged.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import time
 import uuid
@@ -114,7 +115,7 @@ class SyncRunner:
         """Run one sync; never raises for problems that belong in the run record."""
         result = RunResult(sync=sync_name, run_id=new_run_id())
         started = time.monotonic()
-        locked = False
+        locked = interrupted = False
         try:
             if not options.dry_run:
                 self.store.acquire_lock(sync_name, result.run_id)
@@ -128,8 +129,11 @@ class SyncRunner:
         except WinbackError as error:  # warehouse, state, destination, config at run time
             result.status, result.error = "failed", str(error)
         except KeyboardInterrupt:
+            # Raised again below, once the run is recorded: the frames it interrupted (and any
+            # state-store statement they left half done, whose transaction keeps the database
+            # locked) must be gone first, or recording the run would wait for that lock.
             result.status, result.error = "failed", "interrupted by the user"
-            raise
+            interrupted = True
         except Exception as error:  # a bug must not stop the other syncs of a scheduled run
             log.debug("unexpected error in sync %s", sync_name, exc_info=True)
             result.status = "failed"
@@ -138,8 +142,12 @@ class SyncRunner:
             )
         finally:
             result.duration_s = round(time.monotonic() - started, 3)
+            if interrupted:
+                gc.collect()  # frames in reference cycles too
             if locked:
                 self._finish(sync_name, result)
+        if interrupted:
+            raise KeyboardInterrupt
         return result
 
     def _finish(self, sync_name: str, result: RunResult) -> None:

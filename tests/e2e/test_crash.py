@@ -10,7 +10,9 @@ equals the segment, and the only keys added twice are those of the batch in flig
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +166,49 @@ def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
         statuses = sqlite_rows(state_db(tmp_path), "SELECT status FROM runs")
         assert len(statuses) == 7
         assert not running_runs(tmp_path)
+
+
+def interrupt_after_requests(folder: Path, receiver: LoggedReceiverProcess, requests: int) -> None:
+    """Start a run, SIGINT it once the receiver has had `requests` requests, check it stops."""
+    process = start_cli(*RUN, cwd=folder)
+    wait_until(
+        lambda: receiver.requests() >= requests or process.poll() is not None,
+        timeout=60,
+        every=0.005,
+    )
+    assert process.poll() is None, finish(process, RUN)
+    interrupted_at = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    result = finish(process, RUN, timeout=30)
+    assert time.monotonic() - interrupted_at < 15
+    assert result.returncode == 130, result
+    assert "interrupted" in result.stderr and "next run sends the rest" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert lock_holder(folder) is None
+    assert not running_runs(folder)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_adding_is_recorded_and_the_next_run_sends_the_rest(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) stops a large first sync within seconds, says what is kept, records the
+    run as interrupted and releases the lock; the next run sends exactly what is missing."""
+    build_warehouse(tmp_path / "warehouse.duckdb", CUSTOMERS)
+    with LoggedReceiverProcess(tmp_path, delay_s=0.005) as receiver:
+        write_config(
+            tmp_path,
+            destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
+            syncs={"s": webhook_sync()},
+        )
+        # Early in the first run, then in the run that resumes it.
+        for interrupt_after in (3, 12):
+            interrupt_after_requests(tmp_path, receiver, receiver.requests() + interrupt_after)
+
+        statuses = sqlite_rows(state_db(tmp_path), "SELECT status, error FROM runs")
+        assert statuses == [("failed", "interrupted by the user")] * 2
+        run = complete_run(tmp_path)
+        assert run["status"] == "success"
+        assert_in_sync(tmp_path, receiver)
+        again = duplicate_adds(receiver.log())
+        # At-least-once: only what was in flight at each interrupt may come twice.
+        assert len(again) <= 2 * 2 * BATCH, len(again)
+        assert set(again.values()) <= {1}

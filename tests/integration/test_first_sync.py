@@ -194,6 +194,46 @@ def test_a_failed_batch_stays_pending_for_the_next_run(tmp_path: Path) -> None:
     assert set(MemoryDestination.audiences["A"]) == {"1", "2", "3", "6", "8"}
 
 
+def test_ctrl_c_during_a_checkpoint_is_recorded_and_leaves_nothing_locked(tmp_path: Path) -> None:
+    """Ctrl-C inside a state-store statement: SQLAlchemy discards that connection, whose
+    transaction stays open (keeping SQLite locked) until the interrupted frames are gone. The
+    run is recorded as interrupted at once, and the next run sends exactly the rest."""
+    MemoryDestination.reset()
+    warehouse = write_people(tmp_path, "duckdb", ROWS)
+    runner = memory_runner(tmp_path, warehouse, batch_size=2)
+    checkpoints = 0
+
+    def interrupt_the_second_checkpoint(*args: Any) -> None:
+        nonlocal checkpoints
+        if args[2].startswith("INSERT INTO snapshot"):
+            checkpoints += 1
+            if checkpoints == 2:
+                raise KeyboardInterrupt
+
+    sa.event.listen(runner.store.engine, "after_cursor_execute", interrupt_the_second_checkpoint)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run("s", RunOptions())
+    finally:
+        sa.event.remove(
+            runner.store.engine, "after_cursor_execute", interrupt_the_second_checkpoint
+        )
+    # Recording the run did not wait for the lock (SQLite's busy timeout is 30 s).
+    assert time.monotonic() - started < 10
+    history = runner.store.history("s", 5)
+    assert [(run.status, run.error) for run in history] == [("failed", "interrupted by the user")]
+    assert runner.store.lock_holder("s") is None
+
+    second = runner.run("s", RunOptions())
+    runner.close()
+
+    assert second.status == "success", second.error
+    assert set(MemoryDestination.audiences["A"]) == {"1", "2", "3", "6", "8"}
+    # The interrupted batch (2 rows) was acknowledged but not recorded: only it is sent again.
+    assert sum(n for _, n in MemoryDestination.calls) == 5 + 2, MemoryDestination.calls
+
+
 def test_a_dry_run_of_a_first_sync_writes_nothing(tmp_path: Path) -> None:
     MemoryDestination.reset()
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
