@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from rich.table import Table
 from connector import __version__
 from connector.collector import tune_garbage_collector
 from connector.config import WinbackConfig, load_config, resolve_config_path
-from connector.errors import ConfigError, ConfigProblem, WarehouseError, WinbackError
+from connector.errors import ConfigError, ConfigProblem, Terminated, WarehouseError, WinbackError
 from destinations.base import SyncContext
 from destinations.registry import load_registry
 
@@ -298,8 +299,13 @@ def segments_explain(
         engine.dispose()
     stdout.print(explanation.sql, highlight=False)
     table = Table("signal", "inactive", "active", "never", title=f"{name}: signals")
-    for signal in explanation.signals:
-        table.add_row(signal.name, str(signal.inactive), str(signal.active), str(signal.never))
+    for rule_signal in explanation.signals:
+        table.add_row(
+            rule_signal.name,
+            str(rule_signal.inactive),
+            str(rule_signal.active),
+            str(rule_signal.never),
+        )
     stdout.print(table)
     stdout.print(f"qualifying people: {explanation.qualifying}", highlight=False)
 
@@ -443,15 +449,17 @@ def _run_syncs(
             results.append(result)
             if settings.verbosity > 1 and result.error and sys.exc_info()[0] is None:
                 logging.getLogger("winback").debug("run %s: %s", result.run_id, result.error)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
         stderr.print(
-            "error: interrupted; every batch the destination acknowledged is recorded (the run "
-            "is in `winback sync history` as failed) and the next run sends the rest",
+            f"error: {'stopped by SIGTERM' if terminated else 'interrupted'}; every batch the "
+            "destination acknowledged is recorded (the run is in `winback sync history` as "
+            "failed) and the next run sends the rest",
             style="red",
             highlight=False,
             soft_wrap=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if terminated else 130) from None
     finally:
         if reporter is not None:
             reporter.progress.stop()
@@ -648,6 +656,12 @@ def sync_reset(
     stdout.print(f"{name}: forgot {forgotten} snapshot rows; the next run is a full sync")
 
 
+def _stop_on_sigterm(_signal: int, _frame: object) -> None:
+    """Schedulers stop a task with SIGTERM: stop as Ctrl-C does (the run is recorded, the lock
+    released) instead of dying with a lock and a `running` run left behind."""
+    raise Terminated
+
+
 def main() -> None:
     """Console entry point: runs the app and maps winback errors to exit codes.
 
@@ -655,6 +669,7 @@ def main() -> None:
     is printed as one paragraph (traceback with -vv) with its documented exit code.
     """
     tune_garbage_collector()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         app()
     except WinbackError as error:

@@ -131,3 +131,7 @@ class BatchFailedError(DestinationError):
 
 class FatalDestinationError(DestinationError):
     """Stop this sync at once (bad credentials, missing audience, refused options)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's timeout, a container stopping): winback stops as for Ctrl-C."""

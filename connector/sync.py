@@ -22,6 +22,7 @@ from connector.diff import ChangePlanner
 from connector.errors import (
     GuardError,
     LockedError,
+    Terminated,
     WinbackError,
 )
 from connector.first_sync import StreamedFirstSync
@@ -115,7 +116,8 @@ class SyncRunner:
         """Run one sync; never raises for problems that belong in the run record."""
         result = RunResult(sync=sync_name, run_id=new_run_id())
         started = time.monotonic()
-        locked = interrupted = False
+        locked = False
+        interrupted: type[KeyboardInterrupt] | None = None
         try:
             if not options.dry_run:
                 self.store.acquire_lock(sync_name, result.run_id)
@@ -128,12 +130,17 @@ class SyncRunner:
             result.status, result.error = "aborted", str(error)
         except WinbackError as error:  # warehouse, state, destination, config at run time
             result.status, result.error = "failed", str(error)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             # Raised again below, once the run is recorded: the frames it interrupted (and any
             # state-store statement they left half done, whose transaction keeps the database
             # locked) must be gone first, or recording the run would wait for that lock.
-            result.status, result.error = "failed", "interrupted by the user"
-            interrupted = True
+            result.status = "failed"
+            result.error = (
+                "stopped by SIGTERM"
+                if isinstance(interrupt, Terminated)
+                else "interrupted by the user"
+            )
+            interrupted = type(interrupt)
         except Exception as error:  # a bug must not stop the other syncs of a scheduled run
             log.debug("unexpected error in sync %s", sync_name, exc_info=True)
             result.status = "failed"
@@ -142,12 +149,12 @@ class SyncRunner:
             )
         finally:
             result.duration_s = round(time.monotonic() - started, 3)
-            if interrupted:
+            if interrupted is not None:
                 gc.collect()  # frames in reference cycles too
             if locked:
                 self._finish(sync_name, result)
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted is not None:
+            raise interrupted
         return result
 
     def _finish(self, sync_name: str, result: RunResult) -> None:

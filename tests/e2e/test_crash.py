@@ -168,8 +168,11 @@ def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
         assert not running_runs(tmp_path)
 
 
-def interrupt_after_requests(folder: Path, receiver: LoggedReceiverProcess, requests: int) -> None:
-    """Start a run, SIGINT it once the receiver has had `requests` requests, check it stops."""
+def interrupt_after_requests(
+    folder: Path, receiver: LoggedReceiverProcess, requests: int, stop: signal.Signals
+) -> None:
+    """Start a run, send it `stop` once the receiver has had `requests` requests, check that
+    it stops at once, says what is kept and leaves no lock or running run behind."""
     process = start_cli(*RUN, cwd=folder)
     wait_until(
         lambda: receiver.requests() >= requests or process.poll() is not None,
@@ -178,20 +181,20 @@ def interrupt_after_requests(folder: Path, receiver: LoggedReceiverProcess, requ
     )
     assert process.poll() is None, finish(process, RUN)
     interrupted_at = time.monotonic()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     result = finish(process, RUN, timeout=30)
     assert time.monotonic() - interrupted_at < 15
-    assert result.returncode == 130, result
-    assert "interrupted" in result.stderr and "next run sends the rest" in result.stderr
+    assert result.returncode == (130 if stop == signal.SIGINT else 143), result
+    assert "next run sends the rest" in result.stderr
     assert "Traceback" not in result.stderr
     assert lock_holder(folder) is None
     assert not running_runs(folder)
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_adding_is_recorded_and_the_next_run_sends_the_rest(tmp_path: Path) -> None:
-    """SIGINT (Ctrl-C) stops a large first sync within seconds, says what is kept, records the
-    run as interrupted and releases the lock; the next run sends exactly what is missing."""
+def test_ctrl_c_or_sigterm_is_recorded_and_the_next_run_sends_the_rest(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM stops a large first sync within seconds, says what is kept,
+    records the run and releases the lock; the next run sends exactly what is missing."""
     build_warehouse(tmp_path / "warehouse.duckdb", CUSTOMERS)
     with LoggedReceiverProcess(tmp_path, delay_s=0.005) as receiver:
         write_config(
@@ -199,12 +202,14 @@ def test_ctrl_c_while_adding_is_recorded_and_the_next_run_sends_the_rest(tmp_pat
             destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
             syncs={"s": webhook_sync()},
         )
-        # Early in the first run, then in the run that resumes it.
-        for interrupt_after in (3, 12):
-            interrupt_after_requests(tmp_path, receiver, receiver.requests() + interrupt_after)
+        # Ctrl-C early in the first run, then a scheduler's SIGTERM in the run resuming it.
+        for interrupt_after, stop in ((3, signal.SIGINT), (12, signal.SIGTERM)):
+            interrupt_after_requests(
+                tmp_path, receiver, receiver.requests() + interrupt_after, stop
+            )
 
         statuses = sqlite_rows(state_db(tmp_path), "SELECT status, error FROM runs")
-        assert statuses == [("failed", "interrupted by the user")] * 2
+        assert statuses == [("failed", "interrupted by the user"), ("failed", "stopped by SIGTERM")]
         run = complete_run(tmp_path)
         assert run["status"] == "success"
         assert_in_sync(tmp_path, receiver)
