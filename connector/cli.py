@@ -451,10 +451,14 @@ def _run_syncs(
                 logging.getLogger("winback").debug("run %s: %s", result.run_id, result.error)
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)
+        kept = (
+            "nothing was sent"
+            if dry_run
+            else "every batch the destination acknowledged is recorded (the run is in "
+            "`winback sync history` as failed) and the next run sends the rest"
+        )
         stderr.print(
-            f"error: {'stopped by SIGTERM' if terminated else 'interrupted'}; every batch the "
-            "destination acknowledged is recorded (the run is in `winback sync history` as "
-            "failed) and the next run sends the rest",
+            f"error: {'stopped by SIGTERM' if terminated else 'interrupted'}; {kept}",
             style="red",
             highlight=False,
             soft_wrap=True,
