@@ -53,7 +53,7 @@ from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
 JOB_ROWS = 2000
 """Rows per job handed to the normaliser: small jobs keep both processes' memory low."""
-JOBS_AHEAD = 4
+JOBS_AHEAD = 12
 """Jobs handed to the normaliser before the oldest one's rows are sent."""
 ISSUES_PAGE = 5000
 """Row issues and skipped rows written at most this many at a time."""

@@ -277,10 +277,15 @@ def _worker_stopped(error: BrokenProcessPool) -> WinbackError:
 def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: exit as soon as the process that started this one is gone (POSIX:
     an orphan is handed to another parent; elsewhere the worker exits when winback closes the
-    pool, as after any run that is not killed). Ctrl-C reaches the whole process group: winback
-    handles it and closes the pool, so the worker ignores it instead of printing a traceback.
-    The cycle collector is tuned as in winback itself."""
+    pool, as after any run that is not killed).
+
+    Ctrl-C, and the SIGTERM a scheduler sends to a whole process group or cgroup, reach this
+    process too: winback handles them and closes the pool, so the worker ignores both. Dying
+    from one while writing a result would leave half a message in the pipe, on which Python
+    3.11's executor waits forever when the pool is closed. The cycle collector is tuned as in
+    winback itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tune_garbage_collector()
 
     def watch() -> None:

@@ -288,6 +288,22 @@ def test_outcomes_leave_the_worker_as_one_json_document_and_come_back_equal() ->
     assert decoded_outcomes(huge) is huge
 
 
+def test_the_worker_outlives_a_sigterm_sent_to_the_whole_group() -> None:
+    """Schedulers send SIGTERM to every process of a task: winback stops the run and closes the
+    pool itself, so the worker ignores it (dying mid-result would hang the pool's shutdown)."""
+    with NormalisingPool(chunk_normaliser(), parallel=True) as pool:
+        NormalisingPool.outcomes(pool.submit([("a@b.com", None, None)]))
+        executor = pool._executor
+        assert executor is not None
+        (process,) = executor._processes.values()
+        os.kill(process.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert process.is_alive()
+        outcomes = NormalisingPool.outcomes(pool.submit([("c@d.com", None, None)]))
+        assert isinstance(outcomes[0], Ready)
+    assert not process.is_alive()  # closing the pool still ends it
+
+
 def test_a_worker_that_dies_fails_the_run_with_a_clear_error() -> None:
     with NormalisingPool(chunk_normaliser(), parallel=True) as pool:
         NormalisingPool.outcomes(pool.submit([("a@b.com", None, None)]))
