@@ -27,6 +27,12 @@ def first_line(error: BaseException) -> str:
     return text[0] if text else type(original).__name__
 
 
+DUCKDB_MEMORY_LIMIT = "128MB"
+"""DuckDB's memory limit when the warehouse URL sets none (DuckDB's own default is 80% of the
+machine's memory). The in-warehouse diff of a 500k-row segment runs within it no slower; larger
+segments and heavy segment queries spill to DuckDB's `temp_directory` instead of growing."""
+
+
 def query_problem(error: BaseException) -> str:
     """What went wrong with a warehouse query: the database's first line, and for DuckDB
     running out of its memory limit, how to give it more room."""
@@ -38,12 +44,6 @@ def query_problem(error: BaseException) -> str:
             "`temp_directory` to a writable folder DuckDB can spill to)"
         )
     return text
-
-
-DUCKDB_MEMORY_LIMIT = "128MB"
-"""DuckDB's memory limit when the warehouse URL sets none (DuckDB's own default is 80% of the
-machine's memory). The in-warehouse diff of a 500k-row segment runs within it no slower; larger
-segments and heavy segment queries spill to DuckDB's `temp_directory` instead of growing."""
 
 
 def create_warehouse_engine(url: str) -> sa.Engine:

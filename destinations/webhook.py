@@ -196,20 +196,17 @@ class WebhookDestination(HttpDestination):
 
     def body(self, action: Action, batch: Batch) -> bytes:
         """The exact bytes sent (and signed) for a batch."""
-        if self.options.hash:
-            records = [
-                {
-                    "key": member.key,
-                    "identifiers": {n: sha256_hex(v) for n, v in member.identifiers.items()},
-                    "fields": member.fields,
-                }
-                for member in batch.members
-            ]
-        else:
-            records = [
-                {"key": m.key, "identifiers": m.identifiers, "fields": m.fields}
-                for m in batch.members
-            ]
+        hashed = self.options.hash
+        records = [
+            {
+                "key": m.key,
+                "identifiers": {n: sha256_hex(v) for n, v in m.identifiers.items()}
+                if hashed
+                else m.identifiers,
+                "fields": m.fields,
+            }
+            for m in batch.members
+        ]
         document = {
             "sync": self.context.sync,
             "run_id": self.context.run_id,
