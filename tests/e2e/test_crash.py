@@ -13,7 +13,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ from tests.helpers import (
 CUSTOMERS = 20_000
 BATCH = 200
 RUN = ("sync", "run", "s", "--output", "json")
+
+
+@contextmanager
+def crash_project(folder: Path) -> Iterator[LoggedReceiverProcess]:
+    """A CUSTOMERS-row warehouse synced to a slow receiver process in batches of BATCH."""
+    build_warehouse(folder / "warehouse.duckdb", CUSTOMERS)
+    with LoggedReceiverProcess(folder, delay_s=0.005) as receiver:
+        write_config(
+            folder,
+            destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
+            syncs={"s": webhook_sync()},
+        )
+        yield receiver
 
 
 def lock_holder(folder: Path) -> int | None:
@@ -92,14 +106,7 @@ def assert_in_sync(folder: Path, receiver: LoggedReceiverProcess) -> None:
 
 @pytest.mark.slow
 def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
-    build_warehouse(tmp_path / "warehouse.duckdb", CUSTOMERS)
-    with LoggedReceiverProcess(tmp_path, delay_s=0.005) as receiver:
-        write_config(
-            tmp_path,
-            destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
-            syncs={"s": webhook_sync()},
-        )
-
+    with crash_project(tmp_path) as receiver:
         # 1. Killed once its run is recorded, while it reads and plans the segment: nothing sent.
         early = start_cli(*RUN, cwd=tmp_path)
         kill_when(early, lambda: bool(running_runs(tmp_path)))
@@ -195,13 +202,7 @@ def interrupt_after_requests(
 def test_ctrl_c_or_sigterm_is_recorded_and_the_next_run_sends_the_rest(tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) or SIGTERM stops a large first sync within seconds, says what is kept,
     records the run and releases the lock; the next run sends exactly what is missing."""
-    build_warehouse(tmp_path / "warehouse.duckdb", CUSTOMERS)
-    with LoggedReceiverProcess(tmp_path, delay_s=0.005) as receiver:
-        write_config(
-            tmp_path,
-            destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
-            syncs={"s": webhook_sync()},
-        )
+    with crash_project(tmp_path) as receiver:
         # Ctrl-C early in the first run, then a scheduler's SIGTERM in the run resuming it.
         for interrupt_after, stop in ((3, signal.SIGINT), (12, signal.SIGTERM)):
             interrupt_after_requests(
