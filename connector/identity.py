@@ -37,6 +37,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import NamedTuple
 
 import email_validator
 import phonenumbers
@@ -684,9 +685,9 @@ def normalise_text_id(value: object) -> str:
 # ---------------------------------------------------------------------------------------- a row
 
 
-@dataclass(frozen=True)
-class NormalisedIdentifiers:
-    """The usable identifiers of one row and a message for each one that was present but bad."""
+class NormalisedIdentifiers(NamedTuple):
+    """The usable identifiers of one row and a message for each one that was present but bad
+    (a tuple: one is built per segment row)."""
 
     identifiers: dict[str, str]
     problems: list[str]
@@ -742,7 +743,7 @@ def normalise_identifiers(
             identifiers[name] = normalisers.get(name, _other)(value, region, name)
         except InvalidIdentifier as exc:
             problems.append(str(exc))
-    return NormalisedIdentifiers(identifiers=identifiers, problems=problems)
+    return NormalisedIdentifiers(identifiers, problems)
 
 
 # -------------------------------------------------------------------- per-platform last mile
