@@ -26,6 +26,7 @@ from connector import __version__
 from connector.collector import tune_garbage_collector
 from connector.config import WinbackConfig, load_config, resolve_config_path
 from connector.errors import ConfigError, ConfigProblem, Terminated, WarehouseError, WinbackError
+from connector.interrupts import stop_on_sigterm
 from destinations.base import SyncContext
 from destinations.registry import load_registry
 
@@ -454,8 +455,8 @@ def _run_syncs(
         kept = (
             "nothing was sent"
             if dry_run
-            else "every batch the destination acknowledged is recorded (the run is in "
-            "`winback sync history` as failed) and the next run sends the rest"
+            else "every batch the destination acknowledged is recorded (see `winback sync "
+            "history`) and the next run sends the rest"
         )
         stderr.print(
             f"error: {'stopped by SIGTERM' if terminated else 'interrupted'}; {kept}",
@@ -660,12 +661,6 @@ def sync_reset(
     stdout.print(f"{name}: forgot {forgotten} snapshot rows; the next run is a full sync")
 
 
-def _stop_on_sigterm(_signal: int, _frame: object) -> None:
-    """Schedulers stop a task with SIGTERM: stop as Ctrl-C does (the run is recorded, the lock
-    released) instead of dying with a lock and a `running` run left behind."""
-    raise Terminated
-
-
 def main() -> None:
     """Console entry point: runs the app and maps winback errors to exit codes.
 
@@ -673,7 +668,7 @@ def main() -> None:
     is printed as one paragraph (traceback with -vv) with its documented exit code.
     """
     tune_garbage_collector()
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         app()
     except WinbackError as error:

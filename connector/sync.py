@@ -27,6 +27,7 @@ from connector.errors import (
 )
 from connector.first_sync import StreamedFirstSync
 from connector.identity import NORMALISATION_VERSION
+from connector.interrupts import interrupts_held
 from connector.json_text import fingerprinted_text
 from connector.pushdown import supports_pushdown
 from connector.row_normaliser import RowNormaliser
@@ -120,9 +121,10 @@ class SyncRunner:
         interrupted: type[KeyboardInterrupt] | None = None
         try:
             if not options.dry_run:
-                self.store.acquire_lock(sync_name, result.run_id)
-                locked = True
-                self.store.start_run(sync_name, result.run_id)
+                with interrupts_held():  # no lock without its run
+                    self.store.acquire_lock(sync_name, result.run_id)
+                    locked = True
+                    self.store.start_run(sync_name, result.run_id)
             self._run_locked(sync_name, options, result)
         except LockedError as error:
             result.status, result.error = "locked", str(error)
@@ -152,7 +154,8 @@ class SyncRunner:
             if interrupted is not None:
                 gc.collect()  # frames in reference cycles too
             if locked:
-                self._finish(sync_name, result)
+                with interrupts_held():  # a run left `running` would look like it still is
+                    self._finish(sync_name, result)
         if interrupted is not None:
             raise interrupted
         return result

@@ -23,8 +23,9 @@ import pytest
 import sqlalchemy as sa
 
 import connector.first_sync
-from connector.errors import BatchFailedError, WinbackError
+from connector.errors import BatchFailedError, Terminated, WinbackError
 from connector.identity import normalise_identifiers
+from connector.interrupts import stop_on_sigterm
 from connector.row_normaliser import (
     ChunkNormaliser,
     NormalisingPool,
@@ -232,6 +233,32 @@ def test_ctrl_c_during_a_checkpoint_is_recorded_and_leaves_nothing_locked(tmp_pa
     assert set(MemoryDestination.audiences["A"]) == {"1", "2", "3", "6", "8"}
     # The interrupted batch (2 rows) was acknowledged but not recorded: only it is sent again.
     assert sum(n for _, n in MemoryDestination.calls) == 5 + 2, MemoryDestination.calls
+
+
+def test_sigterm_while_the_run_is_recorded_waits_until_it_is(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM arriving while the run is recorded: recording and releasing the
+    lock finish first (no run left `running`), then the run stops as for any SIGTERM."""
+    MemoryDestination.reset()
+    warehouse = write_people(tmp_path, "duckdb", ROWS)
+    runner = memory_runner(tmp_path, warehouse, batch_size=2)
+
+    def sigterm_when_recording(*args: Any) -> None:
+        if args[2].startswith("UPDATE runs"):
+            signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # as the CLI does
+    sa.event.listen(runner.store.engine, "before_cursor_execute", sigterm_when_recording)
+    try:
+        with pytest.raises(Terminated):
+            runner.run("s", RunOptions())
+    finally:
+        sa.event.remove(runner.store.engine, "before_cursor_execute", sigterm_when_recording)
+        signal.signal(signal.SIGTERM, previous)
+    history = runner.store.history("s", 5)
+    runner.close()
+    assert [run.status for run in history] == ["success"]
+    assert runner.store.lock_holder("s") is None
+    assert set(MemoryDestination.audiences["A"]) == {"1", "2", "3", "6", "8"}
 
 
 def test_a_dry_run_of_a_first_sync_writes_nothing(tmp_path: Path) -> None:
