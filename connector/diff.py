@@ -22,20 +22,38 @@ from __future__ import annotations
 import hashlib
 import json
 import json.scanner
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 
 from connector.json_text import compact_text, loads_text
-from connector.row_normaliser import Normalised, Ready, outcome_of
+from connector.row_normaliser import (
+    PARALLEL_MIN_ROWS,
+    Normalised,
+    NormalisingPool,
+    Outcome,
+    PayloadNormaliser,
+    Ready,
+    RowNormaliser,
+    SentOutcomes,
+    outcome_of,
+)
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
 STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
 PAGE_SIZE = 5000
+PAGES_AHEAD = 4
+"""Pages of candidates handed to normalising before the oldest one is planned."""
+WORKER_PAGES_QUEUED = 3
+"""When this many pages wait for the normalising process, the next one is normalised here:
+both processes normalise, and the worker never runs dry while this one plans a page."""
 _NO_FIELDS = "{}"
 """The fields of a removal (none are sent)."""
 DEPARTURES_PAGE = 500
@@ -430,23 +448,56 @@ class ChangePlanner:
             )
         return query.where(s.c.seq > after_seq).order_by(s.c.seq).limit(PAGE_SIZE)
 
-    def _plan_candidates(self, normalise: Normaliser) -> list[RowIssue]:
-        issues: list[RowIssue] = []
-        loads = loads_text
+    def _candidate_pages(self) -> Iterator[list[_Candidate]]:
+        """The rows to plan, in stage order, a page at a time. Reading a page ahead of
+        planning the previous ones is safe: planning a row writes only rows of its own key."""
         after = 0
-        while True:
-            page = _driver_rows(self.connection, self._candidate_query(after))
-            if not page:
-                return issues
+        while page := _driver_rows(self.connection, self._candidate_query(after)):
             after = page[-1][0]
-            for row in map(_Candidate._make, page):
-                outcome = outcome_of(normalise(loads(row.payload)))
-                if isinstance(outcome, str):  # no usable identifier
-                    issues.append(self._plan_skipped(row, outcome))
-                    continue
-                self._plan_candidate(row, outcome)
-                if outcome.dropped:
-                    issues.append(dropped_issue(row.key, outcome.dropped))
+            yield list(map(_Candidate._make, page))
+
+    def _plan_candidates(self, normalise: Normaliser) -> list[RowIssue]:
+        """Normalise and plan the candidates. Many of them (a first sync on a warehouse that
+        does not diff, `--full-resync`, `sync plan` before a first sync) are normalised by a
+        second process too, pages ahead, while this one plans: normalising is most of the work."""
+        issues: list[RowIssue] = []
+        pages = self._candidate_pages()
+        if not isinstance(normalise, RowNormaliser):  # any other normaliser runs here
+            for page in pages:
+                outcomes = [outcome_of(normalise(loads_text(row.payload))) for row in page]
+                issues += self._plan_page(page, outcomes)
+            return issues
+        jobs = PayloadNormaliser(normalise)
+        planned_here = 0
+        for page in pages:  # here until there are enough rows to pay for a second process
+            issues += self._plan_page(page, jobs([row.payload for row in page]))
+            planned_here += len(page)
+            if planned_here >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1:
+                break
+        else:
+            return issues
+        in_flight: deque[tuple[list[_Candidate], Future[SentOutcomes]]] = deque()
+        with NormalisingPool(jobs, parallel=True, share_when_behind=WORKER_PAGES_QUEUED) as pool:
+            for page in pages:
+                in_flight.append((page, pool.submit([row.payload for row in page])))
+                if len(in_flight) > PAGES_AHEAD:
+                    page, future = in_flight.popleft()
+                    issues += self._plan_page(page, NormalisingPool.outcomes(future))
+            while in_flight:
+                page, future = in_flight.popleft()
+                issues += self._plan_page(page, NormalisingPool.outcomes(future))
+        return issues
+
+    def _plan_page(self, page: list[_Candidate], outcomes: list[Outcome]) -> list[RowIssue]:
+        issues: list[RowIssue] = []
+        for row, outcome in zip(page, outcomes, strict=True):
+            if isinstance(outcome, str):  # no usable identifier
+                issues.append(self._plan_skipped(row, outcome))
+                continue
+            self._plan_candidate(row, outcome)
+            if outcome.dropped:
+                issues.append(dropped_issue(row.key, outcome.dropped))
+        return issues
 
     def _plan_skipped(self, row: _Candidate, reason: str) -> RowIssue:
         if row.status == "member":

@@ -55,6 +55,9 @@ JOB_ROWS = 2000
 """Rows per job handed to the normaliser: small jobs keep both processes' memory low."""
 JOBS_AHEAD = 12
 """Jobs handed to the normaliser before the oldest one's rows are sent."""
+WORKER_JOBS_QUEUED = 6
+"""When this many jobs wait for the normalising process, the next one is normalised here (the
+worker is behind; this process would only wait for it)."""
 ISSUES_PAGE = 5000
 """Row issues and skipped rows written at most this many at a time."""
 
@@ -102,7 +105,9 @@ class StreamedFirstSync:
         normalise = ChunkNormaliser(payload_builder(diff.columns, source), self.normalise)
         parallel = census.rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
         in_flight: deque[tuple[list[str], list[str], Future[SentOutcomes]]] = deque()
-        with NormalisingPool(normalise, parallel=parallel) as pool:
+        with NormalisingPool(
+            normalise, parallel=parallel, share_when_behind=WORKER_JOBS_QUEUED
+        ) as pool:
             for chunk in diff.every_row(chunk_size=source.chunk_size):
                 keys, fingerprints, values = [], [], []
                 for row in chunk:  # mapped columns, then key and fingerprint

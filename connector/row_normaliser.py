@@ -2,11 +2,13 @@
 
 `RowNormaliser` normalises one staged payload for a sync (its identifiers through
 `connector.identity`, the destination's accepted and matching identifiers, the sync's default
-country). `ChunkNormaliser` does the same for chunks of warehouse rows and also computes the
-fingerprints the snapshot keeps. Both are plain picklable objects, so a large first sync can
-hand its chunks to `NormalisingPool`: one more process normalises a chunk while this one reads
-the next and sends the previous ones (normalising is most of a first sync's per-row work and
-Python runs it on one core per process).
+country). `ChunkNormaliser` does the same for chunks of warehouse rows (a streamed first sync)
+and `PayloadNormaliser` for the payload texts the planner reads back from its stage; both also
+compute the fingerprints the snapshot keeps. All are plain picklable objects, so a large sync
+can hand its chunks to `NormalisingPool`: one more process normalises a chunk while this one
+reads the next and sends or plans the previous ones, and normalises some itself when that
+process is behind (normalising is most of a large sync's per-row work and Python runs it on one
+core per process).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,7 +31,7 @@ import orjson
 from connector.collector import tune_garbage_collector
 from connector.errors import WinbackError
 from connector.identity import normalise_identifiers
-from connector.json_text import fingerprinted_text
+from connector.json_text import fingerprinted_text, loads_text
 
 log = logging.getLogger("winback.normalise")
 
@@ -155,9 +158,20 @@ class PayloadBuilder:
         }  # fmt: skip
 
 
+class _JobNormaliser:
+    """A job's rows in, their outcomes out: what `NormalisingPool` runs, here or in a worker."""
+
+    def __call__(self, rows: Sequence[Any]) -> list[Outcome]:
+        raise NotImplementedError
+
+    def encoded(self, rows: Sequence[Any]) -> SentOutcomes:
+        """The outcomes as they leave the worker: one JSON document (see `decoded_outcomes`)."""
+        return encode_outcomes(self(rows))
+
+
 @dataclass(frozen=True)
-class ChunkNormaliser:
-    """Normalises chunks of warehouse rows."""
+class ChunkNormaliser(_JobNormaliser):
+    """Normalises chunks of warehouse rows (the streamed first sync)."""
 
     payload: PayloadBuilder
     normalise: RowNormaliser
@@ -166,9 +180,16 @@ class ChunkNormaliser:
         payload, outcome = self.payload, self.normalise.outcome
         return [outcome(payload(row)) for row in rows]
 
-    def encoded(self, rows: Sequence[Sequence[Any]]) -> SentOutcomes:
-        """The outcomes as they leave the worker: one JSON document (see `decoded_outcomes`)."""
-        return encode_outcomes(self(rows))
+
+@dataclass(frozen=True)
+class PayloadNormaliser(_JobNormaliser):
+    """Normalises staged payloads as the planner reads them back (their JSON texts)."""
+
+    normalise: RowNormaliser
+
+    def __call__(self, texts: Sequence[str]) -> list[Outcome]:
+        outcome, loads = self.normalise.outcome, loads_text
+        return [outcome(loads(text)) for text in texts]
 
 
 def encode_outcomes(outcomes: list[Outcome]) -> SentOutcomes:
@@ -207,10 +228,18 @@ class NormalisingPool:
 
     `submit` returns a future either way; the caller keeps a few chunks in flight and takes the
     results in order. The worker exits when this process goes away, even by `kill -9`.
+
+    With `share_when_behind`, a chunk handed in while that many are still waiting for the
+    worker is normalised here instead: the worker is behind, and this process would otherwise
+    only wait for it.
     """
 
-    def __init__(self, normalise: ChunkNormaliser, *, parallel: bool) -> None:
+    def __init__(
+        self, normalise: _JobNormaliser, *, parallel: bool, share_when_behind: int | None = None
+    ) -> None:
         self.normalise = normalise
+        self.share_when_behind = share_when_behind
+        self._waiting: deque[Future[SentOutcomes]] = deque()
         self._executor: ProcessPoolExecutor | None = None
         if parallel:
             try:
@@ -228,9 +257,11 @@ class NormalisingPool:
         return self._executor is not None
 
     def submit(self, rows: Sequence[Any]) -> Future[SentOutcomes]:
-        if self._executor is not None:
+        if self._executor is not None and not self._behind():
             try:
-                return self._executor.submit(self.normalise.encoded, rows)
+                future = self._executor.submit(self.normalise.encoded, rows)
+                self._waiting.append(future)
+                return future
             except BrokenProcessPool as error:
                 raise _worker_stopped(error) from None
             except OSError as error:  # the worker could not be started
@@ -239,6 +270,13 @@ class NormalisingPool:
         done: Future[SentOutcomes] = Future()
         done.set_result(self.normalise(rows))
         return done
+
+    def _behind(self) -> bool:
+        """Whether `share_when_behind` chunks are still waiting for the worker."""
+        waiting = self._waiting
+        while waiting and waiting[0].done():
+            waiting.popleft()
+        return self.share_when_behind is not None and len(waiting) >= self.share_when_behind
 
     def _in_this_process(self, error: OSError) -> None:
         log.warning(

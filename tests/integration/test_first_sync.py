@@ -22,14 +22,17 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import connector.diff
 import connector.first_sync
 from connector.errors import BatchFailedError, Terminated, WinbackError
 from connector.identity import normalise_identifiers
 from connector.interrupts import stop_on_sigterm
+from connector.json_text import compact_text
 from connector.row_normaliser import (
     ChunkNormaliser,
     NormalisingPool,
     PayloadBuilder,
+    PayloadNormaliser,
     Ready,
     RowNormaliser,
     decoded_outcomes,
@@ -158,6 +161,56 @@ def test_streamed_first_sync_ends_where_the_staged_path_ends(
     assert streamed_snapshot == snapshot_rows(state_url)
     assert len(streamed_snapshot) == 8  # 5 sent (one rejected) and 3 kept as skipped
     assert issues_of(state_url, streamed.run_id) == issues_of(state_url, staged.run_id)
+
+
+CHANGED_ROWS: list[tuple[Any, ...]] = [
+    ("1", "ann@example.com", "+33 6 12 34 56 79", "France"),  # new phone: an update
+    ("2", "bad@", None, "GB"),  # a member without a usable identifier now
+    ("3", "bad@", "+1 415 555 0100", "US"),  # unchanged
+    ("4", "dora@example.com", None, "DE"),  # skipped before, usable now
+    ("6", "first@example.com", None, "FR"),
+    ("8", "carl@example.com", "020 7946 0958", "United Kingdom"),
+    ("9", "new@example.com", None, None),  # joins
+    ("10", "", None, None),  # joins without a usable identifier
+]
+
+
+@pytest.mark.parametrize("warehouse_kind", ["sqlite", "duckdb"])
+def test_planning_in_a_second_process_plans_what_this_one_does(
+    tmp_path: Path, warehouse_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staged path (a first sync on a warehouse that does not diff, `--full-resync`, the
+    next runs) hands its candidates to the normalising process when they are many: the same
+    plan, snapshot and row issues as when this process normalises them."""
+
+    def sync_twice(folder: Path) -> tuple[list[tuple[Any, ...]], Any, list[Any]]:
+        MemoryDestination.reset()
+        folder.mkdir()
+        state_url = f"sqlite:///{folder / 'state.db'}"
+        outcomes = []
+        for rows, options in [(ROWS, RunOptions(full_resync=True)), (CHANGED_ROWS, RunOptions())]:
+            runner = memory_runner(folder, write_people(folder, warehouse_kind, rows))
+            try:
+                result = runner.run("s", options)
+            finally:
+                runner.close()
+            assert result.status in ("success", "partial"), result.error
+            outcomes.append(
+                (counts(result), issues_of(state_url, result.run_id), snapshot_rows(state_url))
+            )
+        audience = MemoryDestination.audiences.pop("A")
+        members = {key: member["identifiers"] for key, member in audience.items()}
+        return outcomes, members, MemoryDestination.calls
+
+    here = sync_twice(tmp_path / "here")
+    monkeypatch.setattr(connector.diff, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(connector.diff, "PAGE_SIZE", 2)  # the first page here, four by the pool
+    in_second_process = sync_twice(tmp_path / "second")
+
+    assert in_second_process == here
+    first, second = here[0]
+    assert first[0][3] == {"add": 5, "remove": 0, "update": 0}
+    assert second[0][3] == {"add": 2, "remove": 1, "update": 1}
 
 
 def test_next_run_compares_against_what_the_streamed_sync_wrote(
@@ -297,6 +350,29 @@ def test_the_second_process_gives_what_this_one_gives() -> None:
     expected = normalise_identifiers({"email": "A@B.com", "phone": "+1 415 555 0100"})
     assert ready.identifiers == expected.identifiers
     assert isinstance(parallel[1], str) and "no usable identifier" in parallel[1]
+
+
+def test_a_worker_that_is_behind_shares_the_work_with_this_process() -> None:
+    rows = [("A@B.com", "+1 415 555 0100", "US"), ("bad@", None, None)]
+    with NormalisingPool(chunk_normaliser(), parallel=True, share_when_behind=1) as pool:
+        first = pool.submit(rows)  # the worker is still starting: this one waits for it
+        second = pool.submit(rows)
+        assert second.done() and not first.done()  # normalised here, at once
+        assert NormalisingPool.outcomes(first) == NormalisingPool.outcomes(second)
+        third = pool.submit(rows)  # nothing waits for the worker any more
+        assert NormalisingPool.outcomes(third) == NormalisingPool.outcomes(first)
+        assert isinstance(third.result(), bytes)  # it came from the worker
+
+
+def test_staged_payloads_normalise_as_warehouse_rows_do() -> None:
+    """The planner's jobs (payload texts read back from the stage) and the streamed first
+    sync's (warehouse rows) give the same outcomes."""
+    rows = [("A@B.com", "+1 415 555 0100", "US"), ("bad@", None, None), (None, "12", None)]
+    chunks = chunk_normaliser()
+    texts = [compact_text(chunks.payload(row)) for row in rows]
+    with NormalisingPool(PayloadNormaliser(chunks.normalise), parallel=True) as pool:
+        from_texts = NormalisingPool.outcomes(pool.submit(texts))
+    assert from_texts == chunks(rows)
 
 
 def test_outcomes_leave_the_worker_as_one_json_document_and_come_back_equal() -> None:
