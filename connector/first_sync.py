@@ -53,9 +53,9 @@ from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
 JOB_ROWS = 2000
 """Rows per job handed to the normaliser: small jobs keep both processes' memory low."""
-JOBS_AHEAD = 12
+JOBS_AHEAD = 6
 """Jobs handed to the normaliser before the oldest one's rows are sent."""
-WORKER_JOBS_QUEUED = 6
+WORKER_JOBS_QUEUED = 3
 """When this many jobs wait for the normalising process, the next one is normalised here (the
 worker is behind; this process would only wait for it)."""
 ISSUES_PAGE = 5000

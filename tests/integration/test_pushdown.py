@@ -21,6 +21,7 @@ from connector.config import build_config
 from connector.pushdown import KEY_WHITESPACE, valid_key_sql
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult, SyncRunner
+from connector.warehouse import DUCKDB_MEMORY_LIMIT
 from destinations.registry import Registry
 from tests.fakes.memory_destination import MemoryDestination
 
@@ -249,13 +250,15 @@ def test_the_warehouse_memory_settings_are_restored_after_the_diff(
 ) -> None:
     """The diff lowers DuckDB's memory limit for a moment to release its buffers and its
     allocator's flush thresholds while it runs; the URL's values or the defaults come back
-    (winback's own memory limit, 128MB, when the URL sets none)."""
+    (winback's own memory limit, DUCKDB_MEMORY_LIMIT, when the URL sets none)."""
     write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
     runner = make_runner(tmp_path, pushdown=True, audience="A", sql=SEGMENT_SQL)
     url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}{query}"
     runner.config.warehouse.url = url
     fresh = sa.create_engine(
-        url if "memory_limit" in query else f"{url}{'&' if query else '?'}memory_limit=128MB",
+        url
+        if "memory_limit" in query
+        else f"{url}{'&' if query else '?'}memory_limit={DUCKDB_MEMORY_LIMIT}",
         connect_args={"read_only": True},
     )
     try:
