@@ -15,7 +15,8 @@ memory. Normalising, most of the per-row work, runs in a second process for a la
 (`connector.row_normaliser`) while this one reads the next rows and sends the previous ones. A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and
 the next run, which has a snapshot to compare with, sends what is missing.
 
-Only on the in-warehouse path (DuckDB) and not for dry runs, which plan as usual.
+Only on the in-warehouse path (DuckDB). A dry run reads and normalises the same way and only
+counts: nothing is staged, sent or written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector.delivery import Delivery
+from connector.delivery import Delivery, Reporter
 from connector.diff import (
     PlannedChange,
     dropped_issue,
@@ -43,6 +44,7 @@ from connector.row_normaliser import (
     RowNormaliser,
     SentOutcomes,
 )
+from connector.run_result import RunResult
 from connector.staging import (
     SegmentSource,
     payload_builder,
@@ -63,37 +65,58 @@ ISSUES_PAGE = 5000
 
 
 class StreamedFirstSync:
-    """Reads, normalises and sends one sync's segment in a single pass."""
+    """Reads, normalises and sends one sync's segment in a single pass (or, for a dry run,
+    counts what it would send)."""
 
     def __init__(
         self,
         source: SegmentSource,
         *,
         engine: sa.Engine,
-        delivery: Delivery,
+        connection: sa.Connection,
+        result: RunResult,
+        reporter: Reporter,
         normalise: RowNormaliser,
         skip_settings: str,
     ):
-        """Rows are sent through `delivery`, whose state connection, run record and progress
-        reporter this uses too."""
+        """Rows not sent are recorded on the state `connection` (that of the delivery), counted
+        in `result` and reported as progress."""
         self.source = source
         self.engine = engine
-        self.delivery = delivery
         self.normalise = normalise
         self.skip_settings = skip_settings
-        self.connection = delivery.connection
-        self.result = delivery.result
-        self.reporter = delivery.reporter
+        self.connection = connection
+        self.result = result
+        self.reporter = reporter
+        self._recording = True
         self._issues: list[RowIssue] = []
         self._skipped_rows: list[tuple[Any, ...]] = []
 
-    def run(self, *, batch_size: int) -> None:
+    def send(self, delivery: Delivery, *, batch_size: int) -> None:
+        """Send every row that can be sent through `delivery`; record the others."""
         with warehouse_diff(self.source, self.engine) as diff:
             census = diff.key_census()
             self.reporter.phase(f"{self.source.sync}: add (first sync)", census.rows)
-            self.delivery.send("add", self._changes(diff, census), batch_size=batch_size)
+            delivery.send("add", self._changes(diff, census), batch_size=batch_size)
         self._write_issues()
         self.connection.commit()
+
+    def plan(self, *, samples: int = 5) -> list[str]:
+        """A dry run: what `send` would send, counted in the run result as it counts it;
+        nothing is sent or written. Returns the first `samples` keys it would add."""
+        self._recording = False
+        keys: list[str] = []
+        with warehouse_diff(self.source, self.engine) as diff:
+            census = diff.key_census()
+            self.reporter.phase(f"{self.source.sync}: planning (first sync)", census.rows)
+            for planned, change in enumerate(self._changes(diff, census), start=1):
+                if len(keys) < samples:
+                    keys.append(change.key)
+                if planned % ISSUES_PAGE == 0:
+                    self.reporter.advance(ISSUES_PAGE)
+        self._write_issues()
+        self.reporter.advance(self.result.planned["add"] % ISSUES_PAGE)
+        return keys
 
     def _changes(self, diff: WarehouseDiff, census: KeyCensus) -> Iterator[PlannedChange]:
         """The segment's rows as adds, in segment order; the others recorded as issues.
@@ -165,14 +188,15 @@ class StreamedFirstSync:
             self._write_issues()
 
     def _write_issues(self) -> None:
-        """Record the rows not sent so far (committed with the next checkpoint)."""
+        """Record the rows not sent so far (committed with the next checkpoint); a dry run
+        only counts them."""
         issues, self._issues = self._issues, []
+        skipped_rows, self._skipped_rows = self._skipped_rows, []
         result = self.result
-        StateStore.record_issues(
-            self.connection, run_id=result.run_id, sync=self.source.sync, issues=issues
-        )
-        if self._skipped_rows:
-            insert_rows(self.connection, snapshot, self._skipped_rows)
-            self._skipped_rows = []
+        if self._recording:
+            StateStore.record_issues(
+                self.connection, run_id=result.run_id, sync=self.source.sync, issues=issues
+            )
+            insert_rows(self.connection, snapshot, skipped_rows)
         result.skipped += sum(1 for issue in issues if issue.kind == "skipped")
         self.reporter.advance(sum(1 for issue in issues if issue.kind != "dropped"))

@@ -193,12 +193,11 @@ class SyncRunner:
             source = self._segment_source(sync_name, options)
             in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
             batch_size = sync.batch_size or adapter.batch_size
-            first_sync = not (options.dry_run or options.full_resync) and (
-                in_warehouse and planner.snapshot_is_empty()
-            )
+            first_sync = not options.full_resync and in_warehouse and planner.snapshot_is_empty()
             if first_sync:  # nothing to compare with: stream the segment to the destination
-                delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
-                self._stream_first_sync(source, delivery, planner.skip_settings, batch_size)
+                self._stream_first_sync(
+                    source, connection, planner, adapter, result, batch_size, options.dry_run
+                )
                 clock.done("streamed the segment (first sync)", f"{result.segment_rows:,} rows")
                 return
             issues = self._stage_segment(source, planner, result, in_warehouse=in_warehouse)
@@ -231,18 +230,33 @@ class SyncRunner:
             connection.close()
 
     def _stream_first_sync(
-        self, source: SegmentSource, delivery: Delivery, skip_settings: str, batch_size: int
+        self,
+        source: SegmentSource,
+        connection: sa.Connection,
+        planner: ChangePlanner,
+        adapter: Destination,
+        result: RunResult,
+        batch_size: int,
+        dry_run: bool,
     ) -> None:
-        """Normalise and send every row as it is read (`connector.first_sync`)."""
-        result = delivery.result
+        """Normalise and send every row as it is read (`connector.first_sync`); a dry run
+        counts what would be sent."""
         result.audience_size = 0
-        StreamedFirstSync(
+        streamed = StreamedFirstSync(
             source,
             engine=self.warehouse,
-            delivery=delivery,
-            normalise=self._normaliser(source.sync, delivery.adapter),
-            skip_settings=skip_settings,
-        ).run(batch_size=batch_size)
+            connection=connection,
+            result=result,
+            reporter=self.reporter,
+            normalise=self._normaliser(source.sync, adapter),
+            skip_settings=planner.skip_settings,
+        )
+        if dry_run:
+            result.samples = {"add": streamed.plan(), "remove": [], "update": []}
+            result.status = "dry_run"
+            return
+        delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
+        streamed.send(delivery, batch_size=batch_size)
         result.status = "partial" if result.rejected else "success"
 
     def _segment_source(self, sync_name: str, options: RunOptions) -> SegmentSource:

@@ -314,14 +314,38 @@ def test_sigterm_while_the_run_is_recorded_waits_until_it_is(tmp_path: Path) -> 
     assert set(MemoryDestination.audiences["A"]) == {"1", "2", "3", "6", "8"}
 
 
-def test_a_dry_run_of_a_first_sync_writes_nothing(tmp_path: Path) -> None:
+def test_a_dry_run_of_a_first_sync_writes_nothing(tmp_path: Path, normalising: str) -> None:
+    """`sync plan` before a first sync reads and normalises as the first sync does and only
+    counts: the plan of the staged path (`--full-resync`), with nothing staged or written."""
     MemoryDestination.reset()
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    plan = run_once(tmp_path, RunOptions(dry_run=True), state_url)
+    statements: list[str] = []
+    store = StateStore(state_url)
+
+    def remember(*args: Any) -> None:
+        statements.append(args[2])
+
+    runner = memory_runner(tmp_path, write_people(tmp_path, "duckdb", ROWS), state_url=state_url)
+    runner._store = store
+    sa.event.listen(store.engine, "before_cursor_execute", remember)
+    try:
+        plan = runner.run("s", RunOptions(dry_run=True))
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", remember)
+    staged = runner.run("s", RunOptions(dry_run=True, full_resync=True))
+    runner.close()
+
     assert plan.status == "dry_run"
     assert plan.planned == {"add": 5, "remove": 0, "update": 0}
+    assert counts(plan) == counts(staged)
+    assert plan.samples == staged.samples
+    assert plan.samples["add"] == ["1", "2", "3", "6", "8"]
     assert MemoryDestination.calls == []
     assert snapshot_rows(state_url) == set()
+    # The planner's empty temporary tables are all it creates; it reads the snapshot once.
+    writes = [s for s in statements if s.split()[0].upper() in ("INSERT", "UPDATE", "DELETE")]
+    assert writes == []
+    assert all("TEMPORARY" in s for s in statements if s.upper().startswith("CREATE"))
 
 
 # -- the normalising process ------------------------------------------------------------------
