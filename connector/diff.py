@@ -23,9 +23,7 @@ import hashlib
 import json
 import json.scanner
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -40,7 +38,6 @@ from connector.row_normaliser import (
     PayloadNormaliser,
     Ready,
     RowNormaliser,
-    SentOutcomes,
     outcome_of,
 )
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
@@ -476,16 +473,10 @@ class ChangePlanner:
                 break
         else:
             return issues
-        in_flight: deque[tuple[list[_Candidate], Future[SentOutcomes]]] = deque()
         with NormalisingPool(jobs, parallel=True, share_when_behind=WORKER_PAGES_QUEUED) as pool:
-            for page in pages:
-                in_flight.append((page, pool.submit([row.payload for row in page])))
-                if len(in_flight) > PAGES_AHEAD:
-                    page, future = in_flight.popleft()
-                    issues += self._plan_page(page, NormalisingPool.outcomes(future))
-            while in_flight:
-                page, future = in_flight.popleft()
-                issues += self._plan_page(page, NormalisingPool.outcomes(future))
+            payloads = ((page, [row.payload for row in page]) for page in pages)
+            for page, outcomes in pool.in_order(payloads, ahead=PAGES_AHEAD):
+                issues += self._plan_page(page, outcomes)
         return issues
 
     def _plan_page(self, page: list[_Candidate], outcomes: list[Outcome]) -> list[RowIssue]:

@@ -22,9 +22,7 @@ counts: nothing is staged, sent or written.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,8 +39,8 @@ from connector.row_normaliser import (
     PARALLEL_MIN_ROWS,
     ChunkNormaliser,
     NormalisingPool,
+    Outcome,
     RowNormaliser,
-    SentOutcomes,
 )
 from connector.run_result import RunResult
 from connector.staging import (
@@ -123,44 +121,48 @@ class StreamedFirstSync:
 
         Each chunk's rows are checked by key here and normalised by the pool (in a second
         process for a large segment) while the next chunk is read and earlier ones are sent."""
-        source = self.source
-        duplicates, seen_duplicates = census.duplicates, set[str]()
-        normalise = ChunkNormaliser(payload_builder(diff.columns, source), self.normalise)
+        normalise = ChunkNormaliser(payload_builder(diff.columns, self.source), self.normalise)
         parallel = census.rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
-        in_flight: deque[tuple[list[str], list[str], Future[SentOutcomes]]] = deque()
         with NormalisingPool(
             normalise, parallel=parallel, share_when_behind=WORKER_JOBS_QUEUED
         ) as pool:
-            for chunk in diff.every_row(chunk_size=source.chunk_size):
-                keys, fingerprints, values = [], [], []
-                for row in chunk:  # mapped columns, then key and fingerprint
-                    key = row[-2]
-                    issue = warehouse_key_issue(source, key)
-                    if issue is not None:
-                        self._issues.append(issue)
-                        continue
-                    if key in duplicates:
-                        if key in seen_duplicates:
-                            continue  # counted by duplicate_key_issues below
-                        seen_duplicates.add(key)
-                        self._issues += duplicate_key_issues(key, duplicates[key])
-                    keys.append(key)
-                    fingerprints.append(row[-1])
-                    values.append(tuple(row))
-                self.result.segment_rows += len(chunk)
-                for start in range(0, len(keys), JOB_ROWS):
-                    job = slice(start, start + JOB_ROWS)
-                    in_flight.append((keys[job], fingerprints[job], pool.submit(values[job])))
-                    if len(in_flight) > JOBS_AHEAD:
-                        yield from self._adds(*in_flight.popleft())
-            while in_flight:
-                yield from self._adds(*in_flight.popleft())
+            for (keys, fingerprints), outcomes in pool.in_order(
+                self._jobs(diff, census), ahead=JOBS_AHEAD
+            ):
+                yield from self._adds(keys, fingerprints, outcomes)
+
+    def _jobs(
+        self, diff: WarehouseDiff, census: KeyCensus
+    ) -> Iterator[tuple[tuple[list[str], list[str]], list[tuple[Any, ...]]]]:
+        """The rows to normalise, a job at a time, with their keys and fingerprints; rows with
+        a bad or repeated key are recorded as issues instead."""
+        source = self.source
+        duplicates, seen_duplicates = census.duplicates, set[str]()
+        for chunk in diff.every_row(chunk_size=source.chunk_size):
+            keys, fingerprints, values = [], [], []
+            for row in chunk:  # mapped columns, then key and fingerprint
+                key = row[-2]
+                issue = warehouse_key_issue(source, key)
+                if issue is not None:
+                    self._issues.append(issue)
+                    continue
+                if key in duplicates:
+                    if key in seen_duplicates:
+                        continue  # counted by duplicate_key_issues below
+                    seen_duplicates.add(key)
+                    self._issues += duplicate_key_issues(key, duplicates[key])
+                keys.append(key)
+                fingerprints.append(row[-1])
+                values.append(tuple(row))
+            self.result.segment_rows += len(chunk)
+            for start in range(0, len(keys), JOB_ROWS):
+                job = slice(start, start + JOB_ROWS)
+                yield (keys[job], fingerprints[job]), values[job]
 
     def _adds(
-        self, keys: list[str], fingerprints: list[str], future: Future[SentOutcomes]
+        self, keys: list[str], fingerprints: list[str], outcomes: list[Outcome]
     ) -> Iterator[PlannedChange]:
         result, sync = self.result, self.source.sync
-        outcomes = NormalisingPool.outcomes(future)
         for key, raw_fp, outcome in zip(keys, fingerprints, outcomes, strict=True):
             if isinstance(outcome, str):  # no usable identifier
                 self._issues.append(RowIssue("skipped", key, outcome))

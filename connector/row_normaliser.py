@@ -20,11 +20,11 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -121,6 +121,9 @@ class Ready(NamedTuple):
 Outcome = Ready | str
 """A row's outcome: ready to send, or the reason it is skipped."""
 
+
+Tag = TypeVar("Tag")
+"""What the caller keeps with a job (the rows' keys, a page of candidates)."""
 
 SentOutcomes = bytes | list[Outcome]
 """A chunk's outcomes as a worker returns them (`encode_outcomes`) or as computed here."""
@@ -284,6 +287,21 @@ class NormalisingPool:
             error,
         )
         self._executor = None
+
+    def in_order(
+        self, jobs: Iterable[tuple[Tag, Sequence[Any]]], *, ahead: int
+    ) -> Iterator[tuple[Tag, list[Outcome]]]:
+        """Each job's outcomes with its tag, in the order the jobs come; up to `ahead` more
+        jobs are handed in while the oldest one's outcomes are used."""
+        in_flight: deque[tuple[Tag, Future[SentOutcomes]]] = deque()
+        for tag, rows in jobs:
+            in_flight.append((tag, self.submit(rows)))
+            if len(in_flight) > ahead:
+                oldest, future = in_flight.popleft()
+                yield oldest, self.outcomes(future)
+        while in_flight:
+            oldest, future = in_flight.popleft()
+            yield oldest, self.outcomes(future)
 
     @staticmethod
     def outcomes(future: Future[SentOutcomes]) -> list[Outcome]:
