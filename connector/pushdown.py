@@ -21,7 +21,7 @@ fingerprint (a SHA-1 of the staged JSON): switching between the two re-checks ev
 and rows whose normalised identifiers and fields did not change are not sent again.
 
 Only temporary objects of this connection are created; the warehouse may be opened read-only.
-DuckDB's memory is bounded by its `memory_limit` (128MB unless the warehouse URL sets one, e.g.
+DuckDB's memory is bounded by its `memory_limit` (96MB unless the warehouse URL sets one, e.g.
 ``duckdb:///w.duckdb?memory_limit=256MB&temp_directory=/tmp/duckdb``: it then spills to disk).
 """
 
