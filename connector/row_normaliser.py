@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -161,11 +162,11 @@ class PayloadBuilder:
         }  # fmt: skip
 
 
-class _JobNormaliser:
+class _JobNormaliser(ABC):
     """A job's rows in, their outcomes out: what `NormalisingPool` runs, here or in a worker."""
 
-    def __call__(self, rows: Sequence[Any]) -> list[Outcome]:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, rows: Sequence[Any]) -> list[Outcome]: ...
 
     def encoded(self, rows: Sequence[Any]) -> SentOutcomes:
         """The outcomes as they leave the worker: one JSON document (see `decoded_outcomes`)."""
