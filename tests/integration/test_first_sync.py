@@ -177,7 +177,7 @@ CHANGED_ROWS: list[tuple[Any, ...]] = [
 
 @pytest.mark.parametrize("warehouse_kind", ["sqlite", "duckdb"])
 def test_planning_in_a_second_process_plans_what_this_one_does(
-    tmp_path: Path, warehouse_kind: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, warehouse_kind: str, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The staged path (a first sync on a warehouse that does not diff, `--full-resync`, the
     next runs) hands its candidates to the normalising process when they are many: the same
@@ -186,10 +186,11 @@ def test_planning_in_a_second_process_plans_what_this_one_does(
     def sync_twice(folder: Path) -> tuple[list[tuple[Any, ...]], Any, list[Any]]:
         MemoryDestination.reset()
         folder.mkdir()
-        state_url = f"sqlite:///{folder / 'state.db'}"
+        forget(state_url)
         outcomes = []
         for rows, options in [(ROWS, RunOptions(full_resync=True)), (CHANGED_ROWS, RunOptions())]:
-            runner = memory_runner(folder, write_people(folder, warehouse_kind, rows))
+            warehouse = write_people(folder, warehouse_kind, rows)
+            runner = memory_runner(folder, warehouse, state_url=state_url)
             try:
                 result = runner.run("s", options)
             finally:
