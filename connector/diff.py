@@ -454,9 +454,9 @@ class ChangePlanner:
             yield list(map(_Candidate._make, page))
 
     def _plan_candidates(self, normalise: Normaliser) -> list[RowIssue]:
-        """Normalise and plan the candidates. Many of them (a first sync on a warehouse that
-        does not diff, `--full-resync`, `sync plan` before a first sync) are normalised by a
-        second process too, pages ahead, while this one plans: normalising is most of the work."""
+        """Normalise and plan the candidates. Many of them (a first sync, or its plan, on a
+        warehouse that does not diff; `--full-resync`) are normalised by a second process too,
+        pages ahead, while this one plans: normalising is most of the work."""
         issues: list[RowIssue] = []
         pages = self._candidate_pages()
         if not isinstance(normalise, RowNormaliser):  # any other normaliser runs here
