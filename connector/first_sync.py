@@ -60,6 +60,8 @@ WORKER_JOBS_QUEUED = 3
 worker is behind; this process would only wait for it)."""
 ISSUES_PAGE = 5000
 """Row issues and skipped rows written at most this many at a time."""
+PLAN_PROGRESS_STEP = 5000
+"""Rows a dry run counts between two updates of the progress bar."""
 
 
 class StreamedFirstSync:
@@ -110,10 +112,10 @@ class StreamedFirstSync:
             for planned, change in enumerate(self._changes(diff, census), start=1):
                 if len(keys) < samples:
                     keys.append(change.key)
-                if planned % ISSUES_PAGE == 0:
-                    self.reporter.advance(ISSUES_PAGE)
+                if planned % PLAN_PROGRESS_STEP == 0:
+                    self.reporter.advance(PLAN_PROGRESS_STEP)
         self._write_issues()
-        self.reporter.advance(self.result.planned["add"] % ISSUES_PAGE)
+        self.reporter.advance(self.result.planned["add"] % PLAN_PROGRESS_STEP)
         return keys
 
     def _changes(self, diff: WarehouseDiff, census: KeyCensus) -> Iterator[PlannedChange]:
