@@ -21,6 +21,9 @@ three times per size against a fresh state store:
 2. unchanged rerun (must send 0 requests);
 3. next day: the segment reads ``customers_day2`` (config ``${WINBACK_BENCH_DAY}``).
 
+With ``--plan``, ``sync plan`` runs first, against the empty state store (what a user runs before
+a first sync).
+
 For each run: wall time (interpreter start included), rows/s, peak RSS of the winback process
 (``os.wait4`` rusage of that very child, or the sampled sum over it and its normalising worker
 when that is higher), requests and records received by the sink. Targets (from
@@ -381,8 +384,10 @@ def run_winback(
     profile_path: Path,
     source: Path = ROOT,
     phases: bool = False,
+    command_name: str = "run",
 ) -> tuple[float, float, float, dict[str, Any], int, str]:
-    """Run `sync run` once: wall s, CPU s, peak RSS MB, the run's JSON, exit code, stderr."""
+    """Run `sync run` (or `sync plan`) once: wall s, CPU s, peak RSS MB, the run's JSON, exit
+    code, stderr."""
     command = [sys.executable]
     if profile == "py-spy":  # samples every thread and the normalising worker (pip install py-spy)
         command = ["py-spy", "record", "--subprocesses", "--threads", "--nonblocking", "-r", "100"]
@@ -401,7 +406,7 @@ def run_winback(
         command += [str(profile_path.with_suffix(".txt"))]
     command += ["-m", "connector", "--config", str(config)]
     command += ["-v"] if phases else []
-    command += ["sync", "run", "--output", "json"]
+    command += ["sync", command_name, "--output", "json"]
     env = {**os.environ, "WINBACK_BENCH_DAY": str(day), "COLUMNS": "200"}
     if source != ROOT:  # another checkout (e.g. `git archive <rev> connector destinations`)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
@@ -465,7 +470,10 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
     config = write_config(workdir, customers, warehouse, sink.url, args)
     reset_state(workdir, customers)
     measures = []
-    for name, day in (("full", 1), ("unchanged", 1), ("incremental", 2)):
+    runs = [("full", 1), ("unchanged", 1), ("incremental", 2)]
+    if args.plan:  # `sync plan` before the first sync: what a user runs first
+        runs.insert(0, ("plan", 1))
+    for name, day in runs:
         if args.only and name not in args.only:
             continue
         profile_path = workdir / f"run-{customers}-{name}"
@@ -477,6 +485,7 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
             profile_path=profile_path,
             source=args.source,
             phases=args.phases,
+            command_name="plan" if name == "plan" else "run",
         )
         measure = Measure(customers, name, wall, cpu, peak, sink.stats(), run, code)
         measures.append(measure)
@@ -485,7 +494,7 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
             for line in stderr.splitlines():
                 if "peak memory" in line:
                     print(f"    {line.strip()}", flush=True)
-        if code != 0 or run.get("status") != "success":
+        if code != 0 or run.get("status") != ("dry_run" if name == "plan" else "success"):
             print(f"  winback exit {code}: {run.get('error')}\n{stderr[-2000:]}", file=sys.stderr)
     return measures
 
@@ -608,7 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("cprofile", "pyinstrument", "py-spy"))
     parser.add_argument("--profile-lines", type=int, default=35)
     parser.add_argument(
-        "--only", nargs="+", choices=("full", "unchanged", "incremental"), help="runs to keep"
+        "--only",
+        nargs="+",
+        choices=("plan", "full", "unchanged", "incremental"),
+        help="runs to keep",
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="also time `sync plan` before the first sync"
     )
     parser.add_argument("--json", type=Path, help="also write the measures to this file")
     parser.add_argument(
