@@ -115,3 +115,68 @@ def test_insert_rows_stores_what_a_core_insert_stores(tmp_path: Path) -> None:
         store.dispose()
     assert stores["raw"] == stores["core"]
     assert len(stores["raw"]) == 7
+
+
+@pytest.mark.postgres
+def test_insert_rows_on_postgresql_copies_what_a_core_insert_stores(postgres_url: str) -> None:
+    """PostgreSQL (psycopg) inserts through COPY: the stored rows are those of a plain insert,
+    whatever the text holds (tabs, newlines, backslashes, quotes, non-ASCII, `\\N`), NULLs and
+    timestamps included; rows copied after a commit are in the next transaction, and a rollback
+    takes them back."""
+    import datetime as dt
+
+    from connector.state import insert_rows
+
+    now = dt.datetime(2026, 12, 7, 3, 14, 9, 287321)
+    texts = ["plain", "tab\there", "new\nline", "back\\slash", 'o\'brien "q"', "zoë ß", "\\N", ""]
+    rows = [
+        (
+            f"sync-{n % 2}",
+            f"key-{n}",
+            "member",
+            "1",
+            "a" * 40,
+            "b" * 40,
+            text,
+            None,
+            now,
+            None,
+            text,
+        )
+        for n, text in enumerate(texts)
+    ]
+    store = StateStore(postgres_url)
+    stored = {}
+    try:
+        with store.connect() as connection:
+            for name in ("copy", "core"):
+                named = [(f"{name}-{row[0]}", *row[1:]) for row in rows]
+                if name == "copy":
+                    insert_rows(connection, snapshot, named[:3])
+                    connection.commit()
+                    insert_rows(connection, snapshot, named[3:])  # a new transaction
+                else:
+                    names = [column.key for column in snapshot.columns]
+                    connection.execute(
+                        snapshot.insert(), [dict(zip(names, r, strict=True)) for r in named]
+                    )
+                connection.commit()
+                stored[name] = [
+                    tuple(row)[1:]
+                    for row in connection.execute(
+                        sa.select(snapshot)
+                        .where(snapshot.c.sync.startswith(name))
+                        .order_by(snapshot.c.key)
+                    )
+                ]
+            insert_rows(connection, snapshot, [("rolled-back", *rows[0][1:])])
+            connection.rollback()
+            left = connection.execute(
+                sa.select(sa.func.count()).where(snapshot.c.sync == "rolled-back")
+            ).scalar_one()
+    finally:
+        store.dispose()
+    assert stored["copy"] == stored["core"]
+    assert len(stored["copy"]) == len(texts)
+    assert [row[-1] for row in stored["copy"]] == texts  # the reason column, by key
+    assert left == 0
