@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import json.scanner
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -31,7 +30,6 @@ import sqlalchemy as sa
 
 from connector.json_text import compact_text, loads_text
 from connector.row_normaliser import (
-    PARALLEL_MIN_ROWS,
     Normalised,
     NormalisingPool,
     Outcome,
@@ -39,6 +37,7 @@ from connector.row_normaliser import (
     Ready,
     RowNormaliser,
     outcome_of,
+    second_process_pays,
 )
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
@@ -469,7 +468,7 @@ class ChangePlanner:
         for page in pages:  # here until there are enough rows to pay for a second process
             issues += self._plan_page(page, jobs([row.payload for row in page]))
             planned_here += len(page)
-            if planned_here >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1:
+            if second_process_pays(planned_here):
                 break
         else:
             return issues

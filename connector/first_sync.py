@@ -21,7 +21,6 @@ counts: nothing is staged, sent or written.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,11 +35,11 @@ from connector.diff import (
 )
 from connector.pushdown import KeyCensus, WarehouseDiff
 from connector.row_normaliser import (
-    PARALLEL_MIN_ROWS,
     ChunkNormaliser,
     NormalisingPool,
     Outcome,
     RowNormaliser,
+    second_process_pays,
 )
 from connector.run_result import RunResult
 from connector.staging import (
@@ -124,9 +123,10 @@ class StreamedFirstSync:
         Each chunk's rows are checked by key here and normalised by the pool (in a second
         process for a large segment) while the next chunk is read and earlier ones are sent."""
         normalise = ChunkNormaliser(payload_builder(diff.columns, self.source), self.normalise)
-        parallel = census.rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
         with NormalisingPool(
-            normalise, parallel=parallel, share_when_behind=WORKER_JOBS_QUEUED
+            normalise,
+            parallel=second_process_pays(census.rows),
+            share_when_behind=WORKER_JOBS_QUEUED,
         ) as pool:
             for (keys, fingerprints), outcomes in pool.in_order(
                 self._jobs(diff, census), ahead=JOBS_AHEAD

@@ -39,6 +39,13 @@ log = logging.getLogger("winback.normalise")
 PARALLEL_MIN_ROWS = 20_000
 """Below this many rows the second process costs more (its start, ~0.5 s) than it saves."""
 
+
+def second_process_pays(rows: int) -> bool:
+    """Whether normalising this many rows is worth a second process (and there is a second
+    core for it)."""
+    return rows >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 1
+
+
 JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
 """Types `json_value` returns unchanged; checked inline in the per-row loop."""
 

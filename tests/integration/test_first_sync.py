@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 import connector.diff
-import connector.first_sync
+import connector.row_normaliser
 from connector.errors import BatchFailedError, Terminated, WinbackError
 from connector.identity import normalise_identifiers
 from connector.interrupts import stop_on_sigterm
@@ -124,7 +124,7 @@ def counts(result: RunResult) -> tuple[Any, ...]:
 @pytest.fixture(params=["this process", "second process"])
 def normalising(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "second process":
-        monkeypatch.setattr(connector.first_sync, "PARALLEL_MIN_ROWS", 0)
+        monkeypatch.setattr(connector.row_normaliser, "PARALLEL_MIN_ROWS", 0)
     return str(request.param)
 
 
@@ -204,7 +204,7 @@ def test_planning_in_a_second_process_plans_what_this_one_does(
         return outcomes, members, MemoryDestination.calls
 
     here = sync_twice(tmp_path / "here")
-    monkeypatch.setattr(connector.diff, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(connector.row_normaliser, "PARALLEL_MIN_ROWS", 0)
     monkeypatch.setattr(connector.diff, "PAGE_SIZE", 2)  # the first page here, four by the pool
     in_second_process = sync_twice(tmp_path / "second")
 
