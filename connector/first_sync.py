@@ -21,6 +21,7 @@ counts: nothing is staged, sent or written.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,11 +94,8 @@ class StreamedFirstSync:
 
     def send(self, delivery: Delivery, *, batch_size: int) -> None:
         """Send every row that can be sent through `delivery`; record the others."""
-        with warehouse_diff(self.source, self.engine) as diff:
-            census = diff.key_census()
-            self.reporter.phase(f"{self.source.sync}: add (first sync)", census.rows)
-            delivery.send("add", self._changes(diff, census), batch_size=batch_size)
-        self._write_issues()
+        with self._segment_changes("add (first sync)") as changes:
+            delivery.send("add", changes, batch_size=batch_size)
         self.connection.commit()
 
     def plan(self, *, samples: int = 5) -> list[str]:
@@ -105,17 +103,24 @@ class StreamedFirstSync:
         nothing is sent or written. Returns the first `samples` keys it would add."""
         self._recording = False
         keys: list[str] = []
-        with warehouse_diff(self.source, self.engine) as diff:
-            census = diff.key_census()
-            self.reporter.phase(f"{self.source.sync}: planning (first sync)", census.rows)
-            for planned, change in enumerate(self._changes(diff, census), start=1):
+        with self._segment_changes("planning (first sync)") as changes:
+            for planned, change in enumerate(changes, start=1):
                 if len(keys) < samples:
                     keys.append(change.key)
                 if planned % PLAN_PROGRESS_STEP == 0:
                     self.reporter.advance(PLAN_PROGRESS_STEP)
-        self._write_issues()
         self.reporter.advance(self.result.planned["add"] % PLAN_PROGRESS_STEP)
         return keys
+
+    @contextlib.contextmanager
+    def _segment_changes(self, phase: str) -> Iterator[Iterator[PlannedChange]]:
+        """The segment's adds, read after one census of its keys (shown as `phase` with the
+        segment's size); the rows not sent are written, or counted, once they are consumed."""
+        with warehouse_diff(self.source, self.engine) as diff:
+            census = diff.key_census()
+            self.reporter.phase(f"{self.source.sync}: {phase}", census.rows)
+            yield self._changes(diff, census)
+        self._write_issues()
 
     def _changes(self, diff: WarehouseDiff, census: KeyCensus) -> Iterator[PlannedChange]:
         """The segment's rows as adds, in segment order; the others recorded as issues.
