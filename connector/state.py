@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,10 +146,11 @@ def insert_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Seque
     """Insert rows given as tuples in the order of `table`'s columns (every column, no defaults).
 
     On SQLite this is one raw DBAPI `executemany`, ~4x less CPU than Core's per-row parameter
-    dicts; on PostgreSQL (psycopg) one COPY (`_copy_rows`); elsewhere it is a Core insert. SQLite binds each value of each row (~0.5 us a
-    value), so a column holding the same short text, timestamp or NULL in every row (the sync,
-    the status, a checkpoint's time) is written into the statement once instead
-    (`_inline_value`): a checkpoint of snapshot rows binds 6 values a row instead of 11.
+    dicts; on PostgreSQL (psycopg) one COPY (`_copy_rows`); elsewhere it is a Core insert.
+    SQLite binds each value of each row (~0.5 us a value), so a column holding the same short
+    text, timestamp or NULL in every row (the sync, the status, a checkpoint's time) is written
+    into the statement once instead (`_inline_value`): a checkpoint of snapshot rows binds 6
+    values a row instead of 11.
     """
     if not rows:
         return
@@ -173,7 +174,7 @@ def insert_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Seque
             placeholders.append(inline)
             continue
         placeholders.append("?")
-        process = column.type.dialect_impl(dialect).bind_processor(dialect)
+        process = _bind_processor(column, dialect)
         bound.append(values if process is None else [process(value) for value in values])
     preparer = dialect.identifier_preparer
     statement = (
@@ -192,9 +193,7 @@ def _copy_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Sequen
     if not connection.in_transaction():
         connection.begin()
     dialect = connection.dialect
-    processors = [
-        column.type.dialect_impl(dialect).bind_processor(dialect) for column in table.columns
-    ]
+    processors = [_bind_processor(column, dialect) for column in table.columns]
     if any(processors):
         rows = [
             tuple(v if p is None else p(v) for p, v in zip(processors, row, strict=True))
@@ -213,6 +212,15 @@ def _copy_rows(connection: sa.Connection, table: sa.Table, rows: Sequence[Sequen
                 copy.write_row(row)
     finally:
         cursor.close()
+
+
+def _bind_processor(column: sa.Column[Any], dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+    """What SQLAlchemy applies to a value of `column` before the driver gets it (None: nothing),
+    for the inserts that bypass Core."""
+    processor: Callable[[Any], Any] | None = column.type.dialect_impl(dialect).bind_processor(
+        dialect
+    )
+    return processor
 
 
 _MAX_INLINE_TEXT = 200
