@@ -41,6 +41,7 @@ import compileall
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -369,10 +370,36 @@ fields = {{ FNAME = "first_name" }}
     return path
 
 
+STATE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
 def reset_state(workdir: Path, customers: int) -> None:
     folder = workdir / f"state-{customers}"
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    for suffix in STATE_SUFFIXES:
         (folder / f"state.db{suffix}").unlink(missing_ok=True)
+
+
+def keep_first_sync_state(workdir: Path, customers: int) -> None:
+    """Copy the state a full sync left, so `--only unchanged incremental` can start from it."""
+    folder = workdir / f"state-{customers}"
+    for suffix in STATE_SUFFIXES:
+        kept = folder / f"after-full.db{suffix}"
+        kept.unlink(missing_ok=True)
+        if (folder / f"state.db{suffix}").exists():
+            shutil.copyfile(folder / f"state.db{suffix}", kept)
+
+
+def restore_first_sync_state(workdir: Path, customers: int) -> None:
+    folder = workdir / f"state-{customers}"
+    if not (folder / "after-full.db").exists():
+        raise SystemExit(
+            f"no state kept from a full sync of {customers:,} customers: run the bench once "
+            "with the full sync (without --only, or with --only full)"
+        )
+    reset_state(workdir, customers)
+    for suffix in STATE_SUFFIXES:
+        if (folder / f"after-full.db{suffix}").exists():
+            shutil.copyfile(folder / f"after-full.db{suffix}", folder / f"state.db{suffix}")
 
 
 def run_winback(
@@ -468,14 +495,17 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
     workdir: Path = args.workdir
     warehouse = build_warehouse(workdir, customers)
     config = write_config(workdir, customers, warehouse, sink.url, args)
-    reset_state(workdir, customers)
-    measures = []
     runs = [("full", 1), ("unchanged", 1), ("incremental", 2)]
     if args.plan:  # `sync plan` before the first sync: what a user runs first
         runs.insert(0, ("plan", 1))
+    if args.only:
+        runs = [(name, day) for name, day in runs if name in args.only]
+    if runs[0][0] in ("unchanged", "incremental"):
+        restore_first_sync_state(workdir, customers)
+    else:
+        reset_state(workdir, customers)
+    measures = []
     for name, day in runs:
-        if args.only and name not in args.only:
-            continue
         profile_path = workdir / f"run-{customers}-{name}"
         wall, cpu, peak, run, code, stderr = run_winback(
             config,
@@ -487,6 +517,8 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
             phases=args.phases,
             command_name="plan" if name == "plan" else "run",
         )
+        if name == "full" and code == 0:
+            keep_first_sync_state(workdir, customers)
         measure = Measure(customers, name, wall, cpu, peak, sink.stats(), run, code)
         measures.append(measure)
         print(format_row(measure), flush=True)
@@ -620,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         nargs="+",
         choices=("plan", "full", "unchanged", "incremental"),
-        help="runs to keep",
+        help="runs to keep; without `full`, the others start from the state the last full "
+        "sync of that size left",
     )
     parser.add_argument(
         "--plan", action="store_true", help="also time `sync plan` before the first sync"
