@@ -12,6 +12,8 @@ import json.scanner
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 
 def _text_encoder(**options: Any) -> Callable[[Any], str]:
     """`json.JSONEncoder(**options).encode` with its per-call set-up done once.
@@ -71,8 +73,42 @@ def _text_decoder() -> Callable[[str], Any]:
 loads_text = _text_decoder()
 
 # Built once: `json.dumps(value, **same options)` builds a new encoder on every call.
-compact_text = _text_encoder(sort_keys=True, separators=(",", ":"), default=str)
-"""The text that is fingerprinted, staged and planned: compact, sorted keys."""
+_json_compact_text = _text_encoder(sort_keys=True, separators=(",", ":"), default=str)
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+"""Values orjson writes as the json module does (floats differ: 1e16 for 1e+16)."""
+
+
+def _plain(value: dict[Any, Any]) -> bool:
+    """Whether the dict holds only plain values, or dicts of them (a payload, identifiers)."""
+    plain = _PLAIN
+    for item in value.values():
+        kind = type(item)
+        if kind is dict:
+            for inner in item.values():
+                if type(inner) not in plain:
+                    return False
+        elif kind not in plain:
+            return False
+    return True
+
+
+def compact_text(value: Any) -> str:
+    """The text that is fingerprinted, staged and planned: compact, sorted keys, non-ASCII
+    escaped (`json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)`).
+
+    A dict of plain values is written by orjson (~3x less work for a payload) whenever that
+    gives the same text: when it is ASCII without DEL, which json escapes and orjson does not.
+    """
+    if type(value) is dict and _plain(value):
+        try:
+            data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # an integer beyond 64 bits, a key that is not a string
+            pass
+        else:
+            if data.isascii() and b"\x7f" not in data:
+                return data.decode()
+    return _json_compact_text(value)
 
 
 def fingerprinted_text(value: Any) -> tuple[str, str]:

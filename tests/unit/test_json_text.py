@@ -50,6 +50,29 @@ def test_compact_text_is_json_dumps_with_sorted_keys(value: Any) -> None:
     assert _COMPACT(value) == expected
 
 
+plain_values = st.none() | st.booleans() | st.integers() | st.text(alphabet=st.characters())
+ascii_texts = st.text(alphabet=st.characters(max_codepoint=127))
+payloads = st.dictionaries(  # what the planner fingerprints: payloads, identifiers, fields
+    ascii_texts | st.text(max_size=4),
+    plain_values | ascii_texts | st.dictionaries(ascii_texts, plain_values | ascii_texts),
+    max_size=5,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(payloads)
+def test_compact_text_of_a_payload_is_json_dumps_with_sorted_keys(value: Any) -> None:
+    """Mostly through orjson: ASCII control characters, DEL, big integers, non-ASCII keys."""
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    assert _COMPACT(value) == expected
+
+
+def test_compact_text_escapes_as_json_does() -> None:
+    for value in ({"k": "\x7f"}, {"k": {"n": 2**64}}, {"é": 1}, {"k": '\x00\n"\\'}, {1: "a"}):
+        expected = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        assert _COMPACT(value) == expected
+
+
 sent_values = st.recursive(  # what json_value returns: no NaN or infinity
     st.none()
     | st.booleans()
