@@ -174,6 +174,38 @@ def build_warehouse(workdir: Path, customers: int) -> Path:
     return path
 
 
+def sqlite_copy(duckdb_path: Path) -> Path:
+    """The same two tables in a SQLite file (cached next to the DuckDB one): a warehouse that
+    cannot compare in itself, as PostgreSQL and the others."""
+    import sqlite3
+
+    import duckdb
+
+    path = duckdb_path.with_suffix(".sqlite")
+    if path.exists():
+        return path
+    started = time.perf_counter()
+    partial = path.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    columns = "customer_id INTEGER, lapsed INTEGER, email TEXT, phone TEXT, country TEXT, "
+    columns += "first_name TEXT"
+    with duckdb.connect(str(duckdb_path), read_only=True) as source:
+        target = sqlite3.connect(partial)
+        for table in ("customers_day1", "customers_day2"):
+            target.execute(f"CREATE TABLE {table} ({columns})")
+            cursor = source.execute(
+                f"SELECT customer_id, lapsed::INTEGER, email, phone, country, first_name "
+                f"FROM {table} ORDER BY customer_id"
+            )
+            while rows := cursor.fetchmany(100_000):
+                target.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?)", rows)
+        target.commit()
+        target.close()
+    partial.rename(path)
+    print(f"copied to {path.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return path
+
+
 # ----------------------------------------------------------------------------------------- sink
 
 
@@ -329,13 +361,19 @@ def duckdb_settings(workdir: Path, args: Any) -> str:
     return f"?memory_limit={args.duckdb_memory_limit}&temp_directory={spill}"
 
 
+def warehouse_url(workdir: Path, warehouse: Path, args: Any) -> str:
+    if args.warehouse == "sqlite":
+        return f"sqlite:///{sqlite_copy(warehouse)}"
+    return f"duckdb:///{warehouse}{duckdb_settings(workdir, args)}"
+
+
 def write_config(workdir: Path, customers: int, warehouse: Path, sink_url: str, args: Any) -> Path:
     state = workdir / f"state-{customers}" / "state.db"
     path = workdir / f"winback-{customers}.toml"
     path.write_text(
         f"""# written by bench/bench_sync.py
 [warehouse]
-url = "duckdb:///{warehouse}{duckdb_settings(workdir, args)}"
+url = "{warehouse_url(workdir, warehouse, args)}"
 chunk_size = {args.chunk_size}
 pushdown = {"false" if args.no_pushdown else "true"}
 
@@ -379,27 +417,32 @@ def reset_state(workdir: Path, customers: int) -> None:
         (folder / f"state.db{suffix}").unlink(missing_ok=True)
 
 
-def keep_first_sync_state(workdir: Path, customers: int) -> None:
+def kept_state_name(args: Any) -> str:
+    """The kept state of a full sync depends on where its fingerprints were computed."""
+    return f"after-full-{args.warehouse}{'-no-pushdown' if args.no_pushdown else ''}.db"
+
+
+def keep_first_sync_state(workdir: Path, customers: int, name: str) -> None:
     """Copy the state a full sync left, so `--only unchanged incremental` can start from it."""
     folder = workdir / f"state-{customers}"
     for suffix in STATE_SUFFIXES:
-        kept = folder / f"after-full.db{suffix}"
+        kept = folder / f"{name}{suffix}"
         kept.unlink(missing_ok=True)
         if (folder / f"state.db{suffix}").exists():
             shutil.copyfile(folder / f"state.db{suffix}", kept)
 
 
-def restore_first_sync_state(workdir: Path, customers: int) -> None:
+def restore_first_sync_state(workdir: Path, customers: int, name: str) -> None:
     folder = workdir / f"state-{customers}"
-    if not (folder / "after-full.db").exists():
+    if not (folder / name).exists():
         raise SystemExit(
             f"no state kept from a full sync of {customers:,} customers: run the bench once "
             "with the full sync (without --only, or with --only full)"
         )
     reset_state(workdir, customers)
     for suffix in STATE_SUFFIXES:
-        if (folder / f"after-full.db{suffix}").exists():
-            shutil.copyfile(folder / f"after-full.db{suffix}", folder / f"state.db{suffix}")
+        if (folder / f"{name}{suffix}").exists():
+            shutil.copyfile(folder / f"{name}{suffix}", folder / f"state.db{suffix}")
 
 
 def run_winback(
@@ -501,7 +544,7 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
     if args.only:
         runs = [(name, day) for name, day in runs if name in args.only]
     if runs[0][0] in ("unchanged", "incremental"):
-        restore_first_sync_state(workdir, customers)
+        restore_first_sync_state(workdir, customers, kept_state_name(args))
     else:
         reset_state(workdir, customers)
     measures = []
@@ -518,7 +561,7 @@ def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
             command_name="plan" if name == "plan" else "run",
         )
         if name == "full" and code == 0:
-            keep_first_sync_state(workdir, customers)
+            keep_first_sync_state(workdir, customers, kept_state_name(args))
         measure = Measure(customers, name, wall, cpu, peak, sink.stats(), run, code)
         measures.append(measure)
         print(format_row(measure), flush=True)
@@ -642,6 +685,13 @@ def main(argv: list[str] | None = None) -> int:
         help="DuckDB memory_limit in the warehouse URL, e.g. 128MB (spills beyond it)",
     )
     parser.add_argument(
+        "--warehouse",
+        choices=("duckdb", "sqlite"),
+        default="duckdb",
+        help="sqlite: the same tables copied to a SQLite file (a warehouse that cannot compare "
+        "in itself, as PostgreSQL)",
+    )
+    parser.add_argument(
         "--no-pushdown",
         action="store_true",
         help="diff in the state database ([warehouse] pushdown = false) instead of in DuckDB",
@@ -686,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     measures: list[Measure] = []
     print(
         f"batch_size {args.batch_size}, max_concurrency {args.concurrency}, chunk_size "
-        f"{args.chunk_size}, pushdown {not args.no_pushdown}, {os.cpu_count()} CPUs, "
+        f"{args.chunk_size}, {args.warehouse} warehouse, pushdown {not args.no_pushdown}, "
+        f"{os.cpu_count()} CPUs, "
         f"work dir {args.workdir}"
     )
     print(HEADER)
