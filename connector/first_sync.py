@@ -12,17 +12,23 @@ with the next checkpoint; a row without a usable identifier is kept in the snaps
 Duplicate keys are found beforehand by one aggregate pass of the segment query in the warehouse
 (the first row of each key is sent, as on the other paths), so nothing of the segment is held in
 memory. Normalising, most of the per-row work, runs in a second process for a large segment
-(`connector.row_normaliser`) while this one reads the next rows and sends the previous ones. A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and
-the next run, which has a snapshot to compare with, sends what is missing.
+(`connector.row_normaliser`) while this one reads the next rows and sends the previous ones.
+A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and the
+next run, which has a snapshot to compare with, sends what is missing.
 
-Only on the in-warehouse path (DuckDB). A dry run reads and normalises the same way and only
-counts: nothing is staged, sent or written.
+The key texts and raw fingerprints written are those the next runs compare: DuckDB's with
+pushdown (`SegmentComparedInWarehouse`), the state database's on other warehouses
+(`SegmentRead`). A warehouse whose GROUP BY may tell apart keys of one text (SQLite keys of
+several storage classes, dialects not in `READ_STREAM_DIALECTS`) has its first sync staged as
+any other run. A dry run reads and normalises the same way and only counts: nothing is staged,
+sent or written.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,18 +40,29 @@ from connector.diff import (
     duplicate_key_issues,
     skipped_snapshot_row,
 )
+from connector.json_text import fingerprinted_text
 from connector.pushdown import KeyCensus, WarehouseDiff
 from connector.row_normaliser import (
     ChunkNormaliser,
+    JobNormaliser,
     NormalisingPool,
     Outcome,
+    PayloadNormaliser,
     RowNormaliser,
     second_process_pays,
 )
 from connector.run_result import RunResult
+from connector.segments import (
+    check_columns,
+    probe_columns,
+    read_segment,
+    segment_keys,
+    segment_query,
+)
 from connector.staging import (
     SegmentSource,
     payload_builder,
+    segment_key,
     warehouse_diff,
     warehouse_key_issue,
 )
@@ -63,6 +80,141 @@ ISSUES_PAGE = 5000
 PLAN_PROGRESS_STEP = 5000
 """Rows a dry run counts between two updates of the progress bar."""
 
+KeyedChunk = tuple[int, list[RowIssue], list[tuple[str, str, Any]]]
+"""A chunk of the segment: its number of rows, the issues of its rows with a bad key, and
+(key, raw fingerprint, what the normaliser takes) for the others."""
+
+READ_STREAM_DIALECTS = frozenset({"duckdb", "postgresql", "sqlite"})
+"""Warehouses whose GROUP BY tells the keys apart as their texts do (SQLite only while the keys
+are of one storage class: `SegmentRead.census`); elsewhere (MySQL's case-insensitive
+collations, for one) a first sync is staged in the state database."""
+
+
+class StreamedSegment(ABC):
+    """Where a streamed first sync reads the segment: its key census, then its rows."""
+
+    def __init__(self, source: SegmentSource, engine: sa.Engine):
+        self.source = source
+        self.engine = engine
+
+    @abstractmethod
+    def census(self) -> KeyCensus | None:
+        """Rows and repeated keys (by key text); None when only the state database can tell
+        the keys apart."""
+
+    @abstractmethod
+    def normaliser(self, normalise: RowNormaliser) -> JobNormaliser:
+        """What normalises the third items of the chunks."""
+
+    @abstractmethod
+    def chunks(self) -> contextlib.AbstractContextManager[Iterator[KeyedChunk]]:
+        """The segment's rows, a chunk at a time, in segment order."""
+
+
+def streamable_segment(
+    source: SegmentSource, engine: sa.Engine, *, in_warehouse: bool
+) -> tuple[StreamedSegment, KeyCensus] | None:
+    """Where a first sync of `source` streams the segment from, with its key census taken;
+    None (having read no row) when this warehouse cannot tell the keys apart as the state
+    database does: the segment is staged instead."""
+    segment: StreamedSegment
+    if in_warehouse:
+        segment = SegmentComparedInWarehouse(source, engine)
+    elif engine.dialect.name in READ_STREAM_DIALECTS:
+        segment = SegmentRead(source, engine)
+    else:
+        return None
+    census = segment.census()
+    return None if census is None else (segment, census)
+
+
+class SegmentComparedInWarehouse(StreamedSegment):
+    """DuckDB with pushdown: the key census, key texts and raw fingerprints come from the
+    warehouse (`connector.pushdown`), as later runs compare them there; the rows' mapped
+    values are normalised."""
+
+    def census(self) -> KeyCensus:
+        with warehouse_diff(self.source, self.engine) as diff:
+            return diff.key_census()
+
+    def normaliser(self, normalise: RowNormaliser) -> JobNormaliser:
+        payload = payload_builder(self.source.mapped_columns(), self.source)
+        return ChunkNormaliser(payload, normalise)
+
+    @contextlib.contextmanager
+    def chunks(self) -> Iterator[Iterator[KeyedChunk]]:
+        with warehouse_diff(self.source, self.engine) as diff:
+            yield self._keyed(diff)
+
+    def _keyed(self, diff: WarehouseDiff) -> Iterator[KeyedChunk]:
+        source = self.source
+        for chunk in diff.every_row(chunk_size=source.chunk_size):
+            issues, keyed = [], []
+            for row in chunk:  # mapped columns, then key and fingerprint
+                key = row[-2]
+                issue = warehouse_key_issue(source, key)
+                if issue is None:
+                    keyed.append((key, row[-1], tuple(row)))
+                else:
+                    issues.append(issue)
+            yield len(chunk), issues, keyed
+
+
+class SegmentRead(StreamedSegment):
+    """Any other warehouse: one aggregate query counts the rows and finds the repeated keys,
+    then the segment query is streamed. Key texts and raw fingerprints (the SHA-1 of the
+    payload's compact JSON) are those of the state database's diff, which later runs use; the
+    payload texts are normalised."""
+
+    def census(self) -> KeyCensus | None:
+        source, engine = self.source, self.engine
+        name, segment = source.segment_name, source.segment
+        query = segment_query(name, segment, as_of=source.as_of, engine=engine)
+        columns = probe_columns(name, segment, engine=engine, as_of=source.as_of, query=query)
+        check_columns(name, segment, columns, source.needed_columns)
+        keys = segment_keys(name, segment, engine=engine, query=query, columns=columns)
+        if keys.mixed_types:
+            return None
+        duplicates: dict[str, int] = {}
+        for value, rows in keys.repeated:
+            key = segment_key(source, value)
+            if isinstance(key, str):
+                duplicates[key] = rows
+        return KeyCensus(keys.rows, duplicates)
+
+    def normaliser(self, normalise: RowNormaliser) -> JobNormaliser:
+        return PayloadNormaliser(normalise)
+
+    @contextlib.contextmanager
+    def chunks(self) -> Iterator[Iterator[KeyedChunk]]:
+        source = self.source
+        with read_segment(
+            source.segment_name,
+            source.segment,
+            engine=self.engine,
+            as_of=source.as_of,
+            chunk_size=source.chunk_size,
+            required_columns=source.needed_columns,
+        ) as (columns, chunks):
+            yield self._keyed(columns, chunks)
+
+    def _keyed(
+        self, columns: Sequence[str], chunks: Iterator[Sequence[Any]]
+    ) -> Iterator[KeyedChunk]:
+        source = self.source
+        key_at = list(columns).index(source.segment.key)
+        payload = payload_builder(columns, source)
+        for chunk in chunks:
+            issues, keyed = [], []
+            for row in chunk:
+                key = segment_key(source, row[key_at])
+                if isinstance(key, str):
+                    text, raw_fp = fingerprinted_text(payload(row))
+                    keyed.append((key, raw_fp, text))
+                else:
+                    issues.append(key)
+            yield len(chunk), issues, keyed
+
 
 class StreamedFirstSync:
     """Reads, normalises and sends one sync's segment in a single pass (or, for a dry run,
@@ -70,19 +222,21 @@ class StreamedFirstSync:
 
     def __init__(
         self,
-        source: SegmentSource,
+        segment: StreamedSegment,
+        census: KeyCensus,
         *,
-        engine: sa.Engine,
         connection: sa.Connection,
         result: RunResult,
         reporter: Reporter,
         normalise: RowNormaliser,
         skip_settings: str,
     ):
-        """Rows not sent are recorded on the state `connection` (that of the delivery), counted
-        in `result` and reported as progress."""
-        self.source = source
-        self.engine = engine
+        """`census` is the segment's (`segment.census()`). Rows not sent are recorded on the
+        state `connection` (that of the delivery), counted in `result` and reported as
+        progress."""
+        self.segment = segment
+        self.source = segment.source
+        self.census = census
         self.normalise = normalise
         self.skip_settings = skip_settings
         self.connection = connection
@@ -114,54 +268,47 @@ class StreamedFirstSync:
 
     @contextlib.contextmanager
     def _segment_changes(self, phase: str) -> Iterator[Iterator[PlannedChange]]:
-        """The segment's adds, read after one census of its keys (shown as `phase` with the
-        segment's size); the rows not sent are written, or counted, once they are consumed."""
-        with warehouse_diff(self.source, self.engine) as diff:
-            census = diff.key_census()
-            self.reporter.phase(f"{self.source.sync}: {phase}", census.rows)
-            yield self._changes(diff, census)
+        """The segment's adds (shown as `phase` with the segment's size); the rows not sent
+        are written, or counted, once they are consumed."""
+        self.reporter.phase(f"{self.source.sync}: {phase}", self.census.rows)
+        with self.segment.chunks() as chunks:
+            yield self._changes(chunks)
         self._write_issues()
 
-    def _changes(self, diff: WarehouseDiff, census: KeyCensus) -> Iterator[PlannedChange]:
+    def _changes(self, chunks: Iterator[KeyedChunk]) -> Iterator[PlannedChange]:
         """The segment's rows as adds, in segment order; the others recorded as issues.
 
         Each chunk's rows are checked by key here and normalised by the pool (in a second
         process for a large segment) while the next chunk is read and earlier ones are sent."""
-        normalise = ChunkNormaliser(payload_builder(diff.columns, self.source), self.normalise)
         with NormalisingPool(
-            normalise,
-            parallel=second_process_pays(census.rows),
+            self.segment.normaliser(self.normalise),
+            parallel=second_process_pays(self.census.rows),
             share_when_behind=WORKER_JOBS_QUEUED,
         ) as pool:
             for (keys, fingerprints), outcomes in pool.in_order(
-                self._jobs(diff, census), ahead=JOBS_AHEAD
+                self._jobs(chunks), ahead=JOBS_AHEAD
             ):
                 yield from self._adds(keys, fingerprints, outcomes)
 
     def _jobs(
-        self, diff: WarehouseDiff, census: KeyCensus
-    ) -> Iterator[tuple[tuple[list[str], list[str]], list[tuple[Any, ...]]]]:
+        self, chunks: Iterator[KeyedChunk]
+    ) -> Iterator[tuple[tuple[list[str], list[str]], list[Any]]]:
         """The rows to normalise, a job at a time, with their keys and fingerprints; rows with
         a bad or repeated key are recorded as issues instead."""
-        source = self.source
-        duplicates, seen_duplicates = census.duplicates, set[str]()
-        for chunk in diff.every_row(chunk_size=source.chunk_size):
+        duplicates, seen_duplicates = self.census.duplicates, set[str]()
+        for rows, issues, keyed in chunks:
+            self._issues += issues
             keys, fingerprints, values = [], [], []
-            for row in chunk:  # mapped columns, then key and fingerprint
-                key = row[-2]
-                issue = warehouse_key_issue(source, key)
-                if issue is not None:
-                    self._issues.append(issue)
-                    continue
+            for key, raw_fp, value in keyed:
                 if key in duplicates:
                     if key in seen_duplicates:
                         continue  # counted by duplicate_key_issues below
                     seen_duplicates.add(key)
                     self._issues += duplicate_key_issues(key, duplicates[key])
                 keys.append(key)
-                fingerprints.append(row[-1])
-                values.append(tuple(row))
-            self.result.segment_rows += len(chunk)
+                fingerprints.append(raw_fp)
+                values.append(value)
+            self.result.segment_rows += rows
             for start in range(0, len(keys), JOB_ROWS):
                 job = slice(start, start + JOB_ROWS)
                 yield (keys[job], fingerprints[job]), values[job]

@@ -169,7 +169,7 @@ class PayloadBuilder:
         }  # fmt: skip
 
 
-class _JobNormaliser(ABC):
+class JobNormaliser(ABC):
     """A job's rows in, their outcomes out: what `NormalisingPool` runs, here or in a worker."""
 
     @abstractmethod
@@ -181,7 +181,7 @@ class _JobNormaliser(ABC):
 
 
 @dataclass(frozen=True)
-class ChunkNormaliser(_JobNormaliser):
+class ChunkNormaliser(JobNormaliser):
     """Normalises chunks of warehouse rows (the streamed first sync)."""
 
     payload: PayloadBuilder
@@ -193,7 +193,7 @@ class ChunkNormaliser(_JobNormaliser):
 
 
 @dataclass(frozen=True)
-class PayloadNormaliser(_JobNormaliser):
+class PayloadNormaliser(JobNormaliser):
     """Normalises staged payloads as the planner reads them back (their JSON texts)."""
 
     normalise: RowNormaliser
@@ -246,7 +246,7 @@ class NormalisingPool:
     """
 
     def __init__(
-        self, normalise: _JobNormaliser, *, parallel: bool, share_when_behind: int | None = None
+        self, normalise: JobNormaliser, *, parallel: bool, share_when_behind: int | None = None
     ) -> None:
         self.normalise = normalise
         self.share_when_behind = share_when_behind

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,6 +75,56 @@ def probe_columns(
             segment=name,
         )
     return columns
+
+
+@dataclass(frozen=True)
+class SegmentKeys:
+    """What one aggregate pass of the segment query tells of its keys."""
+
+    rows: int
+    repeated: list[tuple[Any, int]]
+    """(key as the driver returns it, number of rows) of the non-null keys returned more than
+    once."""
+    mixed_types: bool
+    """SQLite only: the keys are of several storage classes (1 and '1' are two keys there)."""
+
+
+def segment_keys(
+    name: str,
+    segment: Segment,
+    *,
+    engine: sa.Engine,
+    query: sa.Executable,
+    columns: Sequence[str],
+) -> SegmentKeys:
+    """Count the segment's rows and find its repeated keys, in the warehouse (portable SQL:
+    GROUP BY over the segment query; nothing of the segment is held in Python)."""
+    if isinstance(query, sa.Select):
+        source = query.subquery("winback_segment")
+    else:
+        text = query if isinstance(query, sa.TextClause) else sa.text(str(query))
+        source = text.columns(*(sa.column(c) for c in columns)).subquery("winback_segment")
+    key = source.c[segment.key]
+    totals: list[sa.ColumnElement[Any]] = [sa.func.count()]
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        totals.append(sa.func.count(sa.distinct(sa.func.typeof(key))).filter(key.is_not(None)))
+    repeated = (
+        sa.select(key, sa.func.count())
+        .where(key.is_not(None))
+        .group_by(key)
+        .having(sa.func.count() > 1)
+    )
+    with warehouse_connection(engine) as connection:
+        try:
+            total = connection.execute(sa.select(*totals).select_from(source)).one()
+            repeats = [(value, int(n)) for value, n in connection.execute(repeated)]
+        except sa.exc.DBAPIError as error:
+            raise WarehouseError(
+                f"the query failed: {query_problem(error)}; {where_to_fix(name, segment)}",
+                segment=name,
+            ) from None
+    return SegmentKeys(int(total[0]), repeats, mixed_types=sqlite and int(total[1]) > 1)
 
 
 def _read_sql_file(name: str, segment: QuerySegment) -> str:

@@ -65,6 +65,10 @@ class SegmentSource:
             ("f", n, c) for n, c in sorted(self.fields.items())
         ]
 
+    def mapped_columns(self) -> list[str]:
+        """The segment columns the mapping reads, each once, in payload order."""
+        return list(dict.fromkeys(column for _, _, column in self.mapping()))
+
 
 @dataclass
 class StagedSegment:
@@ -88,6 +92,17 @@ def long_key_issue(source: SegmentSource, key: str, length: int) -> RowIssue:
         f"key of {length} characters is longer than {MAX_KEY_LENGTH}; use a shorter "
         f"identifier as `{source.segment.key}`",
     )
+
+
+def segment_key(source: SegmentSource, value: Any) -> str | RowIssue:
+    """A key as the warehouse driver returned it, as the text the state store keeps (JSON's
+    text for what JSON lacks: dates, decimals...), or why the row cannot be synced."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return null_key_issue(source)
+    key = str(value if type(value) in JSON_NATIVE else json_value(value))
+    if len(key) > MAX_KEY_LENGTH:
+        return long_key_issue(source, key, len(key))
+    return key
 
 
 def warehouse_key_issue(source: SegmentSource, key: str | None) -> RowIssue | None:
@@ -152,7 +167,6 @@ class SegmentStager:
         source, planner = self.source, self.planner
         issues: list[RowIssue] = []
         rows = 0
-        native = JSON_NATIVE
         with read_segment(
             source.segment_name,
             source.segment,
@@ -166,15 +180,11 @@ class SegmentStager:
             for chunk in chunks:
                 staged: list[tuple[str, Payload]] = []
                 for row in chunk:
-                    key = row[key_index]
-                    if key is None or (isinstance(key, str) and not key.strip()):
-                        issues.append(null_key_issue(source))
-                        continue
-                    key = str(key if type(key) in native else json_value(key))
-                    if len(key) > MAX_KEY_LENGTH:
-                        issues.append(long_key_issue(source, key, len(key)))
-                        continue
-                    staged.append((key, payload(row)))
+                    key = segment_key(source, row[key_index])
+                    if isinstance(key, RowIssue):
+                        issues.append(key)
+                    else:
+                        staged.append((key, payload(row)))
                 planner.stage_rows(staged)
                 rows += len(chunk)
                 self.reporter.advance(len(chunk))

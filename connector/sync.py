@@ -25,11 +25,11 @@ from connector.errors import (
     Terminated,
     WinbackError,
 )
-from connector.first_sync import StreamedFirstSync
+from connector.first_sync import StreamedFirstSync, StreamedSegment, streamable_segment
 from connector.identity import NORMALISATION_VERSION
 from connector.interrupts import interrupts_held
 from connector.json_text import fingerprinted_text
-from connector.pushdown import supports_pushdown
+from connector.pushdown import KeyCensus, supports_pushdown
 from connector.row_normaliser import RowNormaliser
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
@@ -193,10 +193,20 @@ class SyncRunner:
             source = self._segment_source(sync_name, options)
             in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
             batch_size = sync.batch_size or adapter.batch_size
-            first_sync = not options.full_resync and in_warehouse and planner.snapshot_is_empty()
-            if first_sync:  # nothing to compare with: stream the segment to the destination
+            streamable = None
+            if not options.full_resync and planner.snapshot_is_empty():  # nothing to compare
+                streamable = streamable_segment(source, self.warehouse, in_warehouse=in_warehouse)
+            if streamable is not None:  # send the segment straight to the destination
+                segment, census = streamable
                 self._stream_first_sync(
-                    source, connection, planner, adapter, result, batch_size, options.dry_run
+                    segment,
+                    census,
+                    connection,
+                    planner,
+                    adapter,
+                    result,
+                    batch_size,
+                    options.dry_run,
                 )
                 clock.done("streamed the segment (first sync)", f"{result.segment_rows:,} rows")
                 return
@@ -231,7 +241,8 @@ class SyncRunner:
 
     def _stream_first_sync(
         self,
-        source: SegmentSource,
+        segment: StreamedSegment,
+        census: KeyCensus,
         connection: sa.Connection,
         planner: ChangePlanner,
         adapter: Destination,
@@ -243,12 +254,12 @@ class SyncRunner:
         counts what would be sent."""
         result.audience_size = 0
         streamed = StreamedFirstSync(
-            source,
-            engine=self.warehouse,
+            segment,
+            census,
             connection=connection,
             result=result,
             reporter=self.reporter,
-            normalise=self._normaliser(source.sync, adapter),
+            normalise=self._normaliser(segment.source.sync, adapter),
             skip_settings=planner.skip_settings,
         )
         if dry_run:

@@ -72,12 +72,14 @@ def memory_runner(
     *,
     state_url: str | None = None,
     identifiers: Mapping[str, str] = PEOPLE_IDENTIFIERS,
+    warehouse: Mapping[str, Any] | None = None,
     **sync: Any,
 ) -> SyncRunner:
     """A SyncRunner of one sync `s`: segment `SELECT * FROM people` (key `id`) to audience `A`
-    of the in-memory destination; state in `folder`/state.db unless `state_url` is given."""
+    of the in-memory destination; state in `folder`/state.db unless `state_url` is given;
+    `warehouse` adds options of `[warehouse]`."""
     document: dict[str, Any] = {
-        "warehouse": {"url": warehouse_url},
+        "warehouse": {"url": warehouse_url, **(warehouse or {})},
         "state": {"url": state_url or f"sqlite:///{folder / 'state.db'}"},
         "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
         "destinations": {"mem": {"type": "memory"}},

@@ -1,0 +1,201 @@
+"""A first sync on a warehouse that does not compare in itself (SQLite, PostgreSQL, DuckDB with
+`pushdown = false`) is streamed too (`connector.first_sync.SegmentRead`): one aggregate query
+finds the repeated keys, then the rows go straight to the destination.
+
+It must end exactly where the staged path ends (`--full-resync`), and the next run, which
+compares in the state database, must find nothing to send.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import connector.row_normaliser
+from connector.state import StateStore
+from connector.sync import RunOptions, RunResult
+from tests.fakes.memory_destination import MemoryDestination
+from tests.helpers import memory_runner, write_people
+from tests.integration.test_first_sync import ROWS, counts, forget, issues_of, snapshot_rows
+
+STREAMED = "streamed the segment (first sync)"
+STAGED = "read and compared the segment"
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        "duckdb, pushdown off",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ]
+)
+def warehouse_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def people_warehouse(
+    request: pytest.FixtureRequest, folder: Path, kind: str, rows: list[tuple[Any, ...]]
+) -> tuple[str, dict[str, Any]]:
+    """The warehouse URL and `[warehouse]` options of a `people` table holding `rows`."""
+    if kind == "sqlite":  # `id` of no type: SQLite keeps what it is given, 1 or '1'
+        path = folder / "warehouse.db"
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE IF EXISTS people")
+            db.execute("CREATE TABLE people (id, email TEXT, phone TEXT, country TEXT)")
+            db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", rows)
+        return f"sqlite:///{path}", {}
+    if kind == "duckdb, pushdown off":
+        return write_people(folder, "duckdb", rows), {"pushdown": False}
+    url = str(request.getfixturevalue("postgres_url"))
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE IF EXISTS people"))
+            connection.execute(
+                sa.text("CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)")
+            )
+            connection.execute(
+                sa.text("INSERT INTO people VALUES (:id, :email, :phone, :country)"),
+                [dict(zip(("id", "email", "phone", "country"), row, strict=True)) for row in rows],
+            )
+    finally:
+        engine.dispose()
+    return url, {}
+
+
+@pytest.fixture
+def run(
+    request: pytest.FixtureRequest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> Iterator[Any]:
+    """Run sync `s` over `rows` on the given warehouse; returns the result and which path the
+    run took (STREAMED or STAGED)."""
+    caplog.set_level(logging.INFO, logger="winback")
+
+    def run_sync(
+        kind: str, rows: list[tuple[Any, ...]], options: RunOptions
+    ) -> tuple[RunResult, str]:
+        url, warehouse = people_warehouse(request, tmp_path, kind, rows)
+        runner = memory_runner(tmp_path, url, warehouse=warehouse)
+        caplog.clear()
+        try:
+            result = runner.run("s", options)
+        finally:
+            runner.close()
+        paths = [p for p in (STREAMED, STAGED) if p in caplog.text]
+        assert len(paths) == 1, caplog.text
+        return result, paths[0]
+
+    yield run_sync
+
+
+@pytest.mark.parametrize("normalising", ["this process", "second process"])
+def test_a_first_sync_read_from_the_warehouse_ends_where_the_staged_path_ends(
+    run: Any, tmp_path: Path, warehouse_kind: str, normalising: str, monkeypatch: Any
+) -> None:
+    if normalising == "second process":
+        monkeypatch.setattr(connector.row_normaliser, "PARALLEL_MIN_ROWS", 0)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    MemoryDestination.reset()
+    MemoryDestination.reject = staticmethod(
+        lambda m: "refused by the platform" if m.key == "8" else None
+    )
+    streamed, path = run(warehouse_kind, ROWS, RunOptions())
+    assert path == STREAMED
+    streamed_audience = MemoryDestination.audiences.pop("A")
+    streamed_snapshot = snapshot_rows(state_url)
+    forget(state_url)
+    staged, path = run(warehouse_kind, ROWS, RunOptions(full_resync=True))
+    assert path == STAGED
+
+    assert counts(streamed) == counts(staged)
+    assert counts(streamed)[2:] == (
+        9,  # null, blank, long key; 4, 5 and 7's first row; two extra rows of 6, one of 7
+        {"add": 5, "remove": 0, "update": 0},
+        {"add": 4, "remove": 0, "update": 0},
+        1,
+    )
+    staged_audience = MemoryDestination.audiences.pop("A")
+    assert {k: m["identifiers"] for k, m in streamed_audience.items()} == {
+        k: m["identifiers"] for k, m in staged_audience.items()
+    }
+    assert streamed_audience["6"]["identifiers"]["email"] == "first@example.com"
+    assert streamed_snapshot == snapshot_rows(state_url)
+    assert issues_of(state_url, streamed.run_id) == issues_of(state_url, staged.run_id)
+
+    MemoryDestination.calls.clear()
+    again, path = run(warehouse_kind, ROWS, RunOptions())
+    assert path == STAGED  # the state database compares from now on
+    assert again.planned == {"add": 0, "remove": 0, "update": 0}
+    assert again.skipped == streamed.skipped
+    assert MemoryDestination.calls == []
+
+
+def test_a_dry_run_of_a_first_sync_read_from_the_warehouse_writes_nothing(
+    run: Any, tmp_path: Path, warehouse_kind: str
+) -> None:
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    MemoryDestination.reset()
+    plan, path = run(warehouse_kind, ROWS, RunOptions(dry_run=True))
+    staged, _ = run(warehouse_kind, ROWS, RunOptions(dry_run=True, full_resync=True))
+
+    assert path == STREAMED
+    assert counts(plan) == counts(staged)
+    assert plan.samples == staged.samples
+    assert MemoryDestination.calls == []
+    assert snapshot_rows(state_url) == set()
+    store = StateStore(state_url)
+    try:
+        assert store.issues(plan.run_id) == []
+    finally:
+        store.dispose()
+
+
+def test_sqlite_keys_of_several_storage_classes_are_compared_in_the_state_database(
+    run: Any, tmp_path: Path
+) -> None:
+    """SQLite's GROUP BY tells 1 from '1'; the state database, which keeps keys as text, does
+    not: such a segment is staged, and '1' is one key sent once."""
+    MemoryDestination.reset()
+    rows: list[tuple[Any, ...]] = [
+        (1, "one@example.com", None, None),
+        ("1", "uno@example.com", None, None),
+        (2, "two@example.com", None, None),
+    ]
+    result, path = run("sqlite", rows, RunOptions())
+
+    assert path == STAGED
+    assert result.status == "success", result.error
+    assert result.planned == {"add": 2, "remove": 0, "update": 0}
+    assert MemoryDestination.audiences["A"]["1"]["identifiers"]["email"] == "one@example.com"
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        issues = [(issue.kind, issue.key) for issue in store.issues(result.run_id)]
+    finally:
+        store.dispose()
+    assert issues == [("skipped", "1")]
+
+
+def test_integer_keys_read_from_the_warehouse_are_sent_as_their_text(
+    run: Any, tmp_path: Path
+) -> None:
+    MemoryDestination.reset()
+    path_db = tmp_path / "warehouse.db"
+    rows: list[tuple[Any, ...]] = [
+        (10, "ten@example.com", None, None),
+        (10, "again@example.com", None, None),
+        (11, "eleven@example.com", None, None),
+    ]
+    result, path = run("sqlite", rows, RunOptions())
+    with sqlite3.connect(path_db) as db:  # the table holds integers, not texts
+        assert {type(k) for (k,) in db.execute("SELECT id FROM people")} == {int}
+
+    assert path == STREAMED
+    assert result.planned == {"add": 2, "remove": 0, "update": 0}
+    assert sorted(MemoryDestination.audiences["A"]) == ["10", "11"]
+    assert MemoryDestination.audiences["A"]["10"]["identifiers"]["email"] == "ten@example.com"
