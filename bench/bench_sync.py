@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -46,6 +47,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -148,6 +151,15 @@ SEGMENT_SQL = (
 )
 
 
+def in_own_process(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a preparation step (building or copying a warehouse) in a process of its own: a
+    winback run forked from a bench process that grew during it would report that process's
+    size as its own peak (`ru_maxrss` counts the pages a forked child shares)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(function, *args).result()
+
+
 def build_warehouse(workdir: Path, customers: int) -> Path:
     """The cached warehouse for this size, built with DuckDB SQL when missing."""
     import duckdb
@@ -204,6 +216,52 @@ def sqlite_copy(duckdb_path: Path) -> Path:
     partial.rename(path)
     print(f"copied to {path.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return path
+
+
+def postgres_copy(duckdb_path: Path, customers: int, url: str) -> str:
+    """The same two tables in a schema `winback_bench_N` of the PostgreSQL database at `url`
+    (copied once, kept); returns the warehouse URL whose search_path is that schema."""
+    import duckdb
+    import psycopg
+    import sqlalchemy as sa
+
+    schema = f"winback_bench_{customers}"
+    target = sa.make_url(url)
+    conninfo = target.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo) as connection:
+        copied = connection.execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = %s "
+            "AND table_name = 'copy_complete'",
+            (schema,),
+        ).fetchone()
+        if copied is None:
+            started = time.perf_counter()
+            connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            connection.execute(f"CREATE SCHEMA {schema}")
+            columns = "customer_id BIGINT, lapsed BOOLEAN, email TEXT, phone TEXT, country TEXT, "
+            columns += "first_name TEXT"
+            with duckdb.connect(str(duckdb_path), read_only=True) as source:
+                for table in ("customers_day1", "customers_day2"):
+                    connection.execute(f"CREATE TABLE {schema}.{table} ({columns})")
+                    cursor = source.execute(
+                        f"SELECT customer_id, lapsed, email, phone, country, first_name "
+                        f"FROM {table} ORDER BY customer_id"
+                    )
+                    with connection.cursor().copy(f"COPY {schema}.{table} FROM STDIN") as copy:
+                        while rows := cursor.fetchmany(100_000):
+                            for row in rows:
+                                copy.write_row(row)
+                    connection.execute(f"ANALYZE {schema}.{table}")
+            connection.execute(f"CREATE TABLE {schema}.copy_complete ()")
+            connection.commit()
+            print(
+                f"copied to PostgreSQL schema {schema} in {time.perf_counter() - started:.1f}s",
+                file=sys.stderr,
+            )
+    options = target.query.get("options", "")
+    return target.update_query_dict(
+        {"options": f"{options} -csearch_path={schema}".strip()}
+    ).render_as_string(hide_password=False)
 
 
 # ----------------------------------------------------------------------------------------- sink
@@ -361,9 +419,11 @@ def duckdb_settings(workdir: Path, args: Any) -> str:
     return f"?memory_limit={args.duckdb_memory_limit}&temp_directory={spill}"
 
 
-def warehouse_url(workdir: Path, warehouse: Path, args: Any) -> str:
+def warehouse_url(workdir: Path, customers: int, warehouse: Path, args: Any) -> str:
     if args.warehouse == "sqlite":
-        return f"sqlite:///{sqlite_copy(warehouse)}"
+        return f"sqlite:///{in_own_process(sqlite_copy, warehouse)}"
+    if args.warehouse == "postgresql":
+        return str(in_own_process(postgres_copy, warehouse, customers, args.postgres_url))
     return f"duckdb:///{warehouse}{duckdb_settings(workdir, args)}"
 
 
@@ -373,7 +433,7 @@ def write_config(workdir: Path, customers: int, warehouse: Path, sink_url: str, 
     path.write_text(
         f"""# written by bench/bench_sync.py
 [warehouse]
-url = "{warehouse_url(workdir, warehouse, args)}"
+url = "{warehouse_url(workdir, customers, warehouse, args)}"
 chunk_size = {args.chunk_size}
 pushdown = {"false" if args.no_pushdown else "true"}
 
@@ -536,7 +596,7 @@ class TreeMemory:
 
 def bench_size(customers: int, sink: Sink, args: Any) -> list[Measure]:
     workdir: Path = args.workdir
-    warehouse = build_warehouse(workdir, customers)
+    warehouse = in_own_process(build_warehouse, workdir, customers)
     config = write_config(workdir, customers, warehouse, sink.url, args)
     runs = [("full", 1), ("unchanged", 1), ("incremental", 2)]
     if args.plan:  # `sync plan` before the first sync: what a user runs first
@@ -686,10 +746,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--warehouse",
-        choices=("duckdb", "sqlite"),
+        choices=("duckdb", "sqlite", "postgresql"),
         default="duckdb",
-        help="sqlite: the same tables copied to a SQLite file (a warehouse that cannot compare "
-        "in itself, as PostgreSQL)",
+        help="sqlite: the same tables copied to a SQLite file; postgresql: to a schema "
+        "winback_bench_N of --postgres-url (warehouses that cannot compare in themselves)",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("WINBACK_TEST_POSTGRES_URL"),
+        help="SQLAlchemy URL of the PostgreSQL database for --warehouse postgresql "
+        "(default: $WINBACK_TEST_POSTGRES_URL)",
     )
     parser.add_argument(
         "--no-pushdown",
@@ -725,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_sink:
         serve_sink()
         return 0
+    if args.warehouse == "postgresql" and not args.postgres_url:
+        parser.error("--warehouse postgresql needs --postgres-url (or $WINBACK_TEST_POSTGRES_URL)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.workdir = args.workdir.resolve()
     args.source = args.source.resolve()
