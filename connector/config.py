@@ -41,7 +41,8 @@ class WarehouseConfig(StrictModel):
     pushdown: bool = Field(
         True,
         description="Compare the segment with the last sync inside the warehouse when it can "
-        "(DuckDB), so unchanged rows never leave it; false: always in the state database.",
+        "(DuckDB, PostgreSQL), so unchanged rows never leave it; false: always in the state "
+        "database.",
     )
 
 

@@ -98,5 +98,5 @@ def stream_rows(
     `stream_results` + `partitions` keep memory flat whatever the segment size (duckdb-engine
     ignores `yield_per` for text queries).
     """
-    result = connection.execution_options(stream_results=True).execute(query)
+    result = connection.execute(query, execution_options={"stream_results": True})
     return list(result.keys()), result.partitions(chunk_size)

@@ -1,9 +1,10 @@
-"""A first sync on a warehouse that does not compare in itself (SQLite, PostgreSQL, DuckDB with
-`pushdown = false`) is streamed too (`connector.first_sync.SegmentRead`): one aggregate query
-finds the repeated keys, then the rows go straight to the destination.
+"""A first sync is streamed on every warehouse winback knows: on one that does not compare in
+itself (SQLite; PostgreSQL and DuckDB with `pushdown = false`) one aggregate query finds the
+repeated keys (`connector.first_sync.SegmentRead`); on PostgreSQL with pushdown the warehouse
+computes keys and fingerprints as for DuckDB (`SegmentComparedInWarehouse`).
 
 It must end exactly where the staged path ends (`--full-resync`), and the next run, which
-compares in the state database, must find nothing to send.
+compares where later runs compare, must find nothing to send.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ STAGED = "read and compared the segment"
         "sqlite",
         "duckdb, pushdown off",
         pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("postgresql, pushdown off", marks=pytest.mark.postgres),
     ]
 )
 def warehouse_kind(request: pytest.FixtureRequest) -> str:
@@ -53,6 +55,7 @@ def people_warehouse(
     if kind == "duckdb, pushdown off":
         return write_people(folder, "duckdb", rows), {"pushdown": False}
     url = str(request.getfixturevalue("postgres_url"))
+    options = {"pushdown": False} if kind.endswith("pushdown off") else {}
     engine = sa.create_engine(url)
     try:
         with engine.begin() as connection:
@@ -66,7 +69,7 @@ def people_warehouse(
             )
     finally:
         engine.dispose()
-    return url, {}
+    return url, options
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def test_a_first_sync_read_from_the_warehouse_ends_where_the_staged_path_ends(
 
     MemoryDestination.calls.clear()
     again, path = run(warehouse_kind, ROWS, RunOptions())
-    assert path == STAGED  # the state database compares from now on
+    assert path == STAGED  # compared from now on
     assert again.planned == {"add": 0, "remove": 0, "update": 0}
     assert again.skipped == streamed.skipped
     assert MemoryDestination.calls == []

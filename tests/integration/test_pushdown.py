@@ -1,6 +1,7 @@
-"""The diff inside the warehouse (DuckDB) plans exactly what the state-database diff plans.
+"""The diff inside the warehouse (DuckDB, PostgreSQL) plans exactly what the state-database diff
+plans.
 
-Each test runs the real engine twice over the same DuckDB warehouse: once with the diff pushed
+Each test runs the real engine twice over the same warehouse: once with the diff pushed
 down (`[warehouse] pushdown = true`, the default) and once staging every row in the state
 database (`pushdown = false`), each against its own state store and audience, and compares
 everything a user sees: counts, skipped rows and their reasons, and the audience.
@@ -8,6 +9,7 @@ everything a user sees: counts, skipped rows and their reasons, and the audience
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +57,44 @@ CREATE OR REPLACE TABLE people AS SELECT * FROM (VALUES
 ) AS t(id, email, last_order, ltv, country)
 """
 
+_NULLS = "CAST(NULL AS DATE), CAST(NULL AS DECIMAL(9, 2)), CAST(NULL AS VARCHAR)"
 SEGMENT_SQL = (
-    "SELECT id, email, last_order, ltv, country FROM people UNION ALL "
-    f"SELECT * FROM (VALUES ('   ', 'blank@example.com', NULL, NULL, NULL), "
-    f"('{LONG_KEY}', 'long@example.com', NULL, NULL, NULL)) "
+    "SELECT CAST(id AS VARCHAR) AS id, email, last_order, ltv, country FROM people UNION ALL "
+    f"SELECT * FROM (VALUES ('   ', 'blank@example.com', {_NULLS}), "
+    f"('{LONG_KEY}', 'long@example.com', {_NULLS})) "
     "AS extra(id, email, last_order, ltv, country)"
 )
 
 
-def write_warehouse(path: Path, sql: str) -> None:
-    with duckdb.connect(str(path)) as db:
-        db.execute(sql)
+@pytest.fixture(params=["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "duckdb":
+        return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
-def make_runner(folder: Path, *, pushdown: bool, audience: str, sql: str) -> SyncRunner:
+def write_warehouse(url: str, sql: str) -> None:
+    """Run `sql` (statements separated by `;`, DuckDB's `CREATE OR REPLACE TABLE` included)."""
+    if url.startswith("duckdb"):
+        with duckdb.connect(url.removeprefix("duckdb:///")) as db:
+            db.execute(sql)
+        return
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            for statement in filter(str.strip, sql.split(";")):
+                if "CREATE OR REPLACE TABLE" in statement:
+                    name = statement.split("CREATE OR REPLACE TABLE")[1].split()[0]
+                    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    statement = statement.replace("CREATE OR REPLACE TABLE", "CREATE TABLE")
+                connection.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def make_runner(folder: Path, url: str, *, pushdown: bool, audience: str, sql: str) -> SyncRunner:
     document: dict[str, Any] = {
-        "warehouse": {"url": f"duckdb:///{folder / 'warehouse.duckdb'}", "pushdown": pushdown},
+        "warehouse": {"url": url, "pushdown": pushdown},
         "state": {"url": f"sqlite:///{folder / f'state-{audience}.db'}"},
         "segments": {"people": {"key": "id", "sql": sql}},
         "destinations": {"mem": {"type": "memory"}},
@@ -113,10 +137,12 @@ def members(audience: str) -> dict[str, Any]:
     }
 
 
-def run_both(folder: Path, sql: str = SEGMENT_SQL, **options: Any) -> list[dict[str, Any]]:
+def run_both(
+    folder: Path, url: str, sql: str = SEGMENT_SQL, **options: Any
+) -> list[dict[str, Any]]:
     outcomes = []
     for pushdown, audience in ((True, "pushed"), (False, "staged")):
-        runner = make_runner(folder, pushdown=pushdown, audience=audience, sql=sql)
+        runner = make_runner(folder, url, pushdown=pushdown, audience=audience, sql=sql)
         try:
             outcomes.append(outcome(runner, runner.run("s", RunOptions(**options))))
         finally:
@@ -124,11 +150,12 @@ def run_both(folder: Path, sql: str = SEGMENT_SQL, **options: Any) -> list[dict[
     return outcomes
 
 
-def test_both_diffs_plan_and_send_the_same_over_two_days(tmp_path: Path) -> None:
+def test_both_diffs_plan_and_send_the_same_over_two_days(
+    tmp_path: Path, warehouse_url: str
+) -> None:
     MemoryDestination.reset()
-    warehouse = tmp_path / "warehouse.duckdb"
-    write_warehouse(warehouse, DAY_ONE)
-    pushed, staged = run_both(tmp_path)
+    write_warehouse(warehouse_url, DAY_ONE)
+    pushed, staged = run_both(tmp_path, warehouse_url)
     assert pushed == staged
     assert pushed["status"] == "success", pushed["error"]
     assert pushed["segment_rows"] == 11
@@ -143,27 +170,31 @@ def test_both_diffs_plan_and_send_the_same_over_two_days(tmp_path: Path) -> None
         "LTV": 12.5,
     }
 
-    write_warehouse(warehouse, DAY_TWO)
-    pushed, staged = run_both(tmp_path)
+    write_warehouse(warehouse_url, DAY_TWO)
+    pushed, staged = run_both(tmp_path, warehouse_url)
     assert pushed == staged
     assert pushed["planned"] == {"add": 2, "remove": 1, "update": 2}
     assert members("pushed") == members("staged")
     assert sorted(MemoryDestination.audiences["pushed"]) == ["1", "2", "3", "4", "7", "8"]
 
-    pushed, staged = run_both(tmp_path)  # unchanged
+    pushed, staged = run_both(tmp_path, warehouse_url)  # unchanged
     assert pushed == staged
     assert pushed["planned"] == {"add": 0, "remove": 0, "update": 0}
 
-    pushed, staged = run_both(tmp_path, full_resync=True)
+    pushed, staged = run_both(tmp_path, warehouse_url, full_resync=True)
     assert pushed == staged
     assert pushed["planned"] == {"add": 6, "remove": 0, "update": 0}
 
 
-def test_switching_where_the_diff_runs_sends_nothing_again(tmp_path: Path) -> None:
+def test_switching_where_the_diff_runs_sends_nothing_again(
+    tmp_path: Path, warehouse_url: str
+) -> None:
     MemoryDestination.reset()
-    write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
+    write_warehouse(warehouse_url, DAY_ONE)
     for pushdown in (True, False, True):
-        runner = make_runner(tmp_path, pushdown=pushdown, audience="A", sql=SEGMENT_SQL)
+        runner = make_runner(
+            tmp_path, warehouse_url, pushdown=pushdown, audience="A", sql=SEGMENT_SQL
+        )
         try:
             result = runner.run("s", RunOptions())
         finally:
@@ -174,15 +205,16 @@ def test_switching_where_the_diff_runs_sends_nothing_again(tmp_path: Path) -> No
     assert len(MemoryDestination.audiences["A"]) == 5
 
 
-def test_a_rules_segment_is_diffed_in_the_warehouse_too(tmp_path: Path) -> None:
+def test_a_rules_segment_is_diffed_in_the_warehouse_too(tmp_path: Path, warehouse_url: str) -> None:
     MemoryDestination.reset()
     write_warehouse(
-        tmp_path / "warehouse.duckdb",
-        DAY_ONE + "; CREATE TABLE orders AS SELECT * FROM (VALUES (1, DATE '2026-01-01'), "
+        warehouse_url,
+        DAY_ONE
+        + "; CREATE OR REPLACE TABLE orders AS SELECT * FROM (VALUES (1, DATE '2026-01-01'), "
         "(2, DATE '2026-06-01')) AS o(customer_id, ordered_at)",
     )
     document: dict[str, Any] = {
-        "warehouse": {"url": f"duckdb:///{tmp_path / 'warehouse.duckdb'}"},
+        "warehouse": {"url": warehouse_url},
         "state": {"url": f"sqlite:///{tmp_path / 'state.db'}"},
         "segments": {
             "lapsed": {
@@ -223,11 +255,13 @@ def test_a_rules_segment_is_diffed_in_the_warehouse_too(tmp_path: Path) -> None:
     assert again.planned == {"add": 0, "remove": 0, "update": 0}
 
 
-@pytest.mark.parametrize("column", ["winback_key", "winback_fp", "winback_changed"])
-def test_a_segment_column_named_like_winbacks_own_is_refused(tmp_path: Path, column: str) -> None:
-    write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
+@pytest.mark.parametrize("column", ["winback_key", "winback_fp", "winback_changed", "winback_row"])
+def test_a_segment_column_named_like_winbacks_own_is_refused(
+    tmp_path: Path, warehouse_url: str, column: str
+) -> None:
+    write_warehouse(warehouse_url, DAY_ONE)
     sql = f"SELECT id, email, country, last_order, ltv, 1 AS {column} FROM people"
-    runner = make_runner(tmp_path, pushdown=True, audience="A", sql=sql)
+    runner = make_runner(tmp_path, warehouse_url, pushdown=True, audience="A", sql=sql)
     try:
         result = runner.run("s", RunOptions())
     finally:
@@ -251,9 +285,10 @@ def test_the_warehouse_memory_settings_are_restored_after_the_diff(
     """The diff lowers DuckDB's memory limit for a moment to release its buffers and its
     allocator's flush thresholds while it runs; the URL's values or the defaults come back
     (winback's own memory limit, DUCKDB_MEMORY_LIMIT, when the URL sets none)."""
-    write_warehouse(tmp_path / "warehouse.duckdb", DAY_ONE)
-    runner = make_runner(tmp_path, pushdown=True, audience="A", sql=SEGMENT_SQL)
-    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}{query}"
+    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    write_warehouse(url, DAY_ONE)
+    runner = make_runner(tmp_path, url, pushdown=True, audience="A", sql=SEGMENT_SQL)
+    url += query
     runner.config.warehouse.url = url
     fresh = sa.create_engine(
         url
@@ -289,3 +324,64 @@ def test_the_warehouse_and_python_agree_on_valid_keys(key: str | None) -> None:
         connection.close()
     in_python = key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
     assert bool(in_warehouse) is in_python
+
+
+@pytest.mark.postgres
+def test_postgresql_and_python_agree_on_valid_keys(postgres_url: str) -> None:
+    """The same check in PostgreSQL's dialect (a regular-expression match)."""
+    engine = sa.create_engine(postgres_url)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.none(), st.text(alphabet=KEY_WHITESPACE + "a\u00a0\u2003é", max_size=8)))
+    @example("k" * 500)
+    @example("k" * 501)
+    @example(" " * 600)
+    def agree(key: str | None) -> None:
+        sql = (
+            f"SELECT {valid_key_sql('k', 'postgresql')} FROM (SELECT CAST(:key AS TEXT) AS k) AS t"
+        )
+        in_warehouse = connection.execute(sa.text(sql), {"key": key}).scalar()
+        in_python = key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
+        assert bool(in_warehouse) is in_python
+
+    try:
+        with engine.connect() as connection:
+            agree()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_user_without_temporary_tables_is_told_what_to_do(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The in-warehouse diff needs the TEMPORARY privilege: without it the run fails with a
+    message naming the two ways out, and the state is untouched."""
+    write_warehouse(postgres_url, DAY_ONE)
+    admin = sa.make_url(postgres_url)
+    role = f"wb_reader_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(admin)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN PASSWORD 'reader'")
+        connection.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{admin.database}" FROM PUBLIC')
+        connection.exec_driver_sql(f"GRANT SELECT ON people TO {role}")
+    reader = admin.set(username=role, password="reader").render_as_string(hide_password=False)
+    try:
+        MemoryDestination.reset()
+        runner = make_runner(tmp_path, reader, pushdown=True, audience="A", sql=SEGMENT_SQL)
+        try:
+            first = runner.run("s", RunOptions())  # streamed: no temporary table needed
+            second = runner.run("s", RunOptions())
+        finally:
+            runner.close()
+    finally:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"DROP OWNED BY {role}")
+            connection.exec_driver_sql(f"DROP ROLE {role}")
+        engine.dispose()
+
+    assert first.status == "success", first.error
+    assert second.status == "failed"
+    assert "permission denied" in (second.error or "")
+    assert "pushdown = false" in (second.error or ""), second.error
+    assert second.sent == {"add": 0, "remove": 0, "update": 0}
