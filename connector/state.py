@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from connector.errors import LockedError, StateError
-from connector.warehouse import first_line, redact_url
+from connector.warehouse import first_line, redact_url, with_installed_driver
 
 SCHEMA_VERSION = 2
 """1: first release; 2: snapshot.reason and rows with status 'skipped'."""
@@ -278,10 +278,11 @@ class StateStore:
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine = sa.create_engine(url)
+            self.engine = sa.create_engine(with_installed_driver(parsed))
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             raise StateError(
-                f"cannot use state URL `{redact_url(url)}`: {first_line(error)}"
+                f"cannot use state URL `{redact_url(url)}`: {first_line(error)}; check [state] "
+                "url and install the driver for this database (e.g. pip install 'winback[postgres]')"
             ) from None
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,10 +49,22 @@ def query_problem(error: BaseException) -> str:
     return text
 
 
+def with_installed_driver(url: sa.URL) -> sa.URL:
+    """`postgresql://` means psycopg2 to SQLAlchemy, but `winback[postgres]` installs psycopg 3:
+    use it when psycopg2 is not installed (a driver named in the URL is kept)."""
+    if (
+        url.drivername == "postgresql"
+        and importlib.util.find_spec("psycopg2") is None
+        and importlib.util.find_spec("psycopg") is not None
+    ):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def create_warehouse_engine(url: str) -> sa.Engine:
     """An engine for the warehouse; DuckDB files are opened read-only and must exist, and
     DuckDB's memory is bounded (`DUCKDB_MEMORY_LIMIT` unless the URL sets `memory_limit`)."""
-    parsed = sa.engine.make_url(url)
+    parsed = with_installed_driver(sa.engine.make_url(url))
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}
     database = parsed.database

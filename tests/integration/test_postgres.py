@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,24 @@ def test_duckdb_warehouse_diffs_against_a_postgres_state_store(
     audience = MemoryDestination.audiences["pg"]
     assert len(audience) == 291
     assert audience["1"]["identifiers"] == {"email": "moved1@example.com"}
+
+
+def test_a_bare_postgresql_url_uses_the_installed_psycopg(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """`postgresql://` names psycopg2 to SQLAlchemy; `winback[postgres]` installs psycopg 3,
+    which is used when psycopg2 is absent, for the warehouse and the state store alike."""
+    MemoryDestination.reset()
+    load_customers(postgres_url, [(1, "ann@example.com", None), (2, "bob@example.com", None)])
+    bare = sa.make_url(postgres_url).set(drivername="postgresql")
+    url = bare.render_as_string(hide_password=False)
+    runner = runner_for(tmp_path, url, url)
+    try:
+        result = runner.run("to_mem", RunOptions())
+        drivers = {runner.warehouse.dialect.driver, runner.store.engine.dialect.driver}
+    finally:
+        runner.close()
+    assert result.status == "success", result.error
+    assert sorted(MemoryDestination.audiences["pg"]) == ["1", "2"]
+    expected = "psycopg2" if importlib.util.find_spec("psycopg2") else "psycopg"
+    assert drivers == {expected}
