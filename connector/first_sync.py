@@ -129,9 +129,9 @@ def streamable_segment(
 
 
 class SegmentComparedInWarehouse(StreamedSegment):
-    """DuckDB with pushdown: the key census, key texts and raw fingerprints come from the
-    warehouse (`connector.pushdown`), as later runs compare them there; the rows' mapped
-    values are normalised."""
+    """DuckDB and PostgreSQL with pushdown: the key census, key texts and raw fingerprints
+    come from the warehouse (`connector.pushdown`), as later runs compare them there; the
+    rows' mapped values are normalised."""
 
     def census(self) -> KeyCensus:
         with warehouse_diff(self.source, self.engine) as diff:
