@@ -50,7 +50,7 @@ KEY_COLUMN = "winback_key"
 FP_COLUMN = "winback_fp"
 CHANGED_COLUMN = "winback_changed"
 ROW_COLUMN = "winback_row"
-"""PostgreSQL: the segment row's number (DuckDB numbers the rows of a table itself: rowid)."""
+"""PostgreSQL before 14: the segment row's number (`_row_order`)."""
 
 _SEGMENT = "winback_segment"
 _SNAPSHOT = "winback_snapshot"
@@ -70,6 +70,17 @@ KEY_WHITESPACE = " \t\n\r\x0b\x0c"
 def supports_pushdown(engine: sa.Engine) -> bool:
     """Whether this warehouse can compute the diff itself."""
     return engine.dialect.name in PUSHDOWN_DIALECTS
+
+
+def _row_order(dialect: sa.Dialect) -> str:
+    """What orders a temporary table's rows as they were inserted: DuckDB's `rowid`; on
+    PostgreSQL 14 and later `ctid` (a new table, only ever appended to, is written in insertion
+    order; `min(tid)` came with 14), before it a `row_number()` column (~0.5 s for 500k rows)."""
+    if dialect.name == "duckdb":
+        return "rowid"
+    if (dialect.server_version_info or (0,)) >= (14,):
+        return "ctid"
+    return ROW_COLUMN
 
 
 def valid_key_sql(key: str, dialect: str = "duckdb") -> str:
@@ -158,8 +169,8 @@ class WarehouseDiff:
         self._key = key
         self._mapping = list(mapping)
         self._duckdb = connection.dialect.name == "duckdb"
-        self._row = "rowid" if self._duckdb else ROW_COLUMN
-        """What numbers the segment table's rows in segment order."""
+        self._row = _row_order(connection.dialect)
+        """What orders the segment table's rows as the query returned them."""
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -259,7 +270,8 @@ class WarehouseDiff:
 
     def _keyed_select(self, *, numbered: bool = False) -> sa.Select[Any]:
         """The segment's mapped columns with its key as text and its raw fingerprint (and,
-        `numbered` on PostgreSQL, the row's number in the order the query returns them).
+        `numbered` on PostgreSQL before 14, the row's number in the order the query returns
+        them).
 
         The fingerprint is DuckDB's 64-bit hash of a seed naming the mapping and the mapped
         columns (the cheapest function that keeps columns and NULLs apart), or PostgreSQL's
@@ -283,7 +295,9 @@ class WarehouseDiff:
             )
         )
         numbers = (
-            [sa.func.row_number().over().label(ROW_COLUMN)] if numbered and not self._duckdb else []
+            [sa.func.row_number().over().label(ROW_COLUMN)]
+            if numbered and self._row == ROW_COLUMN
+            else []
         )
         return sa.select(
             *(source.c[column] for column in self.columns),
@@ -294,7 +308,10 @@ class WarehouseDiff:
 
     def _segment_select(self, *, full_resync: bool) -> sa.Select[Any]:
         """The segment rows with key text, raw fingerprint and changed flag."""
-        keyed = self._keyed_select(numbered=True).subquery("winback_keyed")
+        keyed_select = self._keyed_select(numbered=True)
+        if not self._duckdb:  # OFFSET 0 keeps PostgreSQL from inlining the subquery, which
+            keyed_select = keyed_select.offset(0)  # would hash each row once per CASE below
+        keyed = keyed_select.subquery("winback_keyed")
         snapshot = sa.table(_SNAPSHOT, sa.column("snapshot_key"), sa.column("snapshot_fp"))
         changed: sa.ColumnElement[bool] = (
             sa.true()
@@ -306,7 +323,7 @@ class WarehouseDiff:
             keyed.c[KEY_COLUMN],
             keyed.c[FP_COLUMN],
             changed.label(CHANGED_COLUMN),
-            *([] if self._duckdb else [keyed.c[ROW_COLUMN]]),
+            *([keyed.c[ROW_COLUMN]] if self._row == ROW_COLUMN else []),
         ).select_from(keyed.outerjoin(snapshot, snapshot.c.snapshot_key == keyed.c[KEY_COLUMN]))
 
     def every_row(self, *, chunk_size: int) -> Iterator[Sequence[sa.Row[Any]]]:

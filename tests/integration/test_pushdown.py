@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import connector.pushdown
 from connector.config import build_config
-from connector.pushdown import KEY_WHITESPACE, valid_key_sql
+from connector.pushdown import KEY_WHITESPACE, ROW_COLUMN, valid_key_sql
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult, SyncRunner
 from connector.warehouse import DUCKDB_MEMORY_LIMIT
@@ -66,10 +67,20 @@ SEGMENT_SQL = (
 )
 
 
-@pytest.fixture(params=["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture(
+    params=[
+        "duckdb",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("postgresql before 14", marks=pytest.mark.postgres),
+    ]
+)
+def warehouse_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
     if request.param == "duckdb":
         return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    if request.param == "postgresql before 14":  # no min(tid): rows numbered by row_number()
+        monkeypatch.setattr(connector.pushdown, "_row_order", lambda dialect: ROW_COLUMN)
     return str(request.getfixturevalue("postgres_url"))
 
 
