@@ -23,8 +23,10 @@ naming the mapping (DuckDB's `hash`; PostgreSQL's `hashtextextended` of the row'
 fingerprint (a SHA-1 of the staged JSON): switching between the two re-checks every row once,
 and rows whose normalised identifiers and fields did not change are not sent again.
 
-Only temporary objects of this connection are created; the warehouse may be opened read-only
-(a PostgreSQL user needs the TEMPORARY privilege, which every user has unless it was revoked).
+Only temporary objects of this connection are created; a DuckDB warehouse is opened read-only.
+A PostgreSQL connection that may not create them (a read replica, a user without the TEMPORARY
+privilege) raises TemporaryTablesRefused before any row is read, and the caller compares in the
+state database instead.
 DuckDB's memory is bounded by its `memory_limit` (96MB unless the warehouse URL sets one, e.g.
 ``duckdb:///w.duckdb?memory_limit=256MB&temp_directory=/tmp/duckdb``: it then spills to disk).
 """
@@ -65,6 +67,11 @@ _POSTGRES_SETTINGS = (
 _ALLOCATOR_SETTINGS = ("allocator_flush_threshold", "allocator_bulk_deallocation_flush_threshold")
 KEY_WHITESPACE = " \t\n\r\x0b\x0c"
 """What a blank key consists of (the warehouse's test and Python's `str.strip` agree)."""
+
+
+class TemporaryTablesRefused(WarehouseError):
+    """The warehouse connection may not create temporary tables (a PostgreSQL read replica, a
+    user without the TEMPORARY privilege): the comparison has to run in the state database."""
 
 
 def supports_pushdown(engine: sa.Engine) -> bool:
@@ -208,8 +215,8 @@ class WarehouseDiff:
         self._execute(sa.text(f"DROP TABLE IF EXISTS {name}"), "cleaning up the diff failed")
 
     def _load_snapshot(self, pages: Iterator[tuple[list[str], list[str]]]) -> None:
-        """Copy the pages into a temporary table, one page in memory at a time."""
-        self._replace_temp_table(_SNAPSHOT)
+        """Copy the pages into a temporary table, one page in memory at a time (none read when
+        the warehouse refuses the table: TemporaryTablesRefused)."""
         if self._duckdb:
             self._load_snapshot_into_duckdb(pages)
             return
@@ -220,16 +227,19 @@ class WarehouseDiff:
             sa.Column("snapshot_fp", sa.Text),
             prefixes=["TEMPORARY"],
         )
+        try:
+            snapshot.drop(self.connection, checkfirst=True)
+            snapshot.create(self.connection)
+        except sa.exc.DBAPIError as error:
+            raise TemporaryTablesRefused(
+                f"the warehouse refuses temporary tables ({query_problem(error)})"
+            ) from None
         what = "copying the snapshot into the warehouse connection failed"
         try:
-            snapshot.create(self.connection)
             for keys, fingerprints in pages:
                 insert_rows(self.connection, snapshot, list(zip(keys, fingerprints, strict=True)))
         except sa.exc.DBAPIError as error:
-            raise WarehouseError(
-                f"{what}: {query_problem(error)}; the warehouse user needs to create temporary "
-                "tables, or set `pushdown = false` in [warehouse] to compare in the state database"
-            ) from None
+            raise WarehouseError(f"{what}: {query_problem(error)}") from None
         # Autovacuum never analyses temporary tables: without statistics PostgreSQL misjudges
         # the joins (departures of 500k keys by merge join and two sorts: 1.1 s, not 0.28 s).
         self._execute(sa.text(f"ANALYZE {_SNAPSHOT}"), what)
@@ -239,6 +249,7 @@ class WarehouseDiff:
         Python)."""
         import numpy as np  # only this path needs it
 
+        self._replace_temp_table(_SNAPSHOT)
         raw = self.connection.connection.dbapi_connection
         if raw is None:  # pragma: no cover - an open connection always has one
             raise WarehouseError("the warehouse connection is closed")
@@ -369,8 +380,11 @@ class WarehouseDiff:
     def drop(self) -> None:
         """Free what `load` created (the warehouse connection goes back to the pool). A failed
         statement (e.g. DuckDB out of memory) leaves its transaction aborted: it is rolled back
-        first, so the cleanup works and the failure is the one reported."""
+        first, so the cleanup works and the failure is the one reported. On PostgreSQL that
+        rollback is the cleanup: nothing of the diff was committed."""
         self.connection.rollback()
+        if not self._duckdb:
+            return
         for name in (_DUPLICATES, _SEGMENT, _SNAPSHOT):
             self.connection.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
         self._release_memory()

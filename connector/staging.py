@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,13 @@ import sqlalchemy as sa
 from connector.config import Segment
 from connector.delivery import Reporter
 from connector.diff import ChangePlanner, duplicate_key_issues
-from connector.pushdown import KEY_WHITESPACE, MAX_KEY_LENGTH, BadKeyRow, WarehouseDiff
+from connector.pushdown import (
+    KEY_WHITESPACE,
+    MAX_KEY_LENGTH,
+    BadKeyRow,
+    TemporaryTablesRefused,
+    WarehouseDiff,
+)
 from connector.row_normaliser import JSON_NATIVE, PayloadBuilder
 from connector.segments import (
     check_columns,
@@ -37,6 +44,8 @@ from connector.segments import (
 from connector.state import RowIssue
 from connector.warehouse import warehouse_connection
 from destinations.base import json_value
+
+log = logging.getLogger("winback.staging")
 
 Payload = dict[str, dict[str, Any]]
 
@@ -194,6 +203,20 @@ class SegmentStager:
     # -- diff in the warehouse ---------------------------------------------------------------
 
     def _stage_changes_found_by_warehouse(self) -> StagedSegment:
+        """The diff inside the warehouse; in the state database when the warehouse refuses
+        the temporary tables it needs (checked before any row is read)."""
+        try:
+            return self._compare_in_warehouse()
+        except TemporaryTablesRefused as refused:
+            log.warning(
+                "%s: %s; comparing in the state database instead (set [warehouse] pushdown = "
+                "false to skip this attempt, or allow the warehouse user temporary tables)",
+                self.source.sync,
+                refused,
+            )
+            return self._stage_every_row()
+
+    def _compare_in_warehouse(self) -> StagedSegment:
         source, planner = self.source, self.planner
         with warehouse_diff(source, self.engine) as diff:
             if planner.full_resync or planner.snapshot_is_empty():

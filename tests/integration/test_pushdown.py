@@ -9,6 +9,7 @@ everything a user sees: counts, skipped rows and their reasons, and the audience
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -363,25 +364,36 @@ def test_postgresql_and_python_agree_on_valid_keys(postgres_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_a_postgresql_user_without_temporary_tables_is_told_what_to_do(
-    tmp_path: Path, postgres_url: str
+@pytest.mark.parametrize("refusal", ["no TEMPORARY privilege", "read-only (a replica)"])
+def test_a_postgresql_warehouse_that_refuses_temporary_tables_compares_in_the_state_database(
+    tmp_path: Path, postgres_url: str, refusal: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The in-warehouse diff needs the TEMPORARY privilege: without it the run fails with a
-    message naming the two ways out, and the state is untouched."""
+    """The in-warehouse diff needs temporary tables; a user without the privilege, or a read
+    replica (every transaction read-only), gets the state-database diff and a warning that says
+    how to skip the attempt."""
     write_warehouse(postgres_url, DAY_ONE)
     admin = sa.make_url(postgres_url)
     role = f"wb_reader_{uuid.uuid4().hex[:8]}"
     engine = sa.create_engine(admin)
     with engine.begin() as connection:
         connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN PASSWORD 'reader'")
-        connection.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{admin.database}" FROM PUBLIC')
         connection.exec_driver_sql(f"GRANT SELECT ON people TO {role}")
+        if refusal == "no TEMPORARY privilege":
+            connection.exec_driver_sql(
+                f'REVOKE TEMPORARY ON DATABASE "{admin.database}" FROM PUBLIC'
+            )
+        else:
+            connection.exec_driver_sql(f"ALTER ROLE {role} SET default_transaction_read_only = on")
     reader = admin.set(username=role, password="reader").render_as_string(hide_password=False)
+    caplog.set_level(logging.WARNING, logger="winback")
     try:
         MemoryDestination.reset()
         runner = make_runner(tmp_path, reader, pushdown=True, audience="A", sql=SEGMENT_SQL)
         try:
             first = runner.run("s", RunOptions())  # streamed: no temporary table needed
+            write_warehouse(postgres_url, DAY_TWO)  # a new table: granted again
+            with engine.begin() as connection:
+                connection.exec_driver_sql(f"GRANT SELECT ON people TO {role}")
             second = runner.run("s", RunOptions())
         finally:
             runner.close()
@@ -392,7 +404,8 @@ def test_a_postgresql_user_without_temporary_tables_is_told_what_to_do(
         engine.dispose()
 
     assert first.status == "success", first.error
-    assert second.status == "failed"
-    assert "permission denied" in (second.error or "")
-    assert "pushdown = false" in (second.error or ""), second.error
-    assert second.sent == {"add": 0, "remove": 0, "update": 0}
+    assert second.status == "success", second.error
+    assert second.planned == {"add": 2, "remove": 1, "update": 2}
+    assert sorted(MemoryDestination.audiences["A"]) == ["1", "2", "3", "4", "7", "8"]
+    warning = caplog.text
+    assert "refuses temporary tables" in warning and "pushdown = false" in warning, warning
