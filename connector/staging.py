@@ -83,6 +83,12 @@ class SegmentSource:
 class StagedSegment:
     rows: int
     issues: list[RowIssue]
+    compared_in: str
+    """Where the segment was compared with the snapshot (shown by `sync run -v`)."""
+
+
+IN_WAREHOUSE = "in the warehouse"
+IN_STATE_DATABASE = "in the state database"
 
 
 def null_key_issue(source: SegmentSource) -> RowIssue:
@@ -198,7 +204,7 @@ class SegmentStager:
                 rows += len(chunk)
                 self.reporter.advance(len(chunk))
         issues += planner.finish_staging()
-        return StagedSegment(rows, issues)
+        return StagedSegment(rows, issues, IN_STATE_DATABASE)
 
     # -- diff in the warehouse ---------------------------------------------------------------
 
@@ -236,7 +242,7 @@ class SegmentStager:
                 planner.finish_partial_staging(diff.departed_keys(chunk_size=source.chunk_size))
             finally:
                 diff.drop()
-        return StagedSegment(rows, issues)
+        return StagedSegment(rows, issues, IN_WAREHOUSE)
 
     def _stage_every_fingerprinted_row(self, diff: WarehouseDiff) -> StagedSegment:
         """Nothing to compare with (no snapshot yet, `--full-resync`): every row is streamed
@@ -260,7 +266,7 @@ class SegmentStager:
             rows += len(chunk)
             self.reporter.advance(len(chunk))
         issues += planner.finish_staging()
-        return StagedSegment(rows, issues)
+        return StagedSegment(rows, issues, IN_STATE_DATABASE)
 
     def _bad_key_issue(self, bad: BadKeyRow) -> RowIssue:
         if bad.key is None or not bad.key.strip():

@@ -34,7 +34,7 @@ from connector.row_normaliser import RowNormaliser
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
 from connector.staging import SegmentSource, SegmentStager
-from connector.state import RowIssue, StateStore, utcnow
+from connector.state import StateStore, utcnow
 from connector.timing import PhaseClock
 from connector.warehouse import create_warehouse_engine
 from destinations.base import Destination, SyncContext
@@ -210,8 +210,14 @@ class SyncRunner:
                 )
                 clock.done("streamed the segment (first sync)", f"{result.segment_rows:,} rows")
                 return
-            issues = self._stage_segment(source, planner, result, in_warehouse=in_warehouse)
-            clock.done("read and compared the segment", f"{result.segment_rows:,} rows")
+            staged = SegmentStager(
+                source, engine=self.warehouse, planner=planner, reporter=self.reporter
+            ).stage(in_warehouse=in_warehouse)
+            result.segment_rows, issues = staged.rows, staged.issues
+            clock.done(
+                f"read and compared the segment {staged.compared_in}",
+                f"{result.segment_rows:,} rows",
+            )
             issues += planner.build(self._normaliser(sync_name, adapter))
             result.skipped = sum(1 for issue in issues if issue.kind == "skipped")
             result.planned = planner.summary.planned()
@@ -282,21 +288,6 @@ class SyncRunner:
             as_of=effective_as_of(segment, options.as_of),
             chunk_size=self.config.warehouse.chunk_size,
         )
-
-    def _stage_segment(
-        self,
-        source: SegmentSource,
-        planner: ChangePlanner,
-        result: RunResult,
-        *,
-        in_warehouse: bool,
-    ) -> list[RowIssue]:
-        stager = SegmentStager(
-            source, engine=self.warehouse, planner=planner, reporter=self.reporter
-        )
-        staged = stager.stage(in_warehouse=in_warehouse)
-        result.segment_rows = staged.rows
-        return staged.issues
 
     def _normaliser(self, sync_name: str, adapter: Destination) -> RowNormaliser:
         return RowNormaliser(

@@ -99,7 +99,12 @@ def run(
 
 @pytest.mark.parametrize("normalising", ["this process", "second process"])
 def test_a_first_sync_read_from_the_warehouse_ends_where_the_staged_path_ends(
-    run: Any, tmp_path: Path, warehouse_kind: str, normalising: str, monkeypatch: Any
+    run: Any,
+    tmp_path: Path,
+    warehouse_kind: str,
+    normalising: str,
+    monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if normalising == "second process":
         monkeypatch.setattr(connector.row_normaliser, "PARALLEL_MIN_ROWS", 0)
@@ -134,6 +139,8 @@ def test_a_first_sync_read_from_the_warehouse_ends_where_the_staged_path_ends(
     MemoryDestination.calls.clear()
     again, path = run(warehouse_kind, ROWS, RunOptions())
     assert path == STAGED  # compared from now on
+    where = "in the warehouse" if warehouse_kind == "postgresql" else "in the state database"
+    assert f"{STAGED} {where}" in caplog.text
     assert again.planned == {"add": 0, "remove": 0, "update": 0}
     assert again.skipped == streamed.skipped
     assert MemoryDestination.calls == []
