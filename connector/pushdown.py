@@ -197,7 +197,8 @@ class WarehouseDiff:
             _CreateTempTableAs(_SEGMENT, self._segment_select(full_resync=full_resync)),
             "the query failed",
         )
-        if not self._duckdb:  # temporary tables get no statistics unless asked for
+        if not self._duckdb:  # without statistics PostgreSQL found the departures of 500k
+            # keys by a merge join of two sorts: 1.1 s instead of 0.28 s by hash join
             self._execute(sa.text(f"ANALYZE {_SEGMENT}"), "the query failed")
         self._replace_temp_table(_DUPLICATES)
         self._execute(
@@ -240,8 +241,8 @@ class WarehouseDiff:
                 insert_rows(self.connection, snapshot, list(zip(keys, fingerprints, strict=True)))
         except sa.exc.DBAPIError as error:
             raise WarehouseError(f"{what}: {query_problem(error)}") from None
-        # Autovacuum never analyses temporary tables: without statistics PostgreSQL misjudges
-        # the joins (departures of 500k keys by merge join and two sorts: 1.1 s, not 0.28 s).
+        # Autovacuum never analyses temporary tables: PostgreSQL would plan the joins over
+        # them blind (see `load`).
         self._execute(sa.text(f"ANALYZE {_SNAPSHOT}"), what)
 
     def _load_snapshot_into_duckdb(self, pages: Iterator[tuple[list[str], list[str]]]) -> None:
