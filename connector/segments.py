@@ -104,11 +104,12 @@ def segment_keys(
     else:
         text = query if isinstance(query, sa.TextClause) else sa.text(str(query))
         source = text.columns(*(sa.column(c) for c in columns)).subquery("winback_segment")
-    key = source.c[segment.key]
+    key: sa.ColumnElement[Any] = source.c[segment.key]
     totals: list[sa.ColumnElement[Any]] = [sa.func.count()]
     sqlite = engine.dialect.name == "sqlite"
     if sqlite:
         totals.append(sa.func.count(sa.distinct(sa.func.typeof(key))).filter(key.is_not(None)))
+        key = key.collate("BINARY")  # a NOCASE column would group 'A' with 'a'
     repeated = (
         sa.select(key, sa.func.count())
         .where(key.is_not(None))

@@ -209,3 +209,35 @@ def test_integer_keys_read_from_the_warehouse_are_sent_as_their_text(
     assert result.planned == {"add": 2, "remove": 0, "update": 0}
     assert sorted(MemoryDestination.audiences["A"]) == ["10", "11"]
     assert MemoryDestination.audiences["A"]["10"]["identifiers"]["email"] == "ten@example.com"
+
+
+def test_sqlite_keys_of_a_nocase_column_are_told_apart_as_texts(tmp_path: Path) -> None:
+    """'A' and 'a' are one key to a NOCASE column's GROUP BY but two texts to the state
+    database: the census compares them as bytes, so both are sent and none is a duplicate."""
+    path = tmp_path / "warehouse.db"
+    rows: list[tuple[Any, ...]] = [
+        ("A", "upper@example.com", None, None),
+        ("a", "lower@example.com", None, None),
+        ("a", "again@example.com", None, None),
+    ]
+    MemoryDestination.reset()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE IF EXISTS people")
+        db.execute("CREATE TABLE people (id TEXT COLLATE NOCASE, email, phone, country)")
+        db.executemany("INSERT INTO people VALUES (?, ?, ?, ?)", rows)
+    runner = memory_runner(tmp_path, f"sqlite:///{path}")
+    try:
+        streamed = runner.run("s", RunOptions())
+        streamed_audience = MemoryDestination.audiences.pop("A")
+        forget(f"sqlite:///{tmp_path / 'state.db'}")
+        staged = runner.run("s", RunOptions(full_resync=True))
+    finally:
+        runner.close()
+
+    assert counts(streamed) == counts(staged)
+    assert streamed.planned == {"add": 2, "remove": 0, "update": 0}
+    assert streamed.skipped == 1  # the second row of 'a'
+    assert {k: m["identifiers"]["email"] for k, m in streamed_audience.items()} == {
+        "A": "upper@example.com",
+        "a": "lower@example.com",
+    }
