@@ -85,9 +85,9 @@ KeyedChunk = tuple[int, list[RowIssue], list[tuple[str, str, Any]]]
 (key, raw fingerprint, what the normaliser takes) for the others."""
 
 READ_STREAM_DIALECTS = frozenset({"duckdb", "postgresql", "sqlite"})
-"""Warehouses whose GROUP BY tells the keys apart as their texts do (SQLite only while the keys
-are of one storage class: `SegmentRead.census`); elsewhere (MySQL's case-insensitive
-collations, for one) a first sync is staged in the state database."""
+"""Warehouses whose GROUP BY tells the keys apart as their texts do (SQLite's compares them as
+bytes, and only while they are of one storage class: `segments.segment_keys`); elsewhere
+(MySQL's case-insensitive collations, for one) a first sync is staged in the state database."""
 
 
 class StreamedSegment(ABC):
