@@ -84,10 +84,12 @@ KeyedChunk = tuple[int, list[RowIssue], list[tuple[str, str, Any]]]
 """A chunk of the segment: its number of rows, the issues of its rows with a bad key, and
 (key, raw fingerprint, what the normaliser takes) for the others."""
 
-READ_STREAM_DIALECTS = frozenset({"duckdb", "postgresql", "sqlite"})
-"""Warehouses whose GROUP BY tells the keys apart as their texts do (SQLite's compares them as
-bytes, and only while they are of one storage class: `segments.segment_keys`); elsewhere
-(MySQL's case-insensitive collations, for one) a first sync is staged in the state database."""
+READ_STREAM_DIALECTS = frozenset({"sqlite"})
+"""Warehouses whose GROUP BY is known to tell keys apart exactly as their texts in the state
+database do: SQLite, grouping integer or text keys as bytes (`segments.segment_keys`). Elsewhere,
+with pushdown off, a first sync is staged: a collation that makes 'A' equal to 'a', or numbers
+whose text rounds, would make the census miss a repeated key, and the stream would then send it
+twice."""
 
 
 class StreamedSegment(ABC):
@@ -161,8 +163,8 @@ class SegmentComparedInWarehouse(StreamedSegment):
 
 
 class SegmentRead(StreamedSegment):
-    """Any other warehouse: one aggregate query counts the rows and finds the repeated keys,
-    then the segment query is streamed. Key texts and raw fingerprints (the SHA-1 of the
+    """SQLite (`READ_STREAM_DIALECTS`): one aggregate query counts the rows and finds the
+    repeated keys, then the segment query is streamed. Key texts and raw fingerprints (the SHA-1 of the
     payload's compact JSON) are those of the state database's diff, which later runs use; the
     payload texts are normalised."""
 
@@ -173,7 +175,7 @@ class SegmentRead(StreamedSegment):
         columns = probe_columns(name, segment, engine=engine, as_of=source.as_of, query=query)
         check_columns(name, segment, columns, source.needed_columns)
         keys = segment_keys(name, segment, engine=engine, query=query, columns=columns)
-        if keys.mixed_types:
+        if keys is None:
             return None
         duplicates: dict[str, int] = {}
         for value, rows in keys.repeated:

@@ -311,9 +311,14 @@ class WarehouseDiff:
             if numbered and self._row == ROW_COLUMN
             else []
         )
+        # Keys are grouped, joined and compared as bytes, as the state database compares them:
+        # a NOCASE (or nondeterministic) key column would make 'A' and 'a' one key.
+        key_text = sa.cast(source.c[self._key], sa.String).collate(
+            "binary" if self._duckdb else "C"
+        )
         return sa.select(
             *(source.c[column] for column in self.columns),
-            sa.cast(source.c[self._key], sa.String).label(KEY_COLUMN),
+            key_text.label(KEY_COLUMN),
             raw_fp.label(FP_COLUMN),
             *numbers,
         )

@@ -85,8 +85,10 @@ class SegmentKeys:
     repeated: list[tuple[Any, int]]
     """(key as the driver returns it, number of rows) of the non-null keys returned more than
     once."""
-    mixed_types: bool
-    """SQLite only: the keys are of several storage classes (1 and '1' are two keys there)."""
+
+
+EXACT_KEY_TYPES = frozenset({"integer", "text"})
+"""SQLite storage classes whose keys group as their texts in the state database do."""
 
 
 def segment_keys(
@@ -96,36 +98,41 @@ def segment_keys(
     engine: sa.Engine,
     query: sa.Executable,
     columns: Sequence[str],
-) -> SegmentKeys:
-    """Count the segment's rows and find its repeated keys, in the warehouse (portable SQL:
-    GROUP BY over the segment query; nothing of the segment is held in Python)."""
+) -> SegmentKeys | None:
+    """Count a SQLite segment's rows and find its repeated keys, in the warehouse (GROUP BY
+    over the segment query, keys compared as bytes; nothing of the segment is held in Python).
+    None when the keys are not all integers or all texts: 1 and '1' are two keys to SQLite but
+    one text to the state database, and a REAL's text rounds."""
     if isinstance(query, sa.Select):
         source = query.subquery("winback_segment")
     else:
         text = query if isinstance(query, sa.TextClause) else sa.text(str(query))
         source = text.columns(*(sa.column(c) for c in columns)).subquery("winback_segment")
     key: sa.ColumnElement[Any] = source.c[segment.key]
-    totals: list[sa.ColumnElement[Any]] = [sa.func.count()]
-    sqlite = engine.dialect.name == "sqlite"
-    if sqlite:
-        totals.append(sa.func.count(sa.distinct(sa.func.typeof(key))).filter(key.is_not(None)))
-        key = key.collate("BINARY")  # a NOCASE column would group 'A' with 'a'
+    key_type = sa.func.typeof(key)
+    totals = sa.select(
+        sa.func.count(),
+        sa.func.count(sa.distinct(key_type)).filter(key.is_not(None)),
+        sa.func.max(key_type).filter(key.is_not(None)),
+    ).select_from(source)
     repeated = (
-        sa.select(key, sa.func.count())
+        sa.select(key.collate("BINARY"), sa.func.count())  # a NOCASE column: 'A' is not 'a'
         .where(key.is_not(None))
-        .group_by(key)
+        .group_by(key.collate("BINARY"))
         .having(sa.func.count() > 1)
     )
     with warehouse_connection(engine) as connection:
         try:
-            total = connection.execute(sa.select(*totals).select_from(source)).one()
+            rows, types, some_type = connection.execute(totals).one()
+            if int(types) > 1 or (some_type is not None and some_type not in EXACT_KEY_TYPES):
+                return None
             repeats = [(value, int(n)) for value, n in connection.execute(repeated)]
         except sa.exc.DBAPIError as error:
             raise WarehouseError(
                 f"the query failed: {query_problem(error)}; {where_to_fix(name, segment)}",
                 segment=name,
             ) from None
-    return SegmentKeys(int(total[0]), repeats, mixed_types=sqlite and int(total[1]) > 1)
+    return SegmentKeys(int(rows), repeats)
 
 
 def _read_sql_file(name: str, segment: QuerySegment) -> str:

@@ -410,3 +410,43 @@ def test_a_postgresql_warehouse_that_refuses_temporary_tables_compares_in_the_st
     log = caplog.text
     assert "refuses temporary tables" in log and "pushdown = false" in log, log
     assert "read and compared the segment in the state database" in log, log
+
+
+def test_keys_of_a_case_insensitive_column_are_told_apart_as_texts(
+    tmp_path: Path, warehouse_url: str
+) -> None:
+    """DuckDB's NOCASE and PostgreSQL's nondeterministic collations make 'A' and 'a' one key
+    to GROUP BY and joins; the state database keeps them as two texts. The diff compares key
+    texts as bytes, as the state database does: both are members, the second 'a' is the
+    duplicate, and a rerun sends nothing."""
+    MemoryDestination.reset()
+    values = (
+        "('A', 'upper@example.com', NULL, NULL, NULL), "
+        "('a', 'lower@example.com', NULL, NULL, NULL), "
+        "('a', 'again@example.com', NULL, NULL, NULL)"
+    )
+    if warehouse_url.startswith("duckdb"):
+        setup, case_insensitive = "", "VARCHAR COLLATE NOCASE"
+    else:
+        setup = (
+            "CREATE COLLATION IF NOT EXISTS winback_ci "
+            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false); "
+        )
+        case_insensitive = "TEXT COLLATE winback_ci"
+    write_warehouse(
+        warehouse_url,
+        f"{setup}CREATE OR REPLACE TABLE people (id {case_insensitive}, email VARCHAR, "
+        "last_order DATE, ltv DECIMAL(9, 2), country VARCHAR); "
+        f"INSERT INTO people VALUES {values}",
+    )
+    sql = "SELECT id, email, last_order, ltv, country FROM people"
+    for _ in range(2):  # the first sync, then a rerun compared in the warehouse
+        pushed, staged = run_both(tmp_path, warehouse_url, sql=sql)
+        assert pushed == staged
+        assert pushed["status"] == "success", pushed["error"]
+    assert pushed["planned"] == {"add": 0, "remove": 0, "update": 0}
+    assert members("pushed") == members("staged")
+    assert {k: m["identifiers"]["email"] for k, m in members("pushed").items()} == {
+        "A": "upper@example.com",
+        "a": "lower@example.com",
+    }
