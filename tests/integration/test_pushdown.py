@@ -80,7 +80,7 @@ def warehouse_url(
 ) -> str:
     if request.param == "duckdb":
         return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
-    if request.param == "postgresql before 14":  # no min(tid): rows numbered by row_number()
+    if request.param == "postgresql before 14":  # rows numbered by row_number(), not ctid
         monkeypatch.setattr(connector.pushdown, "_row_order", lambda dialect: ROW_COLUMN)
     return str(request.getfixturevalue("postgres_url"))
 
