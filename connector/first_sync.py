@@ -16,9 +16,9 @@ memory. Normalising, most of the per-row work, runs in a second process for a la
 A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and the
 next run, which has a snapshot to compare with, sends what is missing.
 
-The key texts and raw fingerprints written are those the next runs compare: DuckDB's with
-pushdown (`SegmentComparedInWarehouse`), the state database's on other warehouses
-(`SegmentRead`). A warehouse whose GROUP BY may tell apart keys of one text (SQLite keys of
+The key texts and raw fingerprints written are those the next runs compare: the warehouse's
+with pushdown (DuckDB, PostgreSQL: `SegmentComparedInWarehouse`), the state database's on
+SQLite (`SegmentRead`). A warehouse whose GROUP BY may tell apart keys of one text (SQLite keys of
 several storage classes, dialects not in `READ_STREAM_DIALECTS`) has its first sync staged as
 any other run. A dry run reads and normalises the same way and only counts: nothing is staged,
 sent or written.
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,16 +52,13 @@ from connector.row_normaliser import (
     second_process_pays,
 )
 from connector.run_result import RunResult
-from connector.segments import (
-    check_columns,
-    probe_columns,
-    read_segment,
-    segment_keys,
-    segment_query,
-)
+from connector.segments import segment_keys
 from connector.staging import (
+    PayloadChunk,
     SegmentSource,
+    checked_query,
     payload_builder,
+    read_payloads,
     segment_key,
     warehouse_diff,
     warehouse_key_issue,
@@ -164,17 +161,20 @@ class SegmentComparedInWarehouse(StreamedSegment):
 
 class SegmentRead(StreamedSegment):
     """SQLite (`READ_STREAM_DIALECTS`): one aggregate query counts the rows and finds the
-    repeated keys, then the segment query is streamed. Key texts and raw fingerprints (the SHA-1 of the
-    payload's compact JSON) are those of the state database's diff, which later runs use; the
-    payload texts are normalised."""
+    repeated keys, then the segment is read as the state database's diff reads it
+    (`staging.read_payloads`): key texts and raw fingerprints (the SHA-1 of the payload's
+    compact JSON) are those later runs compare; the payload texts are normalised."""
 
     def census(self) -> KeyCensus | None:
-        source, engine = self.source, self.engine
-        name, segment = source.segment_name, source.segment
-        query = segment_query(name, segment, as_of=source.as_of, engine=engine)
-        columns = probe_columns(name, segment, engine=engine, as_of=source.as_of, query=query)
-        check_columns(name, segment, columns, source.needed_columns)
-        keys = segment_keys(name, segment, engine=engine, query=query, columns=columns)
+        source = self.source
+        query, columns = checked_query(source, self.engine)
+        keys = segment_keys(
+            source.segment_name,
+            source.segment,
+            engine=self.engine,
+            query=query,
+            columns=columns,
+        )
         if keys is None:
             return None
         duplicates: dict[str, int] = {}
@@ -189,33 +189,17 @@ class SegmentRead(StreamedSegment):
 
     @contextlib.contextmanager
     def chunks(self) -> Iterator[Iterator[KeyedChunk]]:
-        source = self.source
-        with read_segment(
-            source.segment_name,
-            source.segment,
-            engine=self.engine,
-            as_of=source.as_of,
-            chunk_size=source.chunk_size,
-            required_columns=source.needed_columns,
-        ) as (columns, chunks):
-            yield self._keyed(columns, chunks)
+        with read_payloads(self.source, self.engine) as chunks:
+            yield self._fingerprinted(chunks)
 
-    def _keyed(
-        self, columns: Sequence[str], chunks: Iterator[Sequence[Any]]
-    ) -> Iterator[KeyedChunk]:
-        source = self.source
-        key_at = list(columns).index(source.segment.key)
-        payload = payload_builder(columns, source)
-        for chunk in chunks:
-            issues, keyed = [], []
-            for row in chunk:
-                key = segment_key(source, row[key_at])
-                if isinstance(key, str):
-                    text, raw_fp = fingerprinted_text(payload(row))
-                    keyed.append((key, raw_fp, text))
-                else:
-                    issues.append(key)
-            yield len(chunk), issues, keyed
+    @staticmethod
+    def _fingerprinted(chunks: Iterator[PayloadChunk]) -> Iterator[KeyedChunk]:
+        for rows, issues, keyed in chunks:
+            fingerprinted = []
+            for key, payload in keyed:
+                text, raw_fp = fingerprinted_text(payload)
+                fingerprinted.append((key, raw_fp, text))
+            yield rows, issues, fingerprinted
 
 
 class StreamedFirstSync:

@@ -42,6 +42,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from connector.errors import WarehouseError
+from connector.segments import segment_subquery
 from connector.state import insert_rows
 from connector.warehouse import query_problem
 
@@ -165,15 +166,7 @@ class WarehouseDiff:
                 f"the query returns a column named {', '.join(f'`{c}`' for c in sorted(reserved))}"
                 f", which winback uses itself; rename it ({where_to_fix})"
             )
-        if isinstance(query, sa.Select):
-            source = query.subquery("winback_source")
-        elif isinstance(query, sa.TextClause):
-            source = query.columns(*(sa.column(c) for c in segment_columns)).subquery(
-                "winback_source"
-            )
-        else:  # pragma: no cover - segment_query returns one of the two
-            raise TypeError(f"cannot push down a {type(query).__name__}")
-        self._source = source
+        self._source = segment_subquery(query, segment_columns, "winback_source")
         self._key = key
         self._mapping = list(mapping)
         self._duckdb = connection.dialect.name == "duckdb"

@@ -91,6 +91,15 @@ EXACT_KEY_TYPES = frozenset({"integer", "text"})
 """SQLite storage classes whose keys group as their texts in the state database do."""
 
 
+def segment_subquery(query: sa.Executable, columns: Sequence[str], name: str) -> sa.Subquery:
+    """The segment's query (`segment_query`) as a named subquery with its `columns`."""
+    if isinstance(query, sa.Select):
+        return query.subquery(name)
+    if isinstance(query, sa.TextClause):
+        return query.columns(*(sa.column(c) for c in columns)).subquery(name)
+    raise TypeError(f"not a segment query: {type(query).__name__}")  # pragma: no cover
+
+
 def segment_keys(
     name: str,
     segment: Segment,
@@ -103,11 +112,7 @@ def segment_keys(
     over the segment query, keys compared as bytes; nothing of the segment is held in Python).
     None when the keys are not all integers or all texts: 1 and '1' are two keys to SQLite but
     one text to the state database, and a REAL's text rounds."""
-    if isinstance(query, sa.Select):
-        source = query.subquery("winback_segment")
-    else:
-        text = query if isinstance(query, sa.TextClause) else sa.text(str(query))
-        source = text.columns(*(sa.column(c) for c in columns)).subquery("winback_segment")
+    source = segment_subquery(query, columns, "winback_segment")
     key: sa.ColumnElement[Any] = source.c[segment.key]
     key_type = sa.func.typeof(key)
     totals = sa.select(

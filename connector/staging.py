@@ -134,15 +134,58 @@ def payload_builder(columns: Sequence[str], source: SegmentSource) -> PayloadBui
     return PayloadBuilder.for_columns(columns, source.identifiers, source.fields)
 
 
+def checked_query(source: SegmentSource, engine: sa.Engine) -> tuple[sa.Executable, list[str]]:
+    """The segment's query and its columns, checked against the warehouse: it runs and returns
+    the key and the mapped columns (WarehouseError naming what is wrong otherwise)."""
+    name, segment = source.segment_name, source.segment
+    query = segment_query(name, segment, as_of=source.as_of, engine=engine)
+    columns = probe_columns(name, segment, engine=engine, as_of=source.as_of, query=query)
+    check_columns(name, segment, columns, source.needed_columns)
+    return query, columns
+
+
+PayloadChunk = tuple[int, list[RowIssue], list[tuple[str, Payload]]]
+"""A chunk of the segment as read: its number of rows, the issues of its rows with a bad key,
+and (key, payload) of the others."""
+
+
+@contextlib.contextmanager
+def read_payloads(source: SegmentSource, engine: sa.Engine) -> Iterator[Iterator[PayloadChunk]]:
+    """Stream the segment from the warehouse as keys (the state store's texts) and payloads,
+    a chunk at a time, in segment order."""
+    with read_segment(
+        source.segment_name,
+        source.segment,
+        engine=engine,
+        as_of=source.as_of,
+        chunk_size=source.chunk_size,
+        required_columns=source.needed_columns,
+    ) as (columns, chunks):
+        yield _payload_chunks(source, columns, chunks)
+
+
+def _payload_chunks(
+    source: SegmentSource, columns: Sequence[str], chunks: Iterator[Sequence[Any]]
+) -> Iterator[PayloadChunk]:
+    key_at = list(columns).index(source.segment.key)
+    payload = payload_builder(columns, source)
+    for chunk in chunks:
+        issues: list[RowIssue] = []
+        keyed: list[tuple[str, Payload]] = []
+        for row in chunk:
+            key = segment_key(source, row[key_at])
+            if isinstance(key, str):
+                keyed.append((key, payload(row)))
+            else:
+                issues.append(key)
+        yield len(chunk), issues, keyed
+
+
 @contextlib.contextmanager
 def warehouse_diff(source: SegmentSource, engine: sa.Engine) -> Iterator[WarehouseDiff]:
     """The segment's query, checked against the warehouse (it runs and returns the mapped
     columns), ready to compare or stream on a connection of its own."""
-    query = segment_query(source.segment_name, source.segment, as_of=source.as_of, engine=engine)
-    columns = probe_columns(
-        source.segment_name, source.segment, engine=engine, as_of=source.as_of, query=query
-    )
-    check_columns(source.segment_name, source.segment, columns, source.needed_columns)
+    query, columns = checked_query(source, engine)
     with warehouse_connection(engine) as connection:
         yield WarehouseDiff(
             connection,
@@ -182,27 +225,12 @@ class SegmentStager:
         source, planner = self.source, self.planner
         issues: list[RowIssue] = []
         rows = 0
-        with read_segment(
-            source.segment_name,
-            source.segment,
-            engine=self.engine,
-            as_of=source.as_of,
-            chunk_size=source.chunk_size,
-            required_columns=source.needed_columns,
-        ) as (columns, chunks):
-            key_index = list(columns).index(source.segment.key)
-            payload = payload_builder(columns, source)
-            for chunk in chunks:
-                staged: list[tuple[str, Payload]] = []
-                for row in chunk:
-                    key = segment_key(source, row[key_index])
-                    if isinstance(key, RowIssue):
-                        issues.append(key)
-                    else:
-                        staged.append((key, payload(row)))
+        with read_payloads(source, self.engine) as chunks:
+            for read, bad_keys, staged in chunks:
+                issues += bad_keys
                 planner.stage_rows(staged)
-                rows += len(chunk)
-                self.reporter.advance(len(chunk))
+                rows += read
+                self.reporter.advance(read)
         issues += planner.finish_staging()
         return StagedSegment(rows, issues, IN_STATE_DATABASE)
 
