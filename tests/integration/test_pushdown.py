@@ -321,11 +321,19 @@ def test_the_warehouse_memory_settings_are_restored_after_the_diff(
         runner.close()
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.none(), st.text(alphabet=KEY_WHITESPACE + "a\u00a0\u2003é", max_size=8)))
-@example("k" * 500)
-@example("k" * 501)
-@example(" " * 600)
+def over_keys(test: Any) -> Any:
+    """The keys both dialects' validity checks are compared with Python's on."""
+    keys = st.one_of(st.none(), st.text(alphabet=KEY_WHITESPACE + "a\u00a0\u2003é", max_size=8))
+    for edge in ("k" * 500, "k" * 501, " " * 600):
+        test = example(edge)(test)
+    return settings(max_examples=300, deadline=None)(given(keys)(test))
+
+
+def valid_in_python(key: str | None) -> bool:
+    return key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
+
+
+@over_keys
 def test_the_warehouse_and_python_agree_on_valid_keys(key: str | None) -> None:
     """The streamed first sync checks keys in Python, the in-warehouse diff in DuckDB."""
     connection = duckdb.connect()
@@ -334,8 +342,7 @@ def test_the_warehouse_and_python_agree_on_valid_keys(key: str | None) -> None:
         in_warehouse = connection.execute(sql, [key]).fetchone()[0]  # type: ignore[index]
     finally:
         connection.close()
-    in_python = key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
-    assert bool(in_warehouse) is in_python
+    assert bool(in_warehouse) is valid_in_python(key)
 
 
 @pytest.mark.postgres
@@ -343,18 +350,13 @@ def test_postgresql_and_python_agree_on_valid_keys(postgres_url: str) -> None:
     """The same check in PostgreSQL's dialect (a regular-expression match)."""
     engine = sa.create_engine(postgres_url)
 
-    @settings(max_examples=300, deadline=None)
-    @given(st.one_of(st.none(), st.text(alphabet=KEY_WHITESPACE + "a\u00a0\u2003é", max_size=8)))
-    @example("k" * 500)
-    @example("k" * 501)
-    @example(" " * 600)
+    @over_keys
     def agree(key: str | None) -> None:
         sql = (
             f"SELECT {valid_key_sql('k', 'postgresql')} FROM (SELECT CAST(:key AS TEXT) AS k) AS t"
         )
         in_warehouse = connection.execute(sa.text(sql), {"key": key}).scalar()
-        in_python = key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
-        assert bool(in_warehouse) is in_python
+        assert bool(in_warehouse) is valid_in_python(key)
 
     try:
         with engine.connect() as connection:
