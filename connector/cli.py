@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -27,7 +28,7 @@ from connector.collector import tune_garbage_collector
 from connector.config import WinbackConfig, load_config, resolve_config_path
 from connector.errors import ConfigError, ConfigProblem, Terminated, WarehouseError, WinbackError
 from connector.interrupts import stop_on_sigterm
-from destinations.base import SyncContext
+from destinations.base import RedactingLogFilter, SyncContext, redact_text
 from destinations.registry import load_registry
 
 app = typer.Typer(
@@ -50,7 +51,7 @@ app.add_typer(sync_app, name="sync")
 # markup=False: messages and table cells carry user text (`[warehouse] url`, SQL errors, warehouse
 # values) that rich would otherwise read as markup, dropping it or failing on `[/...]`.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False)
-stderr = Console(stderr=True, markup=False)
+stderr = Console(stderr=True, markup=False, soft_wrap=not sys.stderr.isatty())
 
 
 class TextOrJson(StrEnum):
@@ -68,14 +69,24 @@ class RowsFormat(StrEnum):
 class Settings:
     config_path: Path | None = None
     verbosity: int = 0
+    leave_at_once: bool = False
+    """Set once a stopped run is recorded: exit without waiting for requests still in flight."""
 
 
 settings = Settings()
 
 
+class CommandRefused(Exception):
+    """The command cannot run as asked (an unknown sync, a bad date...): `main` prints the
+    message as an error paragraph and exits with `code`."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def fail(message: str, code: int) -> NoReturn:
-    stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+    raise CommandRefused(message, code)
 
 
 def exit_code_for(error: WinbackError) -> int:
@@ -126,12 +137,19 @@ def global_options(
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
         settings.verbosity, logging.DEBUG
     )
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        force=True,
-        handlers=[RichHandler(console=stderr, show_path=False, show_time=False)],
-    )
+    handler = _log_handler()
+    handler.addFilter(RedactingLogFilter())
+    logging.basicConfig(level=level, format="%(message)s", force=True, handlers=[handler])
+
+
+def _log_handler() -> logging.Handler:
+    """Rich's layout on a terminal; elsewhere (cron, an orchestrator's log) one plain line per
+    record with its time, never wrapped or cut at 80 columns."""
+    if stderr.is_terminal:
+        return RichHandler(console=stderr, show_path=False, show_time=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
 
 
 # -- init ---------------------------------------------------------------------------------------
@@ -433,11 +451,17 @@ def _run_syncs(
     from connector.run_result import combined_exit_code
     from connector.sync import RunOptions, SyncRunner
 
-    config = open_config()
-    selected = _selected_syncs(config, names)
-    options = RunOptions(
-        dry_run=dry_run, force=force, full_resync=full_resync, as_of=parse_as_of(as_of)
-    )
+    try:
+        config = open_config()
+        selected = _selected_syncs(config, names)
+        options = RunOptions(
+            dry_run=dry_run, force=force, full_resync=full_resync, as_of=parse_as_of(as_of)
+        )
+    except (WinbackError, CommandRefused) as error:  # nothing ran: stderr says why, and so
+        if output is TextOrJson.json:  # does the JSON
+            code = error.code if isinstance(error, CommandRefused) else exit_code_for(error)
+            stdout.file.write(runs_json([], code, redact_text(str(error))) + "\n")
+        raise
     use_progress = stderr.is_terminal and settings.verbosity >= 0 and output is TextOrJson.text
     reporter = RichReporter() if use_progress else None
     runner = SyncRunner(config, reporter=reporter)
@@ -458,13 +482,16 @@ def _run_syncs(
             else "every batch the destination acknowledged is recorded (see `winback sync "
             "history`) and the next run sends the rest"
         )
-        stderr.print(
-            f"error: {'stopped by SIGTERM' if terminated else 'interrupted'}; {kept}",
-            style="red",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(143 if terminated else 130) from None
+        message = f"{'stopped by SIGTERM' if terminated else 'interrupted'}; {kept}"
+        code = 143 if terminated else 130
+        if output is TextOrJson.json:
+            stopped = runner.last_result
+            if stopped is not None and stopped not in results:
+                results.append(stopped)
+            stdout.file.write(runs_json(results, code, message) + "\n")
+        stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+        settings.leave_at_once = True
+        raise typer.Exit(code) from None
     finally:
         if reporter is not None:
             reporter.progress.stop()
@@ -671,19 +698,43 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         app()
+    except SystemExit as leaving:
+        if settings.leave_at_once:
+            _leave_at_once(leaving.code)
+        raise
+    except CommandRefused as refused:
+        stderr.print(f"error: {refused}", style="red", highlight=False, soft_wrap=True)
+        sys.exit(refused.code)
     except WinbackError as error:
-        if settings.verbosity > 1:
-            traceback.print_exc()
-        stderr.print(f"error: {error}", style="red", highlight=False, soft_wrap=True)
+        _print_traceback_if_asked()
+        stderr.print(
+            f"error: {redact_text(str(error))}", style="red", highlight=False, soft_wrap=True
+        )
         sys.exit(exit_code_for(error))
     except Exception as error:
-        if settings.verbosity > 1:
-            traceback.print_exc()
+        _print_traceback_if_asked()
         stderr.print(
-            f"error: unexpected {type(error).__name__}: {error}. Rerun with -vv for the "
+            f"error: unexpected {type(error).__name__}: {redact_text(str(error))}. Rerun with -vv for the "
             "traceback and report it.",
             style="red",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def _print_traceback_if_asked() -> None:
+    """With -vv: the traceback of the error being handled, without secrets (an exception from
+    requests quotes the URL, query string included)."""
+    if settings.verbosity > 1:
+        sys.stderr.write(redact_text(traceback.format_exc()))
+
+
+def _leave_at_once(code: object) -> None:
+    """Exit now, after Ctrl-C or SIGTERM stopped a run that is recorded and unlocked. A thread
+    still waiting for a destination's answer would otherwise hold the exit until it comes (up
+    to the destination's timeout): its batch is not recorded, and the next run sends it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code if isinstance(code, int) else 1)

@@ -7,6 +7,7 @@ calling thread, each in its own transaction, so a crash loses at most the batche
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -123,7 +124,7 @@ class Delivery:
         in_flight: dict[Future[BatchResult], tuple[Batch, dict[str, PlannedChange]]] = {}
         queue = self._batches(action, changes, batch_size)
         retry_queue: list[list[PlannedChange]] = []
-        with ThreadPoolExecutor(max_workers=self.adapter.max_concurrency) as pool:
+        with self._batch_threads() as pool:
             while True:
                 while fatal is None and len(in_flight) < self.adapter.max_concurrency:
                     next_changes = retry_queue.pop() if retry_queue else next(queue, None)
@@ -151,6 +152,24 @@ class Delivery:
                         fatal = fatal or error
         if fatal is not None:
             raise fatal
+
+    @contextlib.contextmanager
+    def _batch_threads(self) -> Iterator[ThreadPoolExecutor]:
+        """Threads sending batches. Left as any other error is, they finish their batches
+        first; on Ctrl-C or SIGTERM the adapter is told to stop (no more retries or waits)
+        and they are not waited for: a batch in flight is not recorded, and the next run sends
+        it again."""
+        pool = ThreadPoolExecutor(max_workers=self.adapter.max_concurrency)
+        try:
+            yield pool
+        except KeyboardInterrupt:
+            self.adapter.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        except BaseException:
+            pool.shutdown(wait=True)
+            raise
+        pool.shutdown(wait=True)
 
     def _split(
         self,

@@ -27,6 +27,7 @@ sent or written.
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,7 @@ from connector.diff import (
     duplicate_key_issues,
     skipped_snapshot_row,
 )
+from connector.errors import DestinationError
 from connector.json_text import fingerprinted_text
 from connector.pushdown import KeyCensus, WarehouseDiff
 from connector.row_normaliser import (
@@ -64,6 +66,8 @@ from connector.staging import (
     warehouse_key_issue,
 )
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
+
+log = logging.getLogger("winback.sync")
 
 JOB_ROWS = 2000
 """Rows per job handed to the normaliser: small jobs keep both processes' memory low."""
@@ -258,8 +262,23 @@ class StreamedFirstSync:
         are written, or counted, once they are consumed."""
         self.reporter.phase(f"{self.source.sync}: {phase}", self.census.rows)
         with self.segment.chunks() as chunks:
-            yield self._changes(chunks)
+            try:
+                yield self._changes(chunks)
+            except DestinationError:
+                self._keep_issues_of_failed_run()
+                raise
         self._write_issues()
+
+    def _keep_issues_of_failed_run(self) -> None:
+        """The destination failed: the rows read so far and not sendable are recorded all
+        the same, so the failed run reports them. Every checkpoint so far is whole (a
+        destination error is raised between them), so only issues are left to commit."""
+        try:
+            self._write_issues()
+            self.connection.commit()
+        except sa.exc.SQLAlchemyError as error:  # the destination's error is the one to report
+            self.connection.rollback()
+            log.warning("%s: could not record the skipped rows: %s", self.source.sync, error)
 
     def _changes(self, chunks: Iterator[KeyedChunk]) -> Iterator[PlannedChange]:
         """The segment's rows as adds, in segment order; the others recorded as issues.

@@ -25,8 +25,13 @@ STATUS_STYLE = {
 }
 
 
-def runs_json(results: Sequence[RunResult], exit_code: int) -> str:
-    return json.dumps({"runs": [r.to_json() for r in results], "exit_code": exit_code}, indent=2)
+def runs_json(results: Sequence[RunResult], exit_code: int, error: str | None = None) -> str:
+    """The `--output json` document; `error` says why the runs stopped (a configuration error
+    before any run, Ctrl-C or SIGTERM) when no run's own error does."""
+    document: dict[str, object] = {"runs": [r.to_json() for r in results], "exit_code": exit_code}
+    if error is not None:
+        document["error"] = error
+    return json.dumps(document, indent=2)
 
 
 def run_summary(result: RunResult) -> str:

@@ -115,7 +115,7 @@ class SyncRunner:
 
     def run(self, sync_name: str, options: RunOptions) -> RunResult:
         """Run one sync; never raises for problems that belong in the run record."""
-        result = RunResult(sync=sync_name, run_id=new_run_id())
+        result = self.last_result = RunResult(sync=sync_name, run_id=new_run_id())
         started = time.monotonic()
         locked = False
         interrupted: type[KeyboardInterrupt] | None = None

@@ -22,6 +22,7 @@ import enum
 import json
 import logging
 import math
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -241,6 +242,10 @@ class Destination(ABC):
             destination=self.name,
         )
 
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """The run is being stopped (Ctrl-C, SIGTERM): calls in flight in other threads give up
+        as soon as they can, without retrying. Called from the thread that stops the run."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files; called once at the end of the run."""
 
@@ -293,7 +298,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class Redactor:
-    """Replaces secret values by `***` in any text that may be shown or stored."""
+    """Replaces secret values by `***` in any text that may be shown or stored.
+
+    The values are also remembered for the whole process (`redact_text`): a library's debug log
+    or a traceback printed with -vv may show them too."""
 
     def __init__(self, secrets: Iterable[str | SecretStr | None] = ()):
         values = []
@@ -302,11 +310,45 @@ class Redactor:
             if plain and len(plain) >= 4:
                 values.append(plain)
         self._secrets = sorted(values, key=len, reverse=True)
+        with _SECRETS_LOCK:
+            _PROCESS_SECRETS.update(values)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+_PROCESS_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+_QUERY_VALUE = re.compile(r"(?<=[?&])([\w.\-\[\]%]+)=[^&\s\"'<>#]+")
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^@\s/]+@", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """`text` without any secret an adapter of this process declared (`Redactor`), the values
+    of URL query strings (tokens often travel there) or the password of a URL's user info: for
+    what winback prints outside its own messages (library logs, tracebacks)."""
+    text = _URL_PASSWORD.sub(r"\1:***@", _QUERY_VALUE.sub(r"\1=***", text))
+    with _SECRETS_LOCK:
+        secrets = sorted(_PROCESS_SECRETS, key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class RedactingLogFilter(logging.Filter):
+    """Put on a log handler: every record it prints, and its traceback, goes through
+    `redact_text` (urllib3's debug log shows request paths with their query strings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 class RateLimiter:
@@ -345,7 +387,7 @@ class HttpClient:
         secrets: Iterable[str | SecretStr | None] = (),
         verdict: Callable[[requests.Response], Verdict] = default_verdict,
         requests_per_second: float | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ):
         self.destination = destination
         self.base_url = base_url.rstrip("/")
@@ -357,7 +399,8 @@ class HttpClient:
         if headers:
             self.session.headers.update(headers)
         self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
-        self._sleep = sleep
+        self._stopping = threading.Event()
+        self._sleep = sleep or self._sleep_unless_stopped
         self._retry_lock = threading.Lock()
         self.retries = 0
 
@@ -384,6 +427,8 @@ class HttpClient:
         url = self.url(path)
 
         def attempt() -> requests.Response:
+            if self._stopping.is_set():
+                raise self._stopped()
             extra = dict(headers or {})
             if headers_factory is not None:
                 extra.update(headers_factory())
@@ -398,6 +443,18 @@ class HttpClient:
             reraise=True,
         )
         return retrying(attempt)
+
+    def stop(self) -> None:
+        """Make calls in flight give up: a retry waiting for its turn stops waiting, and no
+        further attempt is made (a request already sent still waits for its answer)."""
+        self._stopping.set()
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        if self._stopping.wait(seconds):
+            raise self._stopped()
+
+    def _stopped(self) -> FatalDestinationError:
+        return FatalDestinationError("the run is stopping", destination=self.destination)
 
     def _count_retry(self, state: RetryCallState) -> None:
         with self._retry_lock:
@@ -542,6 +599,9 @@ class HttpDestination(Destination):
     @property
     def retries(self) -> int:
         return self.http.retries
+
+    def stop(self) -> None:
+        self.http.stop()
 
     def close(self) -> None:
         self.http.close()

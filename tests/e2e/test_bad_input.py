@@ -148,7 +148,9 @@ def test_config_errors(project: Project, case: str) -> None:
     before = database_dump(state_db(project.folder))
     result = run_bad(project, project.bad_config(old, new), "sync", "run", "--output", "json")
     assert_one_paragraph(result, 2, *fragments)
-    assert result.stdout == ""
+    document = result.json()  # nothing ran; the JSON says why too
+    assert (document["runs"], document["exit_code"]) == ([], 2)
+    assert all(fragment in document["error"] for fragment in fragments), document
     assert database_dump(state_db(project.folder)) == before  # nothing ran, nothing recorded
 
 
@@ -167,7 +169,11 @@ def test_usage_errors(project: Project) -> None:
     assert_one_paragraph(as_of, 2, "--as-of", "`notadate`", "YYYY-MM-DD")
     unknown = run_bad(project, project.config, "sync", "run", "nosuch", "--output", "json")
     assert_one_paragraph(unknown, 2, "unknown sync `nosuch`", "defined: s")
-    assert unknown.stdout == ""
+    assert unknown.json() == {
+        "runs": [],
+        "exit_code": 2,
+        "error": "unknown sync `nosuch`; defined: s",
+    }
     assert database_dump(state_db(project.folder)) == before
 
 
@@ -347,6 +353,24 @@ def test_secrets_never_reach_output_or_state(project: Project) -> None:
         assert result.returncode == 0, result
         assert SECRET not in result.stdout + result.stderr
     assert SECRET.encode() not in database_dump(state_db(project.folder))
+
+
+def test_a_token_in_the_webhook_url_never_reaches_debug_logs_or_tracebacks(tmp_path: Path) -> None:
+    """urllib3's debug log shows each request's path with its query string, and requests'
+    connection errors quote the URL: with -vv both are printed, without the token."""
+    token = "tok-5f1d9c2e77"
+    failing = ScriptedResponse(500, "down")
+    with FakeHttpServer(lambda request: failing) as server:
+        destination_project(tmp_path, f"{server.url}/hook?token={token}")
+        failed = run_cli("-vv", "sync", "run", "--output", "json", cwd=tmp_path)
+        assert failed.returncode == 1, failed
+        assert "POST /hook?token=***" in failed.stderr  # the debug log is there, redacted
+    unreachable = run_cli("-vv", "destinations", "check", "hook", cwd=tmp_path)
+    assert unreachable.returncode == 1, unreachable
+    assert "Traceback" in unreachable.stderr
+    for result in (failed, unreachable):
+        assert token not in result.stdout + result.stderr, result
+    assert token.encode() not in database_dump(state_db(tmp_path))
 
 
 @pytest.mark.usefixtures("unchanged_state")

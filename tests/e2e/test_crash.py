@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
 from tests.helpers import (
     LoggedReceiverProcess,
     build_warehouse,
@@ -31,6 +33,7 @@ from tests.helpers import (
     wait_until,
     warehouse_sql,
     webhook_destination,
+    webhook_project,
     webhook_sync,
     write_config,
 )
@@ -218,3 +221,48 @@ def test_ctrl_c_or_sigterm_is_recorded_and_the_next_run_sends_the_rest(tmp_path:
         # At-least-once: only what was in flight at each interrupt may come twice.
         assert len(again) <= 2 * 2 * BATCH, len(again)
         assert set(again.values()) <= {1}
+
+
+@pytest.mark.parametrize("receiver_answer", ["held", "retry_in_a_minute"])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_does_not_wait_for_the_batch_in_flight(
+    tmp_path: Path, receiver_answer: str, stop: signal.Signals
+) -> None:
+    """The only batch is in flight: its request held by the receiver for a minute, or answered
+    503 with `Retry-After: 60`. Ctrl-C or SIGTERM stops the run without waiting for the answer
+    or the retry; the run is recorded (JSON too) and the next run sends the batch."""
+    released = threading.Event()
+
+    def answer(request: RecordedRequest) -> ScriptedResponse:
+        if released.is_set():
+            return ScriptedResponse(200)
+        if receiver_answer == "held":
+            released.wait(60)
+            return ScriptedResponse(200)
+        return ScriptedResponse(503, headers={"Retry-After": "60"})
+
+    slow_retry = {"max_attempts": 5, "initial_backoff_s": 60, "max_backoff_s": 60, "timeout_s": 60}
+    with FakeHttpServer(answer) as server:
+        webhook_project(
+            tmp_path, server.url + "/hook", customers=10, destination={"retry": slow_retry}
+        )
+        process = start_cli(*RUN, cwd=tmp_path)
+        wait_until(lambda: len(server.requests) >= 1 or process.poll() is not None)
+        time.sleep(0.2)  # into the wait for the answer, or for the retry
+        process.send_signal(stop)
+        try:
+            result = finish(process, RUN, timeout=20)  # well before the receiver's minute
+        finally:
+            released.set()
+        assert result.returncode == (130 if stop == signal.SIGINT else 143), result
+        assert result.json()["exit_code"] == result.returncode
+        (run,) = result.json()["runs"]
+        assert (run["status"], run["sent"]["add"]) == ("failed", 0)
+        assert "next run sends the rest" in result.json()["error"]
+        assert len(server.requests) == 1  # no retry once stopped
+        assert lock_holder(tmp_path) is None
+        assert not running_runs(tmp_path)
+
+        rerun = finish(start_cli(*RUN, cwd=tmp_path), RUN)
+        assert rerun.returncode == 0, rerun
+        assert rerun.json()["runs"][0]["sent"]["add"] == 10

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from connector.diff import ChangePlanner
+from connector.errors import FatalDestinationError
 from connector.row_normaliser import Normalised
 from connector.state import StateStore, snapshot
 from connector.sync import RunOptions, RunResult
@@ -133,6 +134,30 @@ def test_a_member_that_loses_its_identifiers_is_removed_then_kept_as_skipped(
     assert later.planned == {"add": 0, "remove": 0, "update": 0}
     assert later.skipped == 3
     assert snapshot_rows(tmp_path)["1"][0] == "skipped"
+
+
+def test_a_failed_first_sync_still_records_its_skipped_rows(tmp_path: Path, kind: str) -> None:
+    """The destination refuses the only batch: the run fails, and still reports the rows it
+    read and could not send; the next run sends the member and reports them again."""
+    MemoryDestination.fail_batch = staticmethod(lambda action, batch: FatalDestinationError("no"))
+    runner = memory_runner(
+        tmp_path, write_people(tmp_path, kind, ROWS), state_url=state_url(tmp_path)
+    )
+    try:
+        failed = runner.run("s", RunOptions())
+    finally:
+        runner.close()
+    assert failed.status == "failed"
+    assert failed.skipped == 2
+    assert set(skipped_issues(tmp_path, failed.run_id)) == {"2", "3"}
+    assert {k: v[0] for k, v in snapshot_rows(tmp_path).items()} == {
+        "2": "skipped",
+        "3": "skipped",
+    }
+    MemoryDestination.fail_batch = staticmethod(lambda action, batch: None)
+    healed = run_sync(tmp_path, kind, ROWS)
+    assert (healed.sent["add"], healed.skipped) == (1, 2)
+    assert MemoryDestination.audiences["A"].keys() == {"1"}
 
 
 def test_a_dry_run_keeps_no_skipped_rows(tmp_path: Path, kind: str) -> None:
