@@ -37,11 +37,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help, as the README shows it (rich's boxes added `<bool>`
+)  # to every flag with recent typer releases)
+config_app = typer.Typer(
+    help="Check the configuration file.", no_args_is_help=True, rich_markup_mode=None
 )
-config_app = typer.Typer(help="Check the configuration file.", no_args_is_help=True)
-segments_app = typer.Typer(help="Inspect segments.", no_args_is_help=True)
-destinations_app = typer.Typer(help="Inspect destination adapters.", no_args_is_help=True)
-sync_app = typer.Typer(help="Run and inspect syncs.", no_args_is_help=True)
+segments_app = typer.Typer(help="Inspect segments.", no_args_is_help=True, rich_markup_mode=None)
+destinations_app = typer.Typer(
+    help="Inspect destination adapters.", no_args_is_help=True, rich_markup_mode=None
+)
+sync_app = typer.Typer(help="Run and inspect syncs.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 app.add_typer(segments_app, name="segments")
 app.add_typer(destinations_app, name="destinations")
@@ -175,10 +180,18 @@ def init(
         path.write_text(demo_config_text(), encoding="utf-8")
         summary = ", ".join(f"{n} {table}" for table, n in counts.items())
         stderr.print(f"built demo warehouse {path.parent / DEMO_WAREHOUSE} ({summary})")
-        stderr.print(f"wrote {path}; next: `winback sync plan`, then `winback sync run`")
+        winback = _winback_for(path)
+        stderr.print(f"wrote {path}; next: `{winback} sync plan`, then `{winback} sync run`")
     else:
         path.write_text(STARTER_CONFIG, encoding="utf-8")
-        stderr.print(f"wrote {path}; edit it, then run `winback config validate`")
+        stderr.print(f"wrote {path}; edit it, then run `{_winback_for(path)} config validate`")
+
+
+def _winback_for(config: Path) -> str:
+    """The command to type for this config from here: `winback`, or with its `--config`."""
+    if resolve_config_path(None).resolve() == config.resolve():
+        return "winback"
+    return f"winback --config {config}"
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -187,6 +200,7 @@ def init(
 @config_app.command("validate")
 def config_validate() -> None:
     """Parse the config, resolve env vars, check that every segment compiles and runs."""
+    from connector.report import counted
     from connector.segments import effective_as_of, probe_columns
     from connector.warehouse import create_warehouse_engine
 
@@ -231,8 +245,9 @@ def config_validate() -> None:
     if problems:
         raise ConfigError(problems, source=str(config.path))
     stdout.print(
-        f"{config.path}: valid — {len(config.segments)} segments, "
-        f"{len(config.destinations)} destinations, {len(config.syncs)} syncs",
+        f"{config.path}: valid — {counted(len(config.segments), 'segment')}, "
+        f"{counted(len(config.destinations), 'destination')}, "
+        f"{counted(len(config.syncs), 'sync')}",
         highlight=False,
     )
 
@@ -387,6 +402,7 @@ def destinations_check(
         retry=config.retry,
         identifier_names=tuple(sync.identifiers) if sync else (),
         field_names=tuple(sync.fields) if sync else (),
+        destination_name=name,
     )
     adapter = destination.adapter(destination.options, context)
     try:
@@ -657,6 +673,47 @@ def sync_history(
             (r.error or "")[:80],
         )
     stdout.print(table)
+
+
+@sync_app.command("issues")
+def sync_issues(
+    name: Annotated[str, typer.Argument(help="Sync name.")],
+    run: Annotated[
+        str | None, typer.Option("--run", help="Run id (default: the sync's last run).")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to show.")] = 50,
+    output: Annotated[
+        RowsFormat, typer.Option("--output", "-o", help="table, json or csv.")
+    ] = RowsFormat.table,
+) -> None:
+    """Rows a run could not send as they were, with the reason: skipped (no usable
+    identifier, null or repeated key), sent without an invalid identifier (dropped), or
+    rejected by the destination."""
+    from connector.report import rows_output
+    from connector.state import StateStore
+
+    config = open_config()
+    _selected_syncs(config, [name])
+    store = StateStore(config.state.url)
+    try:
+        if run is None:
+            last = store.history(name, 1)
+            if not last:
+                fail(f"sync `{name}` has not run yet; run `winback sync run {name}` first", 2)
+            run = str(last[0].run_id)
+        elif not any(r.run_id == run for r in store.history(name, config.state.keep_runs)):
+            fail(f"no run `{run}` of sync `{name}`; see `winback sync history {name}`", 2)
+        rows = store.issues(run, limit)
+    finally:
+        store.dispose()
+    rows_output(
+        ["kind", "action", "key", "reason"],
+        ([r.kind, r.action or "", r.key or "", r.reason] for r in rows),
+        output=output.value,
+        console=stdout,
+        title=f"{name}: row issues of run {run}"
+        + (f" (first {limit})" if len(rows) == limit else ""),
+    )
 
 
 @sync_app.command("reset")

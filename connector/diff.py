@@ -36,6 +36,7 @@ from connector.row_normaliser import (
     PayloadNormaliser,
     Ready,
     RowNormaliser,
+    joined_problems,
     outcome_of,
     second_process_pays,
 )
@@ -144,7 +145,7 @@ class PlanSummary:
 
 def dropped_issue(key: str, dropped: Sequence[str]) -> RowIssue:
     """The row is sent without the identifiers normalisation left out as invalid."""
-    return RowIssue("dropped", key, "; ".join(dropped) + "; sent with the other identifiers")
+    return RowIssue("dropped", key, joined_problems(dropped) + "; sent with the other identifiers")
 
 
 def skipped_snapshot_row(

@@ -78,9 +78,9 @@ class LockedError(WinbackError):
         self.sync = sync
         self.owner = owner
         super().__init__(
-            f"sync `{sync}` is already running ({owner}); wait for it to finish. If that process "
-            "is gone, the lock expires on its own, or run `winback sync reset` only if you also "
-            "want to forget the snapshot"
+            f"another run of sync `{sync}` holds its lock ({owner}); wait for it to finish. A "
+            "lock whose process is gone is taken over by the next run (on another host, once "
+            "the lock has not been refreshed for 30 minutes)"
         )
 
 
@@ -91,8 +91,8 @@ class GuardError(WinbackError):
         self.sync = sync
         self.reason = reason
         super().__init__(
-            f"sync `{sync}` aborted before sending anything: {reason}. Check the segment; "
-            "if the change is intended, rerun with --force"
+            f"nothing was sent: {reason}. Check the segment; if the change is intended, rerun "
+            "with --force"
         )
 
 

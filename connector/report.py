@@ -34,6 +34,13 @@ def runs_json(results: Sequence[RunResult], exit_code: int, error: str | None = 
     return json.dumps(document, indent=2)
 
 
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """`1 batch`, `2 batches`, `0 retries`."""
+    if number == 1:
+        return f"{number} {noun}"
+    return f"{number} {plural or noun + 's'}"
+
+
 def run_summary(result: RunResult) -> str:
     """One line per run: counts planned and sent."""
     planned, sent = result.planned, result.sent
@@ -55,8 +62,8 @@ def run_summary(result: RunResult) -> str:
     if result.status != "dry_run":
         parts += [
             f"{result.rejected} rejected",
-            f"{result.batches} batches",
-            f"{result.retries} retries",
+            counted(result.batches, "batch", "batches"),
+            counted(result.retries, "retry", "retries"),
         ]
     parts.append(f"{result.duration_s:.2f}s")
     return " · ".join(parts)
@@ -66,6 +73,10 @@ def print_runs(console: Console, results: Sequence[RunResult]) -> None:
     for result in results:
         style = STATUS_STYLE.get(result.status, "white")
         console.print(run_summary(result), style=style, highlight=False, soft_wrap=True)
+        if result.status != "dry_run" and (result.skipped or result.rejected):
+            console.print(
+                f"  why rows were not sent: winback sync issues {result.sync}", highlight=False
+            )
         if result.status == "dry_run":
             for action, keys in result.samples.items():
                 if keys:

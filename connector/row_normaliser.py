@@ -96,8 +96,13 @@ class RowNormaliser:
         return identifiers, normalised.problems
 
     def _skip_reason(self, problems: list[str]) -> str:
-        why = "; ".join(problems) or "all identifier columns are empty"
+        why = joined_problems(problems) or "all identifier columns are empty"
         return f"no usable identifier ({', '.join(sorted(self.matching))}): {why}"
+
+
+def joined_problems(problems: Iterable[str]) -> str:
+    """Problems as one sentence: `a; b` (a validator's own full stop dropped)."""
+    return "; ".join(problem.rstrip(".") for problem in problems)
 
 
 class Ready(NamedTuple):

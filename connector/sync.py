@@ -110,6 +110,7 @@ class SyncRunner:
             retry=self.config.retry,
             identifier_names=tuple(sync.identifiers),
             field_names=tuple(sync.fields),
+            destination_name=sync.destination,
         )
         return destination.adapter(destination.options, context)
 

@@ -61,6 +61,10 @@ def with_installed_driver(url: sa.URL) -> sa.URL:
     return url
 
 
+POSTGRES_CONNECT_TIMEOUT_S = 15
+"""Seconds a PostgreSQL warehouse has to accept a connection (`?connect_timeout=N` overrides)."""
+
+
 def create_warehouse_engine(url: str) -> sa.Engine:
     """An engine for the warehouse; DuckDB files are opened read-only and must exist, and
     DuckDB's memory is bounded (`DUCKDB_MEMORY_LIMIT` unless the URL sets `memory_limit`)."""
@@ -78,6 +82,10 @@ def create_warehouse_engine(url: str) -> sa.Engine:
             connect_args["read_only"] = True
     if backend == "duckdb" and "memory_limit" not in parsed.query:
         parsed = parsed.update_query_dict({"memory_limit": DUCKDB_MEMORY_LIMIT})
+    if backend == "postgresql" and "connect_timeout" not in parsed.query:
+        # libpq waits for the server's answer as long as the OS does (~2 minutes for a host
+        # that accepts the connection and never answers); the URL may set its own.
+        connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
     try:
         return sa.create_engine(parsed, connect_args=connect_args)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:

@@ -188,6 +188,8 @@ class SyncContext:
     """Identifiers the sync maps, in config order (e.g. for a file's columns)."""
     field_names: tuple[str, ...] = ()
     """Attribute names the sync maps in `fields`."""
+    destination_name: str = ""
+    """The destination's name in the config (`[destinations.NAME]`), which messages show."""
 
 
 class Destination(ABC):
@@ -208,6 +210,12 @@ class Destination(ABC):
     def __init__(self, options: DestinationOptions, context: SyncContext):
         self.options = options
         self.context = context
+
+    @property
+    def display_name(self) -> str:
+        """What messages call this destination: its name in the config (the adapter's name
+        when built outside a config)."""
+        return self.context.destination_name or self.name
 
     @property
     def batch_size(self) -> int:
@@ -239,7 +247,7 @@ class Destination(ABC):
         """Update stored attributes; only called when ``supports_update`` is true."""
         raise FatalDestinationError(
             'this destination does not store attributes; use mode = "mirror" without fields',
-            destination=self.name,
+            destination=self.display_name,
         )
 
     def stop(self) -> None:  # noqa: B027 - optional hook
@@ -367,6 +375,30 @@ class RateLimiter:
         delay = slot - now
         if delay > 0:
             time.sleep(delay)
+
+
+_CONNECTION_PROBLEMS = (
+    ("refused", "connection refused"),
+    ("reset by peer", "connection reset"),
+    ("remote end closed", "connection closed without an answer"),
+    ("name or service not known", "host name not found"),
+    ("nodename nor servname", "host name not found"),
+    ("temporary failure in name resolution", "host name not found"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("certificate verify failed", "TLS certificate not trusted"),
+    ("ssl", "TLS handshake failed"),
+)
+
+
+def connection_problem(error: requests.ConnectionError) -> str:
+    """What went wrong, in a few words (`connection refused`, `host name not found`...): the
+    operating system's reason is buried in requests' and urllib3's wrappers."""
+    text = str(error).lower()
+    for fragment, problem in _CONNECTION_PROBLEMS:
+        if fragment in text:
+            return problem
+    return "could not connect"
 
 
 def describe_request(method: str, url: str) -> str:
@@ -508,7 +540,9 @@ class HttpClient:
             ) from error
         except requests.ConnectionError as error:
             raise TransientError(
-                f"{what} could not connect ({type(error).__name__})", destination=self.destination
+                f"{what}: {connection_problem(error)} talking to {urlsplit(url).netloc.rpartition('@')[2]}"
+                "; check the destination's URL and that it accepts connections from here",
+                destination=self.destination,
             ) from error
         except requests.RequestException as error:
             raise BatchFailedError(
@@ -575,7 +609,7 @@ class HttpDestination(Destination):
         http_options = options if isinstance(options, HttpDestinationOptions) else None
         retry = (http_options.retry if http_options else None) or context.retry
         self.http = HttpClient(
-            destination=self.name,
+            destination=self.display_name,
             base_url=(http_options.base_url if http_options else None) or self.default_base_url,
             retry=retry,
             headers=self.auth_headers(),

@@ -245,7 +245,7 @@ class FileDestination(Destination):
         )
 
     def _error(self, problem: str, hint: str = "check the disk and `path`") -> Exception:
-        return FatalDestinationError(f"{problem}; {hint}", destination=self.name)
+        return FatalDestinationError(f"{problem}; {hint}", destination=self.display_name)
 
 
 def _csv_line(cells: list[str]) -> bytes:

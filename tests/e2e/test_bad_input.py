@@ -323,7 +323,9 @@ def test_a_400_with_garbage_fails_naming_the_status(tmp_path: Path) -> None:
 def test_connection_refused_fails_after_retries(tmp_path: Path) -> None:
     destination_project(tmp_path, f"http://127.0.0.1:{closed_port()}/hook")
     result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
-    assert_one_paragraph(result, 1, "could not connect", "POST /hook")
+    assert_one_paragraph(
+        result, 1, "destination `hook`: POST /hook: connection refused talking to 127.0.0.1:"
+    )
     run = result.run()
     assert run["status"] == "failed"
     assert run["retries"] == 2  # three attempts

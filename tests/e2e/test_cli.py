@@ -439,6 +439,20 @@ def test_rejected_rows_are_recorded_and_not_resent(
     assert history.json()[0]["rejected"] == 2
     text = run_cli("sync", "history", "s", cwd=tmp_path)
     assert "partial" in text.stdout
+    rerun_text = run_cli("sync", "run", "--full-resync", cwd=tmp_path)
+    assert "why rows were not sent: winback sync issues s" in rerun_text.stdout
+    shown = run_cli("sync", "issues", "s", "--run", run["run_id"], "-o", "json", cwd=tmp_path)
+    assert shown.returncode == 0, shown
+    assert sorted((i["key"], i["kind"], i["action"]) for i in shown.json()) == [
+        ("17", "rejected", "add"),
+        ("4", "rejected", "add"),
+    ]
+    latest = run_cli("sync", "issues", "s", "-o", "csv", cwd=tmp_path)  # the last run's
+    assert latest.stdout.splitlines()[0] == "kind,action,key,reason"
+    assert {line.split(",")[2] for line in latest.stdout.splitlines()[1:]} == {"4", "17"}
+    unknown = run_cli("sync", "issues", "s", "--run", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2, unknown
+    assert "see `winback sync history s`" in unknown.stderr
 
     # The unchanged rejected rows are not sent again, even once the receiver would take them.
     receiver.reject_keys(set())

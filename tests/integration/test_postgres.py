@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from connector.config import build_config
-from connector.errors import LockedError
+from connector.errors import LockedError, WarehouseError
 from connector.state import StateStore
 from connector.sync import RunOptions, SyncRunner
+from connector.warehouse import create_warehouse_engine, warehouse_connection
 from destinations.registry import Registry
 from tests.fakes.memory_destination import MemoryDestination
 
@@ -88,7 +90,7 @@ def test_postgres_state_lock_is_exclusive(tmp_path: Path, postgres_url: str) -> 
     store = StateStore(postgres_url)
     try:
         store.acquire_lock("s", "run-1")
-        with pytest.raises(LockedError, match="already running"):
+        with pytest.raises(LockedError, match="holds its lock"):
             store.acquire_lock("s", "run-2")
         store.release_lock("s", "run-1")
         store.acquire_lock("s", "run-3")
@@ -173,3 +175,30 @@ def test_a_bare_postgresql_url_uses_the_installed_psycopg(
     assert sorted(MemoryDestination.audiences["pg"]) == ["1", "2"]
     expected = "psycopg2" if importlib.util.find_spec("psycopg2") else "psycopg"
     assert drivers == {expected}
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 15), ("?connect_timeout=3", 3)])
+def test_a_postgresql_warehouse_gives_up_connecting_after_a_timeout(
+    query: str, expected: int
+) -> None:
+    """A server that accepts connections and never answers must not hold a run for libpq's
+    default (as long as the OS waits: about two minutes); the URL may set its own timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts in the kernel, never answers
+        port = listener.getsockname()[1]
+        engine = create_warehouse_engine(f"postgresql+psycopg://u:p@127.0.0.1:{port}/db{query}")
+        seen: dict[str, Any] = {}
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _driver_arguments(dialect: Any, record: Any, args: Any, kwargs: Any) -> None:
+            seen.update(kwargs)
+            kwargs["connect_timeout"] = 1  # keep the test short once the value is checked
+
+        with (
+            pytest.raises(WarehouseError, match="cannot connect to the warehouse"),
+            warehouse_connection(engine),
+        ):
+            pass
+        engine.dispose()
+    assert int(seen["connect_timeout"]) == expected

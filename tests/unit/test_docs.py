@@ -184,12 +184,13 @@ def builtin_entry_points() -> dict[str, str]:
 
 
 def adapters() -> dict[str, type[Destination]]:
-    """Installed adapters plus the built-in ones (even if the install predates pyproject)."""
-    found = dict(load_registry().adapters)
+    """The built-in adapters (pyproject.toml's entry points), wherever they are installed from:
+    a third-party adapter installed next to winback is not winback's to document."""
+    installed = load_registry().adapters
+    found = {}
     for name, target in builtin_entry_points().items():
-        if name not in found:
-            module, _, attribute = target.partition(":")
-            found[name] = getattr(importlib.import_module(module), attribute)
+        module, _, attribute = target.partition(":")
+        found[name] = installed.get(name) or getattr(importlib.import_module(module), attribute)
     return found
 
 
