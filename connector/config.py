@@ -7,6 +7,7 @@ Every problem is collected and reported at once, each with the file and its TOML
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import re
@@ -14,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,6 +28,9 @@ from destinations.registry import Registry, load_registry
 DEFAULT_CONFIG = "winback.toml"
 CONFIG_ENV = "WINBACK_CONFIG"
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+NAMED_TABLES = ("segments", "destinations", "syncs")
+"""Sections holding one table per name."""
+UNKNOWN_KEY = "unknown key; check its spelling against config.example.toml"
 PATH_OPTION_NAMES = ("path", "credentials_file")
 """Destination options holding file paths; relative ones resolve against the config folder."""
 
@@ -167,7 +171,7 @@ def _pydantic_problems(prefix: str, error: ValidationError) -> list[ConfigProble
         location = _format_location((*prefix.split("."), *item["loc"]) if prefix else item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key; check its spelling against config.example.toml"
+            message = UNKNOWN_KEY
         elif item["type"] == "missing":
             message = "required key is missing"
         problems.append(ConfigProblem(location, message))
@@ -175,26 +179,12 @@ def _pydantic_problems(prefix: str, error: ValidationError) -> list[ConfigProble
 
 
 def interpolate_env(value: Any, location: str, problems: list[ConfigProblem]) -> Any:
-    """Replace `${VAR}` (or `${VAR:-default}`) in every string; unset variables are problems."""
+    """Replace `${VAR}` (or `${VAR:-default}`) in every string; unset variables are problems.
+
+    Every `${` must start such a reference: an unclosed one or one without a valid name is a
+    problem too, rather than text passed on as it is."""
     if isinstance(value, str):
-
-        def replace(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            found = os.environ.get(name)
-            if found is None or (found == "" and default is not None):
-                if default is not None:
-                    return default
-                problems.append(
-                    ConfigProblem(
-                        location,
-                        f"environment variable `{name}` is not set; export it before running "
-                        f"winback (or write `${{{name}:-default}}`)",
-                    )
-                )
-                return ""
-            return found
-
-        return ENV_PATTERN.sub(replace, value)
+        return _interpolate_text(value, location, problems)
     if isinstance(value, dict):
         return {
             k: interpolate_env(v, f"{location}.{k}" if location else k, problems)
@@ -203,6 +193,58 @@ def interpolate_env(value: Any, location: str, problems: list[ConfigProblem]) ->
     if isinstance(value, list):
         return [interpolate_env(v, f"{location}[{i}]", problems) for i, v in enumerate(value)]
     return value
+
+
+_REFERENCE_HINT = "write `${NAME}` or `${NAME:-default}`"
+
+
+def _interpolate_text(text: str, location: str, problems: list[ConfigProblem]) -> str:
+    parts: list[str] = []
+    position = 0
+    while (start := text.find("${", position)) >= 0:
+        parts.append(text[position:start])
+        match = ENV_PATTERN.match(text, start)
+        if match is not None:
+            parts.append(_env_value(match, location, problems))
+            position = match.end()
+            continue
+        end = text.find("}", start)
+        if end < 0:
+            reference = _excerpt(text[start:])
+            message = f"`{reference}` has no closing `}}`; {_REFERENCE_HINT}"
+            position = len(text)
+        else:
+            reference = _excerpt(text[start : end + 1])
+            name = "empty" if end == start + 2 else "not a valid environment variable reference"
+            message = (
+                f"`{reference}` is {name}; {_REFERENCE_HINT} (NAME: letters, digits and `_`, "
+                "not starting with a digit)"
+            )
+            position = end + 1
+        problems.append(ConfigProblem(location, message))
+    parts.append(text[position:])
+    return "".join(parts)
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _env_value(match: re.Match[str], location: str, problems: list[ConfigProblem]) -> str:
+    name, default = match.group(1), match.group(2)
+    found = os.environ.get(name)
+    if found is None or (found == "" and default is not None):
+        if default is not None:
+            return default
+        problems.append(
+            ConfigProblem(
+                location,
+                f"environment variable `{name}` is not set; export it before running "
+                f"winback (or write `${{{name}:-default}}`)",
+            )
+        )
+        return ""
+    return found
 
 
 def resolve_database_url(url: str, base_dir: Path) -> str:
@@ -224,13 +266,22 @@ def load_config(path: Path, *, registry: Registry | None = None) -> WinbackConfi
     """Read, interpolate and validate a config file; raises ConfigError listing every problem."""
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"config file `{path}` not found; create one with `winback init` or pass --config"
         ) from None
     except OSError as error:
         raise ConfigError(f"cannot read `{path}`: {error.strerror}", source=source) from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte order mark some editors write is not TOML
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"not UTF-8 text: byte 0x{data[error.start]:02x} at line {line} (byte offset "
+            f"{error.start}) is not valid UTF-8; save the file as UTF-8 in your editor",
+            source=source,
+        ) from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -241,14 +292,22 @@ def load_config(path: Path, *, registry: Registry | None = None) -> WinbackConfi
 def build_config(
     document: Mapping[str, Any], *, path: Path, registry: Registry | None = None
 ) -> WinbackConfig:
-    """Validate a parsed TOML document (see `load_config`)."""
+    """Validate a parsed TOML document (see `load_config`).
+
+    Each stage (interpolation, the models, the cross-checks) goes on with whatever the stage
+    before could make of the document, so one run reports every problem it can know of; what is
+    already reported (an unset variable, a wrong value, an invalid segment) is not reported again
+    as invalid or undefined by a later stage."""
     source = str(path)
     problems: list[ConfigProblem] = []
     document = interpolate_env(dict(document), "", problems)
-    try:
-        raw = RawConfig.model_validate(document)
-    except ValidationError as error:
-        raise ConfigError(problems + _pydantic_problems("", error), source=source) from None
+    # What stands in for a value that could not be interpolated (empty text) may upset other
+    # checks of its table: there, only unknown keys are reported besides it.
+    uninterpolated = {_table_of(problem.location) for problem in problems}
+    found: list[ConfigProblem] = []
+    raw, _ = _validate_leniently(RawConfig, document, "", found)
+    if raw is None:  # pragma: no cover - every top-level key has a default
+        raw = RawConfig()
 
     base_dir = path.parent
     warehouse, state = raw.warehouse, raw.state
@@ -256,24 +315,19 @@ def build_config(
         try:
             model.url = resolve_database_url(model.url, base_dir)
         except ValueError as error:
-            problems.append(ConfigProblem(f"{section}.url", str(error)))
+            found.append(ConfigProblem(f"{section}.url", str(error)))
 
-    # A table with an unset variable is reported once, not again as invalid or undefined.
-    unresolved = {tuple(p.location.split(".")[:2]) for p in problems}
-    segments = _build_segments(
-        {n: t for n, t in raw.segments.items() if ("segments", n) not in unresolved},
-        base_dir,
-        problems,
-    )
+    segments = _build_segments(raw.segments, base_dir, found)
     registry = registry or load_registry()
-    destinations = _build_destinations(
-        {n: t for n, t in raw.destinations.items() if ("destinations", n) not in unresolved},
-        registry,
-        base_dir,
-        problems,
+    destinations = _build_destinations(raw.destinations, registry, base_dir, found)
+    invalid = (
+        _unusable_names(document, "segments", segments),
+        _unusable_names(document, "destinations", destinations),
     )
-    known = ({*raw.segments} - {*segments}, {*raw.destinations} - {*destinations})
-    syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, problems, invalid=known)
+    syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, found, invalid=invalid)
+    problems.extend(
+        p for p in found if _table_of(p.location) not in uninterpolated or p.message == UNKNOWN_KEY
+    )
     if problems:
         raise ConfigError(problems, source=source)
     return WinbackConfig(
@@ -286,6 +340,83 @@ def build_config(
         syncs=syncs,
         sync_options=sync_options,
     )
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validate_leniently(
+    model: type[Model], table: Mapping[str, Any], where: str, problems: list[ConfigProblem]
+) -> tuple[Model | None, set[str]]:
+    """Validate `table`, reporting every problem with `where` as prefix. When it fails, validate
+    it again without the keys in error (their defaults take their place), then without the
+    top-level keys still in error, so later stages can check the rest of it.
+
+    Returns that model (None when the table is unusable) and the top-level keys in error."""
+    try:
+        return model.model_validate(table), set()
+    except ValidationError as error:
+        problems.extend(_pydantic_problems(where, error))
+        errors = error.errors()
+    wrong = {str(item["loc"][0]) for item in errors if item["loc"]}
+    usable = copy.deepcopy(dict(table))
+    for item in errors:
+        _remove_key(usable, item["loc"])
+    try:
+        return model.model_validate(usable), wrong
+    except ValidationError as error:
+        still = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
+    try:
+        return model.model_validate({k: v for k, v in usable.items() if k not in still}), wrong
+    except ValidationError:
+        return None, wrong
+
+
+def _remove_key(table: dict[str, Any], loc: tuple[int | str, ...]) -> None:
+    """Remove the key at pydantic location `loc` (the table holding a list, for an item)."""
+    keys: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        keys.append(part)
+    node: Any = table
+    for key in keys[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if keys and isinstance(node, dict):
+        node.pop(keys[-1], None)
+
+
+def _unusable_names(
+    document: Mapping[str, Any], section: str, built: Mapping[str, object]
+) -> set[str]:
+    """Names of `section` that are in the file but invalid (already reported); when the section
+    itself is not a table, every name the syncs refer to."""
+    tables = document.get(section, {})
+    if isinstance(tables, dict):
+        return set(tables) - set(built)
+    kind = section.removesuffix("s")
+    syncs = document.get("syncs")
+    return {
+        str(table.get(kind))
+        for table in (syncs.values() if isinstance(syncs, dict) else ())
+        if isinstance(table, dict)
+    }
+
+
+def _table_of(location: str) -> str:
+    """The table a TOML path is in: `syncs.s` for `syncs.s.identifiers.email`, `warehouse` for
+    `warehouse.url`."""
+    parts = location.split(".")
+    return ".".join(parts[:2]) if parts[0] in NAMED_TABLES else parts[0]
+
+
+def _overlaps(location: str, reported: set[str]) -> bool:
+    """Whether `location` is one of `reported`, inside one, or a table holding one."""
+    return any(_within(location, other) or _within(other, location) for other in reported if other)
+
+
+def _within(location: str, table: str) -> bool:
+    return location == table or location.startswith((f"{table}.", f"{table}["))
 
 
 def _build_segments(
@@ -364,29 +495,55 @@ def _build_syncs(
     *,
     invalid: tuple[set[str], set[str]] = (set(), set()),
 ) -> tuple[dict[str, SyncConfig], dict[str, BaseModel]]:
-    """Validate syncs; references to segments/destinations already reported are not repeated."""
-    invalid_segments, invalid_destinations = invalid
+    """Validate syncs; references to segments/destinations already reported are not repeated.
+
+    A sync table with wrong values is still cross-checked (its references, what its destination
+    requires) with what is left of it, except where its own problems are already reported."""
     syncs: dict[str, SyncConfig] = {}
     sync_options: dict[str, BaseModel] = {}
     for name, table in tables.items():
         where = f"syncs.{name}"
-        try:
-            sync = SyncConfig.model_validate(table)
-        except ValidationError as error:
-            problems.extend(_pydantic_problems(where, error))
+        own: list[ConfigProblem] = []
+        sync, wrong = _validate_leniently(SyncConfig, table, where, own)
+        problems.extend(own)
+        if sync is None:
             continue
-        if sync.segment not in segments and sync.segment not in invalid_segments:
-            problems.append(
-                ConfigProblem(
-                    f"{where}.segment",
-                    f"segment `{sync.segment}` is not defined; defined: "
-                    f"{', '.join(sorted(segments)) or 'none'}",
-                )
+        checks: list[ConfigProblem] = []
+        options = _check_sync(
+            sync, where, segments, destinations, checks, invalid=invalid, wrong=wrong
+        )
+        reported = {problem.location for problem in own}
+        problems.extend(p for p in checks if not _overlaps(p.location, reported))
+        if own or checks or options is None:
+            continue
+        syncs[name] = sync
+        sync_options[name] = options
+    return syncs, sync_options
+
+
+def _check_sync(
+    sync: SyncConfig,
+    where: str,
+    segments: dict[str, Segment],
+    destinations: dict[str, DestinationConfig],
+    problems: list[ConfigProblem],
+    *,
+    invalid: tuple[set[str], set[str]],
+    wrong: set[str],
+) -> BaseModel | None:
+    """Check a sync against its segment and destination; returns its validated options."""
+    invalid_segments, invalid_destinations = invalid
+    if sync.segment not in segments and sync.segment not in invalid_segments:
+        problems.append(
+            ConfigProblem(
+                f"{where}.segment",
+                f"segment `{sync.segment}` is not defined; defined: "
+                f"{', '.join(sorted(segments)) or 'none'}",
             )
-        destination = destinations.get(sync.destination)
-        if destination is None and sync.destination in invalid_destinations:
-            continue
-        if destination is None:
+        )
+    destination = destinations.get(sync.destination)
+    if destination is None:
+        if sync.destination not in invalid_destinations:
             problems.append(
                 ConfigProblem(
                     f"{where}.destination",
@@ -394,43 +551,42 @@ def _build_syncs(
                     f"{', '.join(sorted(destinations)) or 'none'}",
                 )
             )
-            continue
-        adapter = destination.adapter
-        if adapter.requires_audience and not sync.audience:
-            problems.append(
-                ConfigProblem(
-                    f"{where}.audience",
-                    f"required by `{adapter.name}` destinations: the id of the target "
-                    "audience or list",
-                )
+        return None
+    adapter = destination.adapter
+    if adapter.requires_audience and not sync.audience:
+        problems.append(
+            ConfigProblem(
+                f"{where}.audience",
+                f"required by `{adapter.name}` destinations: the id of the target audience or list",
             )
-        if not sync.identifiers:
-            problems.append(
-                ConfigProblem(
-                    f"{where}.identifiers",
-                    'map at least one identifier, e.g. identifiers = { email = "email" }',
-                )
+        )
+    if not sync.identifiers:
+        problems.append(
+            ConfigProblem(
+                f"{where}.identifiers",
+                'map at least one identifier, e.g. identifiers = { email = "email" }',
             )
-        refused = sorted(set(sync.identifiers) - adapter.accepted_identifiers)
-        if refused:
-            problems.append(
-                ConfigProblem(
-                    f"{where}.identifiers",
-                    f"`{adapter.name}` does not accept {', '.join(refused)}; it accepts "
-                    f"{', '.join(sorted(adapter.accepted_identifiers))}",
-                )
+        )
+    refused = sorted(set(sync.identifiers) - adapter.accepted_identifiers)
+    if refused:
+        problems.append(
+            ConfigProblem(
+                f"{where}.identifiers",
+                f"`{adapter.name}` does not accept {', '.join(refused)}; it accepts "
+                f"{', '.join(sorted(adapter.accepted_identifiers))}",
             )
-        if sync.fields and not adapter.supports_update and sync.mode != "add_only":
-            problems.append(
-                ConfigProblem(
-                    f"{where}.fields",
-                    f"`{adapter.name}` does not store attributes; remove `fields`",
-                )
+        )
+    # With a wrong `mode` the default stands in for it: whether fields are allowed is unknown.
+    mode_known = "mode" not in wrong
+    if sync.fields and not adapter.supports_update and sync.mode != "add_only" and mode_known:
+        problems.append(
+            ConfigProblem(
+                f"{where}.fields",
+                f"`{adapter.name}` does not store attributes; remove `fields`",
             )
-        try:
-            sync_options[name] = adapter.sync_options_model.model_validate(sync.options)
-        except ValidationError as error:
-            problems.extend(_pydantic_problems(f"{where}.options", error))
-            continue
-        syncs[name] = sync
-    return syncs, sync_options
+        )
+    try:
+        return adapter.sync_options_model.model_validate(sync.options)
+    except ValidationError as error:
+        problems.extend(_pydantic_problems(f"{where}.options", error))
+        return None

@@ -1,0 +1,276 @@
+"""Loading a config file: encodings, `${VAR}` references and every problem reported at once.
+
+Each case writes a real file and calls `load_config`; one runs `winback config validate` to
+check the CLI prints it as one paragraph with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connector.config import load_config
+from connector.errors import ConfigError
+from destinations.registry import Registry
+from tests.fakes.memory_destination import HashedMemoryDestination
+from tests.helpers import run_cli
+
+UNSET = "WINBACK_TEST_UNSET_VARIABLE"
+
+VALID = """\
+[warehouse]
+url = "duckdb:///warehouse.duckdb"
+
+[segments.lapsed]
+key = "customer_id"
+sql = "SELECT customer_id, email FROM customers"
+
+[destinations.export]
+type = "file"
+path = "exports/{sync}/{run_id}.csv"
+
+[syncs.s]
+segment = "lapsed"
+destination = "export"
+identifiers = { email = "email" }
+"""
+
+
+@pytest.fixture(autouse=True)
+def _unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(UNSET, raising=False)
+
+
+def write(folder: Path, text: str | bytes, name: str = "winback.toml") -> Path:
+    path = folder / name
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def problems_of(path: Path, *, registry: Registry | None = None) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, registry=registry)
+    assert caught.value.source == str(path) or caught.value.source == str(path.resolve())
+    return [(p.location, p.message) for p in caught.value.problems]
+
+
+# -- encodings ---------------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_offset(tmp_path: Path) -> None:
+    data = b'[warehouse]\nurl = "duckdb:///caf\xe9.duckdb"\n'
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "not UTF-8" in message
+    assert "0xe9" in message
+    assert "line 2" in message
+    assert f"byte offset {data.index(0xE9)}" in message
+    assert "save the file as UTF-8" in message
+    assert "\n" not in message
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    plain = load_config(write(tmp_path, VALID))
+    marked = load_config(write(tmp_path, b"\xef\xbb\xbf" + VALID.encode(), "marked.toml"))
+    assert marked.syncs == plain.syncs
+    assert marked.segments == plain.segments
+    assert marked.warehouse == plain.warehouse
+
+
+def test_toml_errors_after_a_byte_order_mark_keep_their_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b"\xef\xbb\xbf" + VALID.replace('"email" }', '"email" ').encode())
+    (problem,) = problems_of(path)
+    assert "not valid TOML" in problem[1]
+    assert f"line {VALID.count(chr(10))}" in problem[1]
+
+
+# -- ${VAR} references -------------------------------------------------------------------------
+
+
+BAD_REFERENCES = {
+    "unclosed": ("${UNCLOSED/x.csv", "`${UNCLOSED/x.csv` has no closing `}`"),
+    "empty": ("exports/${}.csv", "`${}` is empty"),
+    "bad-name": ("exports/${1st}.csv", "`${1st}` is not a valid environment variable reference"),
+    "no-dash": ("${OUT:exports/x.csv}", "`${OUT:exports/x.csv}` is not a valid environment"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REFERENCES))
+def test_a_malformed_reference_is_a_problem_naming_its_key(tmp_path: Path, case: str) -> None:
+    value, fragment = BAD_REFERENCES[case]
+    text = VALID.replace('path = "exports/{sync}/{run_id}.csv"', f'path = "{value}"')
+    ((location, message),) = problems_of(write(tmp_path, text))
+    assert location == "destinations.export.path"
+    assert fragment in message
+    assert "write `${NAME}` or `${NAME:-default}`" in message
+
+
+def test_well_formed_references_and_other_dollars_and_braces_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WINBACK_TEST_FOLDER", "out")
+    text = VALID.replace(
+        'path = "exports/{sync}/{run_id}.csv"',
+        f'path = "${{WINBACK_TEST_FOLDER}}/${{{UNSET}:-x}}/{{sync}}/$HOME/$$.csv"',
+    )
+    config = load_config(write(tmp_path, text))
+    path = config.destinations["export"].options.model_dump()["path"]
+    assert path == str(tmp_path / "out/x/{sync}/$HOME/$$.csv")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "location"),
+    [
+        ('url = "duckdb:///warehouse.duckdb"', f'url = "${{{UNSET}}}"', "warehouse.url"),
+        ("[warehouse]", f'[warehouse]\nchunk_size = "${{{UNSET}}}"', "warehouse.chunk_size"),
+        ('segment = "lapsed"', f'segment = "${{{UNSET}}}"', "syncs.s.segment"),
+        ('destination = "export"', f'destination = "${{{UNSET}}}"', "syncs.s.destination"),
+        (
+            'sql = "SELECT customer_id, email FROM customers"',
+            f'sql = "${{{UNSET}}}"',
+            "segments.lapsed.sql",
+        ),
+    ],
+    ids=["warehouse-url", "chunk-size", "sync-segment", "sync-destination", "segment-sql"],
+)
+def test_an_unset_variable_is_reported_once_without_knock_on_problems(
+    tmp_path: Path, old: str, new: str, location: str
+) -> None:
+    """The empty text that stands in for the variable is not reported again (not a URL, not a
+    number, an undefined segment, an empty query), nor its table as undefined."""
+    assert old in VALID
+    problems = problems_of(write(tmp_path, VALID.replace(old, new, 1)))
+    assert problems == [
+        (
+            location,
+            f"environment variable `{UNSET}` is not set; export it before running winback "
+            f"(or write `${{{UNSET}:-default}}`)",
+        )
+    ]
+
+
+def test_an_unset_variable_does_not_hide_other_problems_of_its_table(tmp_path: Path) -> None:
+    text = VALID.replace(
+        'path = "exports/{sync}/{run_id}.csv"',
+        f'path = "${{{UNSET}}}/x.csv"\nformatt = "csv"',
+    )
+    problems = problems_of(write(tmp_path, text))
+    assert [location for location, _ in problems] == [
+        "destinations.export.path",
+        "destinations.export.formatt",
+    ]
+
+
+# -- every problem at once ---------------------------------------------------------------------
+
+
+def test_every_problem_is_reported_in_one_run(tmp_path: Path) -> None:
+    """An unknown key, a wrong mode, an out-of-range number, an undefined segment and an unset
+    variable: one load reports all five, each with its usual wording and TOML path."""
+    text = (
+        VALID.replace("[warehouse]", "[warehouse]\nchunk_sise = 5000")
+        .replace('segment = "lapsed"', 'segment = "lapsd"\nmode = "mirrror"')
+        .replace("[syncs.s]", "[syncs.s]\nmax_removal_pct = 150")
+        .replace('path = "exports/{sync}/{run_id}.csv"', f'path = "${{{UNSET}}}.csv"')
+    )
+    problems = dict(problems_of(write(tmp_path, text)))
+    assert list(problems) == [
+        "destinations.export.path",
+        "warehouse.chunk_sise",
+        "syncs.s.mode",
+        "syncs.s.max_removal_pct",
+        "syncs.s.segment",
+    ]
+    assert f"`{UNSET}` is not set" in problems["destinations.export.path"]
+    assert "unknown key; check its spelling" in problems["warehouse.chunk_sise"]
+    assert "'mirror', 'add_only' or 'upsert'" in problems["syncs.s.mode"]
+    assert "less than or equal to 100" in problems["syncs.s.max_removal_pct"]
+    assert problems["syncs.s.segment"] == "segment `lapsd` is not defined; defined: lapsed"
+
+
+def test_a_wrong_section_does_not_stop_the_checks_of_the_others(tmp_path: Path) -> None:
+    text = (
+        VALID.replace("[warehouse]", "[warehouse]\npushdown = 3")
+        .replace('url = "duckdb:///warehouse.duckdb"', 'url = "not a url"')
+        .replace(
+            '[segments.lapsed]\nkey = "customer_id"', '[segments.lapsed]\nkey = "id"\nsqll = ""'
+        )
+        .replace('destination = "export"', 'destination = "nowhere"')
+        + '\n[retry]\nmax_attempts = 0\n\n[syncs.t]\nsegment = "lapsed"\ndestination = 7\n'
+    )
+    problems = dict(problems_of(write(tmp_path, text)))
+    assert set(problems) == {
+        "warehouse.pushdown",
+        "warehouse.url",
+        "retry.max_attempts",
+        "segments.lapsed.sqll",
+        "syncs.s.destination",
+        "syncs.t.destination",
+    }
+    assert "is not a SQLAlchemy URL" in problems["warehouse.url"]
+    assert "`nowhere` is not defined; defined: export" in problems["syncs.s.destination"]
+    # The segment is reported once: its syncs do not call it undefined.
+    assert not any("`lapsed` is not defined" in message for message in problems.values())
+
+
+def test_a_section_that_is_not_a_table_does_not_make_its_names_undefined(tmp_path: Path) -> None:
+    text = 'segments = "lapsed"\n' + VALID[VALID.index("[destinations.export]") :]
+    problems = problems_of(write(tmp_path, text))
+    assert [location for location, _ in problems] == ["segments"]
+
+
+def test_wrong_values_of_a_sync_are_not_reported_again_by_its_cross_checks(
+    tmp_path: Path,
+) -> None:
+    """The audience is required by the destination and the fields depend on the mode: when
+    those keys are wrong, their defaults stand in without being reported."""
+    text = (
+        VALID.replace('type = "file"\npath = "exports/{sync}/{run_id}.csv"', 'type = "hashed"')
+        .replace("[syncs.s]", '[syncs.s]\naudience = 42\nmode = "add-only"')
+        .replace(
+            'identifiers = { email = "email" }',
+            'identifiers = { email = "email" }\nfields = { FNAME = "first_name" }',
+        )
+    )
+    registry = Registry(adapters={"hashed": HashedMemoryDestination})
+    problems = problems_of(write(tmp_path, text), registry=registry)
+    assert [location for location, _ in problems] == ["syncs.s.audience", "syncs.s.mode"]
+
+
+# -- through the CLI ---------------------------------------------------------------------------
+
+
+def test_config_validate_prints_every_problem_with_exit_code_2(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        VALID.replace('segment = "lapsed"', 'segment = "lapsd"\nmode = "mirrror"').replace(
+            'path = "exports/{sync}/{run_id}.csv"', 'path = "${UNCLOSED/x.csv"'
+        ),
+    )
+    write(tmp_path, b'[warehouse]\nurl = "caf\xe9"\n', "latin1.toml")
+    result = run_cli("config", "validate", cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: invalid configuration in "), result
+    for fragment in (
+        "winback.toml",
+        "destinations.export.path: `${UNCLOSED/x.csv` has no closing `}`",
+        "syncs.s.mode",
+        "syncs.s.segment: segment `lapsd` is not defined",
+    ):
+        assert fragment in result.stderr, (fragment, result)
+    latin1 = run_cli("--config", "latin1.toml", "config", "validate", cwd=tmp_path)
+    assert latin1.returncode == 2, latin1
+    assert latin1.stderr.count("error:") == 1
+    assert "latin1.toml" in latin1.stderr
+    assert "line 2" in latin1.stderr
+    assert "save the file as UTF-8" in latin1.stderr
+    for output in (result, latin1):
+        assert "Traceback" not in output.stdout + output.stderr
+        assert "unexpected" not in output.stderr
