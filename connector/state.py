@@ -240,6 +240,10 @@ def _inline_value(column: sa.Column[Any], value: Any, dialect: sa.Dialect) -> st
     return str(literal.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
+MIGRATED_COLUMNS: tuple[tuple[int, str, str], ...] = ((2, "snapshot", "reason"),)
+"""(version, table, column): columns `_migrate` adds to a store older than that version."""
+
+
 def _migrate(connection: sa.Connection, version: int) -> None:
     """Bring a store written by an older winback to SCHEMA_VERSION, in the caller's transaction."""
     if version < 2:
@@ -259,6 +263,38 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _prepare_sqlite_file(database: Path) -> None:
+    """Create the folder of a SQLite state file, or say in one sentence why it cannot be."""
+    folder = database.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(
+            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder
+        )
+        raise StateError(
+            f"cannot create the state database `{database}` ([state] url): `{blocker}` is a "
+            "file, not a folder; pick another path in [state] url, or move that file away"
+        ) from None
+    except PermissionError as error:
+        denied = error.filename or folder
+        raise StateError(
+            f"cannot create the folder `{denied}` for the state database `{database}` ([state] "
+            "url): permission denied; pick a path winback may write to in [state] url, or fix "
+            "the permissions of that folder's parent"
+        ) from None
+    except OSError as error:
+        raise StateError(
+            f"cannot create the folder `{error.filename or folder}` for the state database "
+            f"`{database}` ([state] url): {error.strerror}; pick another path in [state] url"
+        ) from None
+    if database.is_dir():
+        raise StateError(
+            f"the state database `{database}` ([state] url) is a folder; name a file in it "
+            f"instead, e.g. sqlite:///{database / 'state.db'}"
+        )
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -274,10 +310,11 @@ class StateStore:
 
     def __init__(self, url: str):
         self.url = url
-        parsed = sa.engine.make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
         try:
+            parsed = sa.engine.make_url(url)
+            database = parsed.database
+            if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+                _prepare_sqlite_file(Path(database))
             self.engine = sa.create_engine(with_installed_driver(parsed))
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             raise StateError(
@@ -286,20 +323,19 @@ class StateStore:
             ) from None
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._ensure_schema()
+        try:
+            self._ensure_schema()
+        except BaseException:
+            self.engine.dispose()  # nobody else holds the engine to close its connection
+            raise
 
     def _ensure_schema(self) -> None:
         try:
             with self.engine.begin() as connection:
+                version = self._check_existing_schema(connection)
                 metadata.create_all(connection)
-                version = connection.execute(sa.select(schema_info.c.version)).scalar()
                 if version is None:
                     connection.execute(schema_info.insert().values(version=SCHEMA_VERSION))
-                elif version > SCHEMA_VERSION:
-                    raise StateError(
-                        f"the state store `{redact_url(self.url)}` has schema version {version}, "
-                        f"newer than this winback ({SCHEMA_VERSION}); upgrade winback"
-                    )
                 elif version < SCHEMA_VERSION:
                     _migrate(connection, version)
         except sa.exc.DBAPIError as error:
@@ -307,6 +343,47 @@ class StateStore:
                 f"cannot open the state store `{redact_url(self.url)}`: {first_line(error)}; "
                 "check [state] url"
             ) from None
+
+    def _check_existing_schema(self, connection: sa.Connection) -> int | None:
+        """The version of the store there already (None: new), before anything is written.
+
+        Refuses a store from a newer winback, and a database whose tables of the same names
+        belong to another application (a `runs` table without winback's columns): winback
+        would otherwise add its own tables to that database and fail mid-run."""
+        inspector = sa.inspect(connection)
+        existing = set(inspector.get_table_names())
+        found = [table for table in metadata.sorted_tables if table.name in existing]
+        if not found:
+            return None
+        columns = {t.name: {c["name"] for c in inspector.get_columns(t.name)} for t in found}
+        version = None
+        if "version" in columns.get(schema_info.name, set()):
+            version = connection.execute(sa.select(sa.func.max(schema_info.c.version))).scalar()
+        if version is not None and version > SCHEMA_VERSION:
+            raise StateError(
+                f"the state store `{redact_url(self.url)}` has schema version {version}, "
+                f"newer than this winback ({SCHEMA_VERSION}); upgrade winback"
+            )
+        mismatches = []
+        for table in found:
+            later = {
+                column
+                for since, name, column in MIGRATED_COLUMNS
+                if name == table.name and version is not None and version < since
+            }
+            missing = [c.name for c in table.columns if c.name not in columns[table.name] | later]
+            if missing:
+                shown = ", ".join(f"`{name}`" for name in missing[:3])
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                mismatches.append(f"table `{table.name}` has no column {shown}{more}")
+        if mismatches:
+            raise StateError(
+                f"the state store `{redact_url(self.url)}` ([state] url) is not a winback "
+                f"database: {'; '.join(mismatches)}, so those tables belong to another "
+                "application; point [state] url at winback's own database (a new file such as "
+                "sqlite:///.winback/state.db, or an empty PostgreSQL database)"
+            )
+        return version
 
     def connect(self) -> sa.Connection:
         return self.engine.connect()
