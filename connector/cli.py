@@ -628,7 +628,6 @@ def sync_history(
     import json
 
     from connector.state import StateStore
-    from destinations.base import json_value
 
     config = open_config()
     _selected_syncs(config, [name])
@@ -639,7 +638,9 @@ def sync_history(
         store.dispose()
     if output is TextOrJson.json:
         stdout.file.write(
-            json.dumps([{k: json_value(v) for k, v in r._mapping.items()} for r in rows], indent=2)
+            json.dumps(
+                [{k: _history_value(v) for k, v in r._mapping.items()} for r in rows], indent=2
+            )
             + "\n"
         )
         return
@@ -670,9 +671,18 @@ def sync_history(
             str(r.rejected),
             str(r.retries),
             f"{r.duration_s or 0:.2f}",
-            (r.error or "")[:80],
+            r.error or "",
         )
     stdout.print(table)
+
+
+def _history_value(value: Any) -> Any:
+    """A run record's value as JSON; its times are UTC and say so (`...+00:00`)."""
+    from destinations.base import json_value
+
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return json_value(value)
 
 
 @sync_app.command("issues")

@@ -111,5 +111,16 @@ def rows_output(
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in materialised:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*(_cell(v) for v in row))
     console.print(table)
+
+
+TABLE_CELL_MAX = 500
+"""Longest value a table shows in full; json and csv output keep every value whole."""
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if len(text) <= TABLE_CELL_MAX:
+        return text
+    return f"{text[:TABLE_CELL_MAX]}… ({len(text):,} characters; --output json or csv shows all)"

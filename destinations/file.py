@@ -153,7 +153,11 @@ class FileDestination(Destination):
         if self.path.exists() and not (self.path.is_file() and os.access(self.path, os.W_OK)):
             raise self._error(f"`{self.path}` exists and is not a writable file", "move it")
         note = "" if folder.is_dir() else " (its folder will be created)"
-        return f"writes {self.format.upper()} to {self.path.absolute()}{note}"
+        where = self.path.absolute()
+        if "{run_id}" in self.options.path:  # a check has no run: show the pattern
+            pattern = render_path(self.options.path.replace("{run_id}", "\0"), self.context)
+            where = Path(str(pattern.absolute()).replace("\0", "{run_id}"))
+        return f"writes {self.format.upper()} to {where}{note}"
 
     def add(self, batch: Batch) -> BatchResult:
         return self._write("add", batch)

@@ -270,7 +270,7 @@ def test_receiver_that_stays_slow_ends_in_a_timeout_but_applies_once() -> None:
 
 
 def test_unreachable_receiver_is_transient() -> None:
-    with pytest.raises(TransientError, match="connection refused talking to 127.0.0.1:9;"):
+    with pytest.raises(TransientError, match=r"connection refused talking to 127\.0\.0\.1:9;"):
         make("http://127.0.0.1:9/hook?token=t0k3n", attempts=1).add(Batch(1, [member("k1")]))
 
 
