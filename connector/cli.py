@@ -480,7 +480,7 @@ def _run_syncs(
         raise
     use_progress = stderr.is_terminal and settings.verbosity >= 0 and output is TextOrJson.text
     reporter = RichReporter() if use_progress else None
-    runner = SyncRunner(config, reporter=reporter)
+    runner = SyncRunner(config, reporter=reporter, dry_run=dry_run)
     results = []
     try:
         if reporter is not None:
@@ -574,7 +574,7 @@ def sync_status(names: SyncNames = None) -> None:
     from connector.state import StateStore
 
     config = open_config()
-    store = StateStore(config.state.url)
+    store = StateStore.for_reading(config.state.url)
     table = Table(
         "sync",
         "destination",
@@ -589,7 +589,7 @@ def sync_status(names: SyncNames = None) -> None:
         for name in _selected_syncs(config, names):
             sync = config.syncs[name]
             last = store.history(name, 1)
-            holder = store.lock_holder(name)
+            holder = store.lock_holder(name, live_only=True)  # a dead run's lock is no run
             table.add_row(
                 name,
                 sync.destination,
@@ -614,8 +614,13 @@ def _pending(run: Any) -> str:
     }
     if run.status in ("success", "partial"):
         return "none"
-    parts = [f"{sign}{count}" for sign, count in left.items() if count > 0]
-    return " ".join(parts) or "none"
+    parts = " ".join(f"{sign}{count}" for sign, count in left.items() if count > 0)
+    if run.status == "aborted":  # planned in full, nothing sent
+        return parts or "none"
+    if run.status == "running":
+        return "run in progress"
+    # Failed or interrupted: a first sync stops before it has read the whole segment.
+    return f"at least {parts}" if parts else "unknown (`winback sync plan` counts it)"
 
 
 @sync_app.command("history")
@@ -631,7 +636,7 @@ def sync_history(
 
     config = open_config()
     _selected_syncs(config, [name])
-    store = StateStore(config.state.url)
+    store = StateStore.for_reading(config.state.url)
     try:
         rows = store.history(name, limit)
     finally:
@@ -704,7 +709,7 @@ def sync_issues(
 
     config = open_config()
     _selected_syncs(config, [name])
-    store = StateStore(config.state.url)
+    store = StateStore.for_reading(config.state.url)
     try:
         if run is None:
             last = store.history(name, 1)

@@ -308,6 +308,22 @@ def _pid_alive(pid: int) -> bool:
 class StateStore:
     """Opens (and creates or migrates) the state database."""
 
+    @classmethod
+    def for_reading(cls, url: str) -> StateStore:
+        """The store for commands that only read it (`sync plan`, `status`, `history`...): a
+        SQLite file that does not exist yet is not created, an empty in-memory store stands in
+        for it (nothing was synced yet)."""
+        parsed = sa.engine.make_url(url)
+        database = parsed.database
+        if (
+            parsed.get_backend_name() == "sqlite"
+            and database
+            and database != ":memory:"
+            and not Path(database).exists()
+        ):
+            return cls("sqlite://")
+        return cls(url)
+
     def __init__(self, url: str):
         self.url = url
         try:
@@ -448,9 +464,14 @@ class StateStore:
         with self.engine.begin() as connection:
             connection.execute(locks.delete().where(locks.c.sync == sync, locks.c.run_id == run_id))
 
-    def lock_holder(self, sync: str) -> sa.Row[Any] | None:
+    def lock_holder(self, sync: str, *, live_only: bool = False) -> sa.Row[Any] | None:
+        """Who holds the sync's lock; with `live_only`, None for a stale lock (its process is
+        gone, or its heartbeat is older than LOCK_TTL), which the next run takes over."""
         with self.engine.connect() as connection:
-            return connection.execute(sa.select(locks).where(locks.c.sync == sync)).first()
+            held = connection.execute(sa.select(locks).where(locks.c.sync == sync)).first()
+        if held is not None and live_only and self._is_stale(held, utcnow()):
+            return None
+        return held
 
     # -- runs --------------------------------------------------------------------------------
 

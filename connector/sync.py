@@ -75,16 +75,22 @@ class RunOptions:
 class SyncRunner:
     """Runs the syncs of one config against one state store."""
 
-    def __init__(self, config: WinbackConfig, *, reporter: Reporter | None = None):
+    def __init__(
+        self, config: WinbackConfig, *, reporter: Reporter | None = None, dry_run: bool = False
+    ):
+        """`dry_run`: only dry runs will be made, so a state store that does not exist yet is
+        not created (`StateStore.for_reading`)."""
         self.config = config
         self.reporter = reporter or SilentReporter()
+        self.dry_run = dry_run
         self._store: StateStore | None = None
         self._warehouse: sa.Engine | None = None
 
     @property
     def store(self) -> StateStore:
         if self._store is None:
-            self._store = StateStore(self.config.state.url)
+            url = self.config.state.url
+            self._store = StateStore.for_reading(url) if self.dry_run else StateStore(url)
         return self._store
 
     @property

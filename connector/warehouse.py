@@ -76,7 +76,8 @@ def create_warehouse_engine(url: str) -> sa.Engine:
         if not Path(database).exists():
             raise WarehouseError(
                 f"warehouse file `{database}` does not exist; check [warehouse] url "
-                "(relative paths are relative to the config file) or run `winback init --demo`"
+                "(relative paths are relative to the config file); for the demo warehouse, run "
+                "`winback init --demo --force` (it also rewrites winback.toml)"
             )
         if backend == "duckdb":
             connect_args["read_only"] = True

@@ -100,8 +100,10 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
     assert {r["status"] for r in plan.json()["runs"]} == {"dry_run"}
     assert plan.run("lapsed_to_csv")["planned"]["add"] > 0
     assert not (tmp_path / "exports").exists()
-    assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM runs")
-    assert not sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot")
+    assert not state_db(tmp_path).exists()  # no writes anywhere, not even a new state store
+    for reading in (("sync", "status"), ("sync", "history", "lapsed_to_csv")):
+        assert run_cli(*reading, cwd=tmp_path).returncode == 0
+    assert not state_db(tmp_path).exists()
 
     first = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert first.returncode == 0, first
@@ -507,6 +509,8 @@ def test_exhausted_retries_fail_and_the_next_run_sends_what_is_missing(
     assert run["sent"] == {"add": 0, "remove": 0, "update": 0}
     assert run["retries"] == 2  # max_attempts = 3
     assert "500" in failed.stderr  # the reason is on stderr too, not only in the JSON
+    status = run_cli("sync", "status", cwd=tmp_path)
+    assert "at least +5 -5 ~3" in status.stdout, status  # what the failed run had planned
 
     receiver.fail_always(None)
     before = len(receiver.deliveries)

@@ -141,6 +141,9 @@ def test_lock_rows_left_behind(
             )
         )
 
+    status = run_cli("sync", "status", cwd=tmp_path)  # a dead run's lock is not shown
+    assert (f"pid {pid} on {host}" in status.stdout) == (expected != 0), status
+
     result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert result.returncode == expected, result
     if expected == 0:
