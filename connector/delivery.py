@@ -25,6 +25,25 @@ from destinations.base import Batch, BatchResult, Destination, Member, Rejection
 log = logging.getLogger("winback.delivery")
 
 MAX_CONSECUTIVE_BATCH_FAILURES = 3
+SMALL_REQUEST_BYTES = 64 * 1024
+"""A single row refused as too large in a request smaller than this is not the row's fault:
+every destination winback targets takes 1 MB or more (the batch fails and stays pending)."""
+
+
+def _refusing_everything(batch: Batch, error: BaseException | None) -> BaseException | None:
+    """A single small row refused as too large is not the row's fault: the batch fails (and
+    stays pending) instead of its row being rejected for good."""
+    if (
+        isinstance(error, PayloadTooLargeError)
+        and len(batch) == 1
+        and (error.request_bytes or 0) < SMALL_REQUEST_BYTES
+    ):
+        return BatchFailedError(
+            f"{error}; a single row of {error.request_bytes or 0:,} bytes was refused as too "
+            "large, so the destination refuses any request: check its URL (a proxy or another "
+            "endpoint may be answering) and its request size limit"
+        )
+    return error
 
 
 class Reporter(Protocol):
@@ -137,7 +156,7 @@ class Delivery:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     batch, by_key = in_flight.pop(future)
-                    error = future.exception()
+                    error = _refusing_everything(batch, future.exception())
                     if error is None:
                         self._checkpoint(action, by_key, future.result())
                     elif isinstance(error, PayloadTooLargeError):

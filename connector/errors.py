@@ -122,7 +122,20 @@ class TransientError(DestinationError):
 
 
 class PayloadTooLargeError(DestinationError):
-    """The platform refused the request size; the engine halves the batch and resends."""
+    """The platform refused the request size; the engine halves the batch and resends.
+
+    `request_bytes` is the size of the refused request body, when known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        destination: str | None = None,
+        status: int | None = None,
+        request_bytes: int | None = None,
+    ):
+        super().__init__(message, destination=destination, status=status)
+        self.request_bytes = request_bytes
 
 
 class BatchFailedError(DestinationError):

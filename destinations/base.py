@@ -571,7 +571,13 @@ class HttpClient:
                 retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
             )
         if verdict is Verdict.TOO_LARGE:
-            return PayloadTooLargeError(detail, destination=self.destination, status=status)
+            body = response.request.body if response.request is not None else None
+            return PayloadTooLargeError(
+                detail,
+                destination=self.destination,
+                status=status,
+                request_bytes=len(body) if body is not None else None,
+            )
         if verdict is Verdict.FAIL_SYNC:
             hint = (
                 " — check the credentials and their permissions on the audience"

@@ -2,7 +2,8 @@
 
 The first run of a sync on DuckDB is streamed (`connector.first_sync`), later runs are planned:
 both paths halve a refused batch until the receiver takes it, and a row too large even alone is
-recorded as rejected (exit 3) instead of blocking the others.
+recorded as rejected (exit 3) instead of blocking the others, unless that row is small: then the
+destination refuses everything and the batch fails, pending for the next run.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def test_refused_batches_are_halved_until_the_receiver_takes_them(tmp_path: Path
 
 
 def test_a_row_too_large_even_alone_is_rejected_and_the_others_are_sent(tmp_path: Path) -> None:
-    build_warehouse(tmp_path / "warehouse.duckdb", 6)
-    with WebhookReceiver(secret=SECRET, max_records=0) as receiver:
+    warehouse = tmp_path / "warehouse.duckdb"
+    build_warehouse(warehouse, 6)
+    warehouse_sql(
+        warehouse, "UPDATE customers SET first_name = repeat('x', 100000) WHERE customer_id = 3"
+    )
+    with WebhookReceiver(secret=SECRET, max_body_bytes=64 * 1024) as receiver:
         write_config(
             tmp_path,
             destinations={"hook": webhook_destination(receiver.url, batch_size=4)},
@@ -63,8 +68,35 @@ def test_a_row_too_large_even_alone_is_rejected_and_the_others_are_sent(tmp_path
     assert result.returncode == 3, result
     run = result.json()["runs"][0]
     assert run["status"] == "partial"
-    assert (run["sent"]["add"], run["rejected"]) == (0, 6)
-    assert receiver.members == {} and receiver.deliveries == []
+    assert (run["sent"]["add"], run["rejected"]) == (5, 1)
+    assert set(receiver.members) == {"1", "2", "4", "5", "6"}
     # Rejected rows are not retried until they change.
     assert again.returncode == 0, again
     assert again.json()["runs"][0]["planned"] == {"add": 0, "remove": 0, "update": 0}
+
+
+def test_a_destination_refusing_even_small_single_rows_fails_and_keeps_them_pending(
+    tmp_path: Path,
+) -> None:
+    """A wrong endpoint (or a proxy) answering 413 to everything: rows of a few hundred bytes
+    are not rejected for good as too large; the run fails and the next one, once the URL is
+    right, sends them all."""
+    build_warehouse(tmp_path / "warehouse.duckdb", 6)
+    with WebhookReceiver(secret=SECRET, max_records=0) as receiver:
+        write_config(
+            tmp_path,
+            destinations={"hook": webhook_destination(receiver.url, batch_size=4)},
+            syncs={"s": webhook_sync()},
+        )
+        failed = run_cli(*RUN, cwd=tmp_path)
+        assert failed.returncode == 1, failed
+        run = failed.json()["runs"][0]
+        assert (run["status"], run["sent"]["add"], run["rejected"]) == ("failed", 0, 0)
+        assert "refuses any request: check its URL" in run["error"]
+        assert receiver.members == {}
+
+        receiver.max_records = None  # the URL is fixed
+        healed = run_cli(*RUN, cwd=tmp_path)
+    assert healed.returncode == 0, healed
+    assert healed.json()["runs"][0]["sent"]["add"] == 6
+    assert set(receiver.members) == {str(i) for i in range(1, 7)}

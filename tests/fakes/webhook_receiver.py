@@ -68,6 +68,7 @@ class WebhookReceiver:
         secret: str,
         path: str = "/hook",
         max_records: int | None = None,
+        max_body_bytes: int | None = None,
         delay_s: float = 0.0,
         state_file: str | Path | None = None,
         port: int = 0,
@@ -76,6 +77,7 @@ class WebhookReceiver:
         self._verifier = Webhook(secret if secret.startswith("whsec_") else secret.encode())
         self.path = path
         self.max_records = max_records
+        self.max_body_bytes = max_body_bytes
         self.delay_s = delay_s
         self.state_file = Path(state_file) if state_file else None
         self.deliveries: list[Delivery] = []
@@ -156,6 +158,8 @@ class WebhookReceiver:
         action, records = document["action"], document["records"]
         if self.max_records is not None and len(records) > self.max_records:
             return ScriptedResponse(413, {"error": f"at most {self.max_records} records"})
+        if self.max_body_bytes is not None and len(request.body) > self.max_body_bytes:
+            return ScriptedResponse(413, {"error": f"at most {self.max_body_bytes} bytes"})
         webhook_id = request.headers["webhook-id"]
         duplicate = webhook_id in self._answers
         if not duplicate:

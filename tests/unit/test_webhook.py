@@ -336,8 +336,9 @@ def test_receiver_refuses_bad_signatures_and_big_batches() -> None:
     with WebhookReceiver(secret=WHSEC, max_records=1) as receiver:
         with pytest.raises(FatalDestinationError):
             make(receiver.url, secret="another-secret").add(Batch(1, [member("k1")]))
-        with pytest.raises(PayloadTooLargeError):
+        with pytest.raises(PayloadTooLargeError) as caught:
             make(receiver.url).add(Batch(2, [member("k1"), member("k2")]))
+        assert caught.value.request_bytes == len(receiver.requests[-1].body)
         receiver.fail_next(429, retry_after=0)
         make(receiver.url).add(Batch(3, [member("k1")]))
     assert receiver.signature_failures == 1 and list(receiver.members) == ["k1"]
