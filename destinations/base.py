@@ -329,13 +329,20 @@ class Redactor:
 
 _PROCESS_SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
-_QUERY_VALUE = re.compile(r"(?<=[?&])([\w.\-\[\]%]+)=[^&\s\"'<>#]+")
+_QUERY_VALUE = re.compile(
+    r"(?<=[?&])([\w.\-\[\]%]*(?:token|key|secret|sig|pass|pwd|auth|code|session|credential)"
+    r"[\w.\-\[\]%]*)=[^&\s\"'<>#]+",
+    re.IGNORECASE,
+)
+"""A URL query parameter whose name says it is a credential (`?token=`, `&api_key=`...); other
+parameters (`?memory_limit=96MB`) are kept, and configured URLs' whole query strings are
+secrets anyway (`WebhookDestination.secrets`)."""
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^@\s/]+@", re.IGNORECASE)
 
 
 def redact_text(text: str) -> str:
     """`text` without any secret an adapter of this process declared (`Redactor`), the values
-    of URL query strings (tokens often travel there) or the password of a URL's user info: for
+    of URL query parameters named like credentials or the password of a URL's user info: for
     what winback prints outside its own messages (library logs, tracebacks)."""
     text = _URL_PASSWORD.sub(r"\1:***@", _QUERY_VALUE.sub(r"\1=***", text))
     with _SECRETS_LOCK:

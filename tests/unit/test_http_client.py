@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 
 from connector.errors import (
@@ -8,7 +11,14 @@ from connector.errors import (
     PayloadTooLargeError,
     TransientError,
 )
-from destinations.base import HttpClient, Redactor, RetrySettings, parse_retry_after
+from destinations.base import (
+    HttpClient,
+    RedactingLogFilter,
+    Redactor,
+    RetrySettings,
+    parse_retry_after,
+    redact_text,
+)
 from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 
 
@@ -102,3 +112,31 @@ def test_parse_retry_after_http_date_and_garbage() -> None:
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
     assert Redactor(["abcd1234"])("x abcd1234 y") == "x *** y"
+
+
+def test_log_redaction_hides_credentials_in_urls_and_keeps_other_parameters() -> None:
+    Redactor(["hook-query=s3cr3t-value"])  # a configured URL's query string, as the webhook's
+    assert redact_text("POST /hook?token=abc123&page=2 HTTP/1.1") == (
+        "POST /hook?token=***&page=2 HTTP/1.1"
+    )
+    assert redact_text("https://h/p?X-Amz-Signature=abc&api_key=k") == (
+        "https://h/p?X-Amz-Signature=***&api_key=***"
+    )
+    assert redact_text("postgresql://user:pw@db/wh") == "postgresql://user:***@db/wh"
+    kept = "duckdb:///w.duckdb?memory_limit=96MB&temp_directory=/tmp/spill"
+    assert redact_text(kept) == kept
+    assert redact_text("GET /x?hook-query=s3cr3t-value") == "GET /x?***"
+
+
+def test_the_log_filter_redacts_messages_and_their_tracebacks() -> None:
+    record = logging.LogRecord(
+        "urllib3", logging.DEBUG, __file__, 1, '"POST %s"', ("/h?sig=x1",), None
+    )
+    try:
+        raise ConnectionError("Max retries exceeded with url: /h?sig=x1")
+    except ConnectionError:
+        record.exc_info = sys.exc_info()
+    assert RedactingLogFilter().filter(record)
+    assert record.getMessage() == '"POST /h?sig=***"'
+    assert record.exc_text is not None and "sig=***" in record.exc_text
+    assert "x1" not in record.exc_text
