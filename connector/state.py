@@ -263,15 +263,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _prepare_sqlite_file(database: Path) -> None:
-    """Create the folder of a SQLite state file, or say in one sentence why it cannot be."""
+def _prepare_sqlite_file(database: Path, *, create_folder: bool = True) -> None:
+    """Create the folder of a SQLite state file, or say in one sentence why it cannot be.
+
+    Without `create_folder` nothing is created: only a file standing where a folder should
+    be, or a folder where the database should be, is reported (for commands that only read)."""
     folder = database.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create_folder:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif _file_in_the_way(folder) is not None:
+            raise NotADirectoryError
     except (FileExistsError, NotADirectoryError):
-        blocker = next(
-            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder
-        )
+        blocker = _file_in_the_way(folder) or folder
         raise StateError(
             f"cannot create the state database `{database}` ([state] url): `{blocker}` is a "
             "file, not a folder; pick another path in [state] url, or move that file away"
@@ -293,6 +297,11 @@ def _prepare_sqlite_file(database: Path) -> None:
             f"the state database `{database}` ([state] url) is a folder; name a file in it "
             f"instead, e.g. sqlite:///{database / 'state.db'}"
         )
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file standing where `folder` or one of its parents should be, if any."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -321,6 +330,7 @@ class StateStore:
             and database != ":memory:"
             and not Path(database).exists()
         ):
+            _prepare_sqlite_file(Path(database), create_folder=False)
             return cls("sqlite://")
         return cls(url)
 
