@@ -26,7 +26,14 @@ from rich.table import Table
 from connector import __version__
 from connector.collector import tune_garbage_collector
 from connector.config import WinbackConfig, load_config, resolve_config_path
-from connector.errors import ConfigError, ConfigProblem, Terminated, WarehouseError, WinbackError
+from connector.errors import (
+    ConfigError,
+    ConfigProblem,
+    StateError,
+    Terminated,
+    WarehouseError,
+    WinbackError,
+)
 from connector.interrupts import stop_on_sigterm
 from destinations.base import RedactingLogFilter, SyncContext, redact_text
 from destinations.registry import load_registry
@@ -481,6 +488,13 @@ def _run_syncs(
     use_progress = stderr.is_terminal and settings.verbosity >= 0 and output is TextOrJson.text
     reporter = RichReporter() if use_progress else None
     runner = SyncRunner(config, reporter=reporter, dry_run=dry_run)
+    try:
+        runner.store  # noqa: B018 - unusable, it is one error for the command, not one per sync
+    except StateError as error:
+        runner.close()
+        if output is TextOrJson.json:
+            stdout.file.write(runs_json([], exit_code_for(error), redact_text(str(error))) + "\n")
+        raise
     results = []
     try:
         if reporter is not None:
@@ -500,11 +514,13 @@ def _run_syncs(
         )
         message = f"{'stopped by SIGTERM' if terminated else 'interrupted'}; {kept}"
         code = 143 if terminated else 130
+        stopped = runner.last_result
+        if stopped is not None and stopped not in results:
+            results.append(stopped)  # recorded as failed by the runner
         if output is TextOrJson.json:
-            stopped = runner.last_result
-            if stopped is not None and stopped not in results:
-                results.append(stopped)
             stdout.file.write(runs_json(results, code, message) + "\n")
+        else:  # the syncs that finished before it too
+            print_runs(stdout, results)
         stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
         settings.leave_at_once = True
         raise typer.Exit(code) from None
@@ -590,14 +606,17 @@ def sync_status(names: SyncNames = None) -> None:
             sync = config.syncs[name]
             last = store.history(name, 1)
             holder = store.lock_holder(name, live_only=True)  # a dead run's lock is no run
+            status = last[0].status if last else "-"
+            if status == "running" and holder is None:
+                status = "interrupted"  # its process is gone (the next run records it so)
             table.add_row(
                 name,
                 sync.destination,
                 sync.audience or "-",
                 str(store.audience_size(None, name)),
                 f"{last[0].started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
-                last[0].status if last else "-",
-                _pending(last[0]) if last else "full sync",
+                status,
+                _pending(last[0], status) if last else "full sync",
                 f"pid {holder.pid} on {holder.host}" if holder else "no",
             )
     finally:
@@ -605,19 +624,20 @@ def sync_status(names: SyncNames = None) -> None:
     stdout.print(table)
 
 
-def _pending(run: Any) -> str:
-    """Changes the last run planned but did not get acknowledged (resent by the next run)."""
+def _pending(run: Any, status: str) -> str:
+    """Changes the last run (in `status`) planned but did not get acknowledged (resent by the
+    next run)."""
     left = {
         "+": run.planned_add - run.sent_add,
         "-": run.planned_remove - run.sent_remove,
         "~": run.planned_update - run.sent_update,
     }
-    if run.status in ("success", "partial"):
+    if status in ("success", "partial"):
         return "none"
     parts = " ".join(f"{sign}{count}" for sign, count in left.items() if count > 0)
-    if run.status == "aborted":  # planned in full, nothing sent
+    if status == "aborted":  # planned in full, nothing sent
         return parts or "none"
-    if run.status == "running":
+    if status == "running":
         return "run in progress"
     # Failed or interrupted: a first sync stops before it has read the whole segment.
     return f"at least {parts}" if parts else "unknown (`winback sync plan` counts it)"
@@ -696,7 +716,15 @@ def sync_issues(
     run: Annotated[
         str | None, typer.Option("--run", help="Run id (default: the sync's last run).")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Rows to show.")] = 50,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            "-n",
+            min=1,
+            help="Rows to show (default: 50 in a table, all in json or csv).",
+        ),
+    ] = None,
     output: Annotated[
         RowsFormat, typer.Option("--output", "-o", help="table, json or csv.")
     ] = RowsFormat.table,
@@ -718,17 +746,28 @@ def sync_issues(
             run = str(last[0].run_id)
         elif not any(r.run_id == run for r in store.history(name, config.state.keep_runs)):
             fail(f"no run `{run}` of sync `{name}`; see `winback sync history {name}`", 2)
-        rows = store.issues(run, limit)
+        if limit is None and output is RowsFormat.table:
+            limit = ISSUES_SHOWN
+        rows = store.issues(run, None if limit is None else limit + 1)
     finally:
         store.dispose()
+    more = limit is not None and len(rows) > limit
+    rows = rows[:limit]
+    if not rows and output is RowsFormat.table:
+        stdout.print(f"{name}: run {run} recorded no row issues", highlight=False)
+        return
     rows_output(
         ["kind", "action", "key", "reason"],
         ([r.kind, r.action or "", r.key or "", r.reason] for r in rows),
         output=output.value,
         console=stdout,
         title=f"{name}: row issues of run {run}"
-        + (f" (first {limit})" if len(rows) == limit else ""),
+        + (f" (the first {limit}; --limit N, or -o csv for all)" if more else ""),
     )
+
+
+ISSUES_SHOWN = 50
+"""Row issues `sync issues` shows in a table unless `--limit` says otherwise."""
 
 
 @sync_app.command("reset")
@@ -749,7 +788,7 @@ def sync_reset(
         )
     store = StateStore(config.state.url)
     try:
-        holder = store.lock_holder(name)
+        holder = store.lock_holder(name, live_only=True)  # a dead run's lock is taken over
         if holder is not None:
             fail(
                 f"sync `{name}` is running (pid {holder.pid} on {holder.host}); try again later", 5

@@ -204,6 +204,16 @@ def _interpolate_text(text: str, location: str, problems: list[ConfigProblem]) -
     while (start := text.find("${", position)) >= 0:
         parts.append(text[position:start])
         match = ENV_PATTERN.match(text, start)
+        if match is not None and "${" in (match.group(2) or ""):
+            problems.append(
+                ConfigProblem(
+                    location,
+                    f"`{_excerpt(text[start:])}`: a default cannot hold another `${{...}}` "
+                    f"(defaults are plain text); {_REFERENCE_HINT}",
+                )
+            )
+            position = len(text)
+            continue
         if match is not None:
             parts.append(_env_value(match, location, problems))
             position = match.end()

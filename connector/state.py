@@ -545,16 +545,11 @@ class StateStore:
                 )
             )
 
-    def issues(self, run_id: str, limit: int = 20) -> list[sa.Row[Any]]:
+    def issues(self, run_id: str, limit: int | None = 20) -> list[sa.Row[Any]]:
+        """A run's row issues in the order they were recorded; `limit` None: all of them."""
+        query = sa.select(row_issues).where(row_issues.c.run_id == run_id).order_by(row_issues.c.id)
         with self.engine.connect() as connection:
-            return list(
-                connection.execute(
-                    sa.select(row_issues)
-                    .where(row_issues.c.run_id == run_id)
-                    .order_by(row_issues.c.id)
-                    .limit(limit)
-                )
-            )
+            return list(connection.execute(query if limit is None else query.limit(limit)))
 
     # -- snapshot ----------------------------------------------------------------------------
 

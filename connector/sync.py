@@ -83,6 +83,8 @@ class SyncRunner:
         self.config = config
         self.reporter = reporter or SilentReporter()
         self.dry_run = dry_run
+        self.last_result: RunResult | None = None
+        """The run started last (recorded even when it was stopped by Ctrl-C or SIGTERM)."""
         self._store: StateStore | None = None
         self._warehouse: sa.Engine | None = None
 

@@ -455,6 +455,8 @@ def test_rejected_rows_are_recorded_and_not_resent(
     unknown = run_cli("sync", "issues", "s", "--run", "nope", cwd=tmp_path)
     assert unknown.returncode == 2, unknown
     assert "see `winback sync history s`" in unknown.stderr
+    first_only = run_cli("sync", "issues", "s", "--run", run["run_id"], "-n", "1", cwd=tmp_path)
+    assert "(the first 1; --limit N, or -o csv for all)" in first_only.stdout, first_only
 
     # The unchanged rejected rows are not sent again, even once the receiver would take them.
     receiver.reject_keys(set())
@@ -463,6 +465,8 @@ def test_rejected_rows_are_recorded_and_not_resent(
     assert rerun.returncode == 0, rerun
     assert rerun.run()["planned"] == {"add": 0, "remove": 0, "update": 0}
     assert len(receiver.requests) == requests
+    nothing = run_cli("sync", "issues", "s", cwd=tmp_path)
+    assert f"s: run {rerun.run()['run_id']} recorded no row issues" in nothing.stdout, nothing
 
     # Once a rejected row changes it is tried again.
     warehouse_sql(

@@ -266,3 +266,40 @@ def test_a_stop_does_not_wait_for_the_batch_in_flight(
         rerun = finish(start_cli(*RUN, cwd=tmp_path), RUN)
         assert rerun.returncode == 0, rerun
         assert rerun.json()["runs"][0]["sent"]["add"] == 10
+
+
+def test_ctrl_c_in_text_mode_still_prints_the_syncs_that_finished(tmp_path: Path) -> None:
+    """Sync `a` finishes, Ctrl-C comes while `b`'s batch is held by the receiver: the text
+    output shows both runs (`a` succeeded, `b` failed), not only the error."""
+    released = threading.Event()
+
+    def answer(request: RecordedRequest) -> ScriptedResponse:
+        if request.json()["sync"] == "b":
+            released.wait(60)
+        return ScriptedResponse(200)
+
+    build_warehouse(tmp_path / "warehouse.duckdb", 10)
+    args = ("sync", "run")
+    with FakeHttpServer(answer) as server:
+        write_config(
+            tmp_path,
+            destinations={"hook": webhook_destination(server.url + "/hook")},
+            syncs={"a": webhook_sync(), "b": webhook_sync()},
+        )
+        process = start_cli(*args, cwd=tmp_path)
+        wait_until(
+            lambda: (
+                any(r.json()["sync"] == "b" for r in list(server.requests))
+                or process.poll() is not None
+            )
+        )
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        try:
+            result = finish(process, args, timeout=20)
+        finally:
+            released.set()
+    assert result.returncode == 130, result
+    assert "a: success" in result.stdout, result
+    assert "b: failed" in result.stdout, result
+    assert "error: interrupted" in result.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from connector.state import StateStore, locks
+from connector.state import StateStore, locks, runs
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import (
     SECRET,
@@ -131,6 +131,9 @@ def test_lock_rows_left_behind(
     engine = sa.create_engine(url)
     with engine.begin() as connection:
         connection.execute(
+            runs.insert().values(run_id="old-run", sync="s", status="running", started_at=heartbeat)
+        )
+        connection.execute(
             locks.insert().values(
                 sync="s",
                 run_id="old-run",
@@ -143,6 +146,10 @@ def test_lock_rows_left_behind(
 
     status = run_cli("sync", "status", cwd=tmp_path)  # a dead run's lock is not shown
     assert (f"pid {pid} on {host}" in status.stdout) == (expected != 0), status
+    assert ("interrupted" in status.stdout) == (expected == 0), status
+    if expected == 0:  # nothing holds the sync: it can be reset
+        reset = run_cli("sync", "reset", "s", "--yes", cwd=tmp_path)
+        assert reset.returncode == 0, reset
 
     result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert result.returncode == expected, result

@@ -99,6 +99,10 @@ BAD_REFERENCES = {
     "empty": ("exports/${}.csv", "`${}` is empty"),
     "bad-name": ("exports/${1st}.csv", "`${1st}` is not a valid environment variable reference"),
     "no-dash": ("${OUT:exports/x.csv}", "`${OUT:exports/x.csv}` is not a valid environment"),
+    "nested-default": (
+        "${OUT:-${OTHER}}/x.csv",
+        "`${OUT:-${OTHER}}/x.csv`: a default cannot hold another `${...}`",
+    ),
 }
 
 
