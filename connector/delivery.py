@@ -30,9 +30,10 @@ SMALL_REQUEST_BYTES = 64 * 1024
 every destination winback targets takes 1 MB or more (the batch fails and stays pending)."""
 
 
-def _refusing_everything(batch: Batch, error: BaseException | None) -> BaseException | None:
-    """A single small row refused as too large is not the row's fault: the batch fails (and
-    stays pending) instead of its row being rejected for good."""
+def _batch_error(batch: Batch, error: BaseException | None) -> BaseException | None:
+    """What a batch's error means for delivery: as raised, except a single small row refused
+    as too large, which is not the row's fault: the batch fails (and stays pending) instead of
+    its row being rejected for good."""
     if (
         isinstance(error, PayloadTooLargeError)
         and len(batch) == 1
@@ -156,7 +157,7 @@ class Delivery:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     batch, by_key = in_flight.pop(future)
-                    error = _refusing_everything(batch, future.exception())
+                    error = _batch_error(batch, future.exception())
                     if error is None:
                         self._checkpoint(action, by_key, future.result())
                     elif isinstance(error, PayloadTooLargeError):

@@ -145,7 +145,11 @@ class PlanSummary:
 
 def dropped_issue(key: str, dropped: Sequence[str]) -> RowIssue:
     """The row is sent without the identifiers normalisation left out as invalid."""
-    return RowIssue("dropped", key, joined_problems(dropped) + "; sent with the other identifiers")
+    return RowIssue(
+        "dropped",
+        key,
+        joined_problems(dropped) + "; left out, the row goes with its other identifiers",
+    )
 
 
 def skipped_snapshot_row(
