@@ -219,7 +219,7 @@ class ChangePlanner:
         *,
         sync: str,
         mode: str,
-        hashes_identifiers: bool,
+        matches_on_identifiers: bool,
         supports_update: bool,
         full_resync: bool = False,
         skip_settings: str = "",
@@ -230,7 +230,7 @@ class ChangePlanner:
         self.connection = connection
         self.sync = sync
         self.mode = mode
-        self.hashes_identifiers = hashes_identifiers
+        self.matches_on_identifiers = matches_on_identifiers
         self.supports_update = supports_update
         self.full_resync = full_resync
         self.skip_settings = skip_settings
@@ -378,7 +378,7 @@ class ChangePlanner:
         self._flush_plan()
         self._flush_skipped()
         self._plan_departures()
-        if self.hashes_identifiers:
+        if self.matches_on_identifiers:
             self._keep_shared_identities()
         return issues
 
@@ -518,7 +518,7 @@ class ChangePlanner:
             self._add_to_plan("add", *values, None, in_snapshot=row.status is not None)
         elif self.full_resync:
             self._add_to_plan("add", *values, row.platform_id)
-        elif identity_fp != row.identity_fp and self.hashes_identifiers:
+        elif identity_fp != row.identity_fp and self.matches_on_identifiers:
             if self.mode == "mirror":
                 self._remove_old_identity(row)
             self._add_to_plan("add", *values, None)
@@ -526,6 +526,10 @@ class ChangePlanner:
             self._add_to_plan("refresh", *values, row.platform_id)
         elif self.supports_update and self.mode in ("mirror", "upsert"):
             self._add_to_plan("update", *values, row.platform_id)
+        elif identity_fp != row.identity_fp and self.mode in ("mirror", "upsert"):
+            # No update call, members known by the key: adding it again (adds are idempotent
+            # per key) is how the platform learns its new identifiers.
+            self._add_to_plan("add", *values, row.platform_id)
         elif not self.supports_update:
             self._add_to_plan("refresh", *values, row.platform_id)
 

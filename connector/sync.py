@@ -194,7 +194,7 @@ class SyncRunner:
                 connection,
                 sync=sync_name,
                 mode=sync.mode,
-                hashes_identifiers=adapter.hashes_identifiers,
+                matches_on_identifiers=adapter.matches_on_identifiers,
                 supports_update=adapter.supports_update,
                 full_resync=options.full_resync,
                 skip_settings=self._skip_settings(sync_name, adapter),

@@ -201,8 +201,11 @@ class Destination(ABC):
     accepted_identifiers: ClassVar[frozenset[str]] = frozenset(IDENTIFIER_NAMES)
     required_identifiers: ClassVar[frozenset[str]] = frozenset()
     """A member needs at least one of these (empty: any accepted identifier will do)."""
-    hashes_identifiers: ClassVar[bool] = False
-    """True when the platform matches on hashes: an identifier change is a remove plus an add."""
+    matches_on_identifiers: ClassVar[bool] = False
+    """True when the platform knows a member by its identifiers, hashed (Meta, Google) or plain
+    (a list keyed by email): an identifier change is then a removal of the old identity plus an
+    add of the new one. False when the member is known by the sync's key or a platform id (the
+    webhook sends `key`): an identifier change is an update."""
     supports_update: ClassVar[bool] = False
     requires_audience: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 1000

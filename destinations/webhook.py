@@ -137,7 +137,7 @@ class WebhookDestination(HttpDestination):
     options_model = WebhookOptions
     requires_audience = False
     supports_update = True
-    hashes_identifiers = False
+    matches_on_identifiers = False
     default_batch_size = 1000
     # The receiver URL is per destination; __init__ points the client at it.
     default_base_url: ClassVar[str] = ""

@@ -73,6 +73,7 @@ def memory_runner(
     state_url: str | None = None,
     identifiers: Mapping[str, str] = PEOPLE_IDENTIFIERS,
     warehouse: Mapping[str, Any] | None = None,
+    adapter: type[MemoryDestination] = MemoryDestination,
     **sync: Any,
 ) -> SyncRunner:
     """A SyncRunner of one sync `s`: segment `SELECT * FROM people` (key `id`) to audience `A`
@@ -93,7 +94,7 @@ def memory_runner(
             }
         },
     }
-    registry = Registry(adapters={"memory": MemoryDestination})
+    registry = Registry(adapters={"memory": adapter})
     return SyncRunner(build_config(document, path=folder / "winback.toml", registry=registry))
 
 

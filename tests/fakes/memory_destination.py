@@ -115,7 +115,7 @@ class HashedMemoryDestination(MemoryDestination):
 
     name = "memory_hashed"
     supports_update = False
-    hashes_identifiers = True
+    matches_on_identifiers = True
 
     @staticmethod
     def identity(member: Member) -> str:
@@ -132,3 +132,11 @@ class HashedMemoryDestination(MemoryDestination):
             self.audience.pop(self.identity(member), None)
 
         return self._run("remove", batch, apply)
+
+
+class KeyedMemoryDestination(MemoryDestination):
+    """Knows members by the key and has no update call: re-adding a key replaces its
+    identifiers, as platforms keyed by an external id do."""
+
+    name = "memory_keyed"
+    supports_update = False

@@ -7,7 +7,7 @@ from typing import Any
 
 from connector.state import StateStore
 from connector.sync import RunOptions, SyncRunner
-from tests.fakes.memory_destination import MemoryDestination
+from tests.fakes.memory_destination import KeyedMemoryDestination, MemoryDestination
 from tests.helpers import memory_runner, write_people
 
 
@@ -56,3 +56,35 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
         assert runner.store.audience_size(None, "s") == 0
     finally:
         runner.close()
+
+
+def test_new_identifiers_reach_a_keyed_destination_without_updates(tmp_path: Path) -> None:
+    """Members known by the key, no update call: a changed email is sent as an add of the same
+    key (adds are idempotent per key), not dropped; a changed field alone is not sent."""
+    KeyedMemoryDestination.reset()
+
+    def run(rows: list[tuple[Any, ...]], **sync: Any) -> dict[str, int]:
+        warehouse = write_people(tmp_path, "sqlite", rows)
+        runner = memory_runner(tmp_path, warehouse, adapter=KeyedMemoryDestination, **sync)
+        try:
+            result = runner.run("s", RunOptions())
+        finally:
+            runner.close()
+        assert result.status == "success", result.error
+        return result.sent
+
+    run([("1", "old@example.com", None, None), ("2", "two@example.com", None, None)])
+    sent = run([("1", "new@example.com", None, None), ("2", "two@example.com", None, None)])
+    assert sent == {"add": 1, "remove": 0, "update": 0}
+    audience = KeyedMemoryDestination.audiences["A"]
+    assert audience["1"]["identifiers"] == {"email": "new@example.com"}
+    assert set(audience) == {"1", "2"}
+    assert run([("1", "new@example.com", None, None), ("2", "two@example.com", None, None)]) == {
+        "add": 0,
+        "remove": 0,
+        "update": 0,
+    }
+    # add_only: no change to members already there.
+    kept = run([("1", "third@example.com", None, None)], mode="add_only")
+    assert kept == {"add": 0, "remove": 0, "update": 0}
+    assert audience["1"]["identifiers"] == {"email": "new@example.com"}

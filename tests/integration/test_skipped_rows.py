@@ -195,7 +195,7 @@ def test_unchanged_skipped_rows_are_not_checked_again(tmp_path: Path) -> None:
                 connection,
                 sync="s",
                 mode="mirror",
-                hashes_identifiers=False,
+                matches_on_identifiers=False,
                 supports_update=True,
                 skip_settings="v1",
             )

@@ -26,7 +26,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore
 def _planner(store: StateStore, sync: str) -> tuple[ChangePlanner, sa.Connection]:
     connection = store.connect()
     planner = ChangePlanner(
-        connection, sync=sync, mode="mirror", hashes_identifiers=False, supports_update=True
+        connection, sync=sync, mode="mirror", matches_on_identifiers=False, supports_update=True
     )
     return planner, connection
 
