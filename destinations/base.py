@@ -175,6 +175,26 @@ class BatchResult:
         return cls(acknowledged=acknowledged, rejected=rejected)
 
 
+def rejections_by_index(batch: Batch, errors: Iterable[tuple[int, str]]) -> list[Rejection]:
+    """Rejections from a platform's per-row errors given by position in the request (LinkedIn,
+    Google's partial failures): `(index, reason)`; positions outside the batch are ignored."""
+    members = batch.members
+    return [Rejection(members[i].key, reason) for i, reason in errors if 0 <= i < len(members)]
+
+
+def rejections_by_identifier(
+    batch: Batch, identifier: str, reasons: Mapping[str, str]
+) -> list[Rejection]:
+    """Rejections from per-row errors keyed by an identifier's value (Mailchimp and Brevo
+    answer by email): every member with that value gets the reason, as several keys may share
+    one email."""
+    return [
+        Rejection(member.key, reasons[value])
+        for member in batch.members
+        if (value := member.identifiers.get(identifier)) is not None and value in reasons
+    ]
+
+
 @dataclass(frozen=True)
 class SyncContext:
     """What an adapter knows about the sync it serves."""
@@ -308,6 +328,23 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def default_retry_after(response: requests.Response) -> float | None:
+    """Seconds a throttled response asks to wait: its `Retry-After` header."""
+    return parse_retry_after(response.headers.get("Retry-After"))
+
+
+def seconds_until(reset: str | None, *, epoch: bool) -> float | None:
+    """A rate-limit reset header as seconds to wait: a Unix time (`epoch`, e.g. SendGrid's
+    `X-RateLimit-Reset`) or a number of seconds (Brevo's `x-sib-ratelimit-reset`)."""
+    try:
+        value = float(reset) if reset is not None else None
+    except ValueError:
+        return None
+    if value is None:
+        return None
+    return max(0.0, value - time.time()) if epoch else max(0.0, value)
+
+
 class Redactor:
     """Replaces secret values by `***` in any text that may be shown or stored.
 
@@ -430,7 +467,10 @@ class HttpClient:
         verdict: Callable[[requests.Response], Verdict] = default_verdict,
         requests_per_second: float | None = None,
         sleep: Callable[[float], None] | None = None,
+        retry_after: Callable[[requests.Response], float | None] | None = None,
     ):
+        """`retry_after` reads how long a throttled response asks to wait (default: the
+        `Retry-After` header); `sleep` replaces the waits (tests)."""
         self.destination = destination
         self.base_url = base_url.rstrip("/")
         self.retry = retry
@@ -443,6 +483,7 @@ class HttpClient:
         self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
         self._stopping = threading.Event()
         self._sleep = sleep or self._sleep_unless_stopped
+        self._retry_after = retry_after or default_retry_after
         self._retry_lock = threading.Lock()
         self.retries = 0
 
@@ -485,6 +526,38 @@ class HttpClient:
             reraise=True,
         )
         return retrying(attempt)
+
+    def poll(
+        self,
+        path: str,
+        *,
+        done: Callable[[requests.Response], bool],
+        what: str = "the job",
+        interval_s: float = 1.0,
+        max_interval_s: float = 30.0,
+        timeout_s: float = 600.0,
+        params: Mapping[str, Any] | None = None,
+    ) -> requests.Response:
+        """GET `path` until `done(response)` (an asynchronous import or batch job finished),
+        waiting `interval_s` between checks, 1.5x longer each time up to `max_interval_s`.
+        Each check has the retry policy; Ctrl-C or SIGTERM (`stop`) ends the wait. After
+        `timeout_s` the batch fails and stays pending for the next run (BatchFailedError
+        naming `what` and the wait)."""
+        deadline = time.monotonic() + timeout_s
+        interval = interval_s
+        while True:
+            response = self.request("GET", path, params=params)
+            if done(response):
+                return response
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BatchFailedError(
+                    f"{what} was not finished after {timeout_s:g}s "
+                    f"({describe_request('GET', self.url(path))}); the batch stays pending",
+                    destination=self.destination,
+                )
+            self._sleep(min(interval, left))
+            interval = min(interval * 1.5, max_interval_s)
 
     def stop(self) -> None:
         """Make calls in flight give up: a retry waiting for its turn stops waiting, and no
@@ -578,7 +651,7 @@ class HttpClient:
                 detail,
                 destination=self.destination,
                 status=status,
-                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+                retry_after_s=self._retry_after(response),
             )
         if verdict is Verdict.TOO_LARGE:
             body = response.request.body if response.request is not None else None
@@ -631,6 +704,7 @@ class HttpDestination(Destination):
             headers=self.auth_headers(),
             secrets=self.secrets(),
             verdict=self.verdict,
+            retry_after=self.retry_after,
             requests_per_second=http_options.requests_per_second if http_options else None,
         )
 
@@ -645,6 +719,12 @@ class HttpDestination(Destination):
     def verdict(self, response: requests.Response) -> Verdict:
         """Override to read throttle or error codes inside 200/400 bodies."""
         return default_verdict(response)
+
+    def retry_after(self, response: requests.Response) -> float | None:
+        """Seconds a throttled response asks to wait; override for platforms that say it in
+        their own headers (`seconds_until(response.headers.get("X-RateLimit-Reset"),
+        epoch=True)`). Capped by the retry settings' `max_backoff_s`."""
+        return default_retry_after(response)
 
     @property
     def retries(self) -> int:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
 import pytest
 
@@ -12,12 +14,18 @@ from connector.errors import (
     TransientError,
 )
 from destinations.base import (
+    Batch,
     HttpClient,
+    Member,
     RedactingLogFilter,
     Redactor,
+    Rejection,
     RetrySettings,
     parse_retry_after,
     redact_text,
+    rejections_by_identifier,
+    rejections_by_index,
+    seconds_until,
 )
 from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 
@@ -140,3 +148,91 @@ def test_the_log_filter_redacts_messages_and_their_tracebacks() -> None:
     assert record.getMessage() == '"POST /h?sig=***"'
     assert record.exc_text is not None and "sig=***" in record.exc_text
     assert "x1" not in record.exc_text
+
+
+# -- asynchronous jobs, platform rate-limit headers, per-row errors ---------------------------
+
+
+def job_server(pending_checks: int) -> FakeHttpServer:
+    """A job that reports `queued` for `pending_checks` checks, then `complete`."""
+    checks = iter(range(10_000))
+
+    def answer(request: object) -> ScriptedResponse:
+        done = next(checks) >= pending_checks
+        return ScriptedResponse(200, {"status": "complete" if done else "queued"})
+
+    return FakeHttpServer(answer)
+
+
+def finished(response: object) -> bool:
+    return bool(response.json()["status"] == "complete")  # type: ignore[attr-defined]
+
+
+def test_poll_checks_a_job_until_it_is_done_waiting_longer_each_time() -> None:
+    sleeps: list[float] = []
+    with job_server(pending_checks=3) as server:
+        client = make_client(server.url, sleeps)
+        response = client.poll("/jobs/7", done=finished, interval_s=0.2, max_interval_s=0.4)
+        assert response.json() == {"status": "complete"}
+        assert [r.path for r in server.requests] == ["/jobs/7"] * 4
+    assert sleeps == pytest.approx([0.2, 0.3, 0.4])
+
+
+def test_poll_gives_up_after_its_timeout_and_the_batch_stays_pending() -> None:
+    with job_server(pending_checks=1_000) as server:
+        client = make_client(server.url, [])
+        with pytest.raises(BatchFailedError, match="the import was not finished after 0s"):
+            client.poll("/jobs/7", done=finished, what="the import", timeout_s=0)
+
+
+def test_poll_stops_waiting_when_the_run_is_stopped() -> None:
+    with job_server(pending_checks=1_000) as server:
+        retry = RetrySettings(max_attempts=1, timeout_s=2)
+        client = HttpClient(destination="test", base_url=server.url, retry=retry)
+        threading.Timer(0.3, client.stop).start()
+        started = time.monotonic()
+        with pytest.raises(FatalDestinationError, match="the run is stopping"):
+            client.poll("/jobs/7", done=finished, interval_s=30)
+        assert time.monotonic() - started < 10  # not the 30 s wait
+
+
+def test_a_platform_header_can_say_how_long_to_wait() -> None:
+    sleeps: list[float] = []
+    with FakeHttpServer() as server:
+        reset = str(int(time.time()) + 3)
+        server.enqueue(
+            ScriptedResponse(429, {"error": "rate"}, {"X-RateLimit-Reset": reset}),
+            ScriptedResponse(200, {"ok": True}),
+        )
+
+        def reset_header(response: object) -> float | None:
+            return seconds_until(response.headers.get("X-RateLimit-Reset"), epoch=True)  # type: ignore[attr-defined]
+
+        client = make_client(server.url, sleeps, retry_after=reset_header)
+        assert client.request("POST", "/contacts").json() == {"ok": True}
+    assert len(sleeps) == 1 and 1.0 <= sleeps[0] <= 3.0
+
+
+def test_seconds_until_reads_unix_times_and_durations() -> None:
+    assert seconds_until("3", epoch=False) == 3.0
+    assert seconds_until(str(time.time() - 10), epoch=True) == 0.0
+    assert seconds_until("soon", epoch=False) is None
+    assert seconds_until(None, epoch=True) is None
+
+
+def test_per_row_errors_by_position_or_by_email_become_rejections() -> None:
+    batch = Batch(
+        1,
+        [
+            Member("k1", {"email": "a@example.com"}),
+            Member("k2", {"email": "b@example.com"}),
+            Member("k3", {"email": "a@example.com"}),
+        ],
+    )
+    assert rejections_by_index(batch, [(1, "invalid"), (9, "out of range")]) == [
+        Rejection("k2", "invalid")
+    ]
+    assert rejections_by_identifier(batch, "email", {"a@example.com": "bounced"}) == [
+        Rejection("k1", "bounced"),
+        Rejection("k3", "bounced"),
+    ]
