@@ -361,6 +361,14 @@ class Redactor:
         with _SECRETS_LOCK:
             _PROCESS_SECRETS.update(values)
 
+    def add(self, secret: str | SecretStr | None) -> None:
+        """One more value to redact (a token obtained at run time)."""
+        plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+        if plain and len(plain) >= 4 and plain not in self._secrets:
+            self._secrets = sorted([*self._secrets, plain], key=len, reverse=True)
+            with _SECRETS_LOCK:
+                _PROCESS_SECRETS.add(plain)
+
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -468,9 +476,13 @@ class HttpClient:
         requests_per_second: float | None = None,
         sleep: Callable[[float], None] | None = None,
         retry_after: Callable[[requests.Response], float | None] | None = None,
+        auth: Callable[[], Mapping[str, str]] | None = None,
+        refresh: Callable[[], bool] | None = None,
     ):
         """`retry_after` reads how long a throttled response asks to wait (default: the
-        `Retry-After` header); `sleep` replaces the waits (tests)."""
+        `Retry-After` header); `auth` gives the credential headers before every attempt, and
+        `refresh`, called once when a request is refused with 401, renews them (True: the
+        request is sent again); `sleep` replaces the waits (tests)."""
         self.destination = destination
         self.base_url = base_url.rstrip("/")
         self.retry = retry
@@ -484,6 +496,8 @@ class HttpClient:
         self._stopping = threading.Event()
         self._sleep = sleep or self._sleep_unless_stopped
         self._retry_after = retry_after or default_retry_after
+        self._auth = auth
+        self._refresh = refresh
         self._retry_lock = threading.Lock()
         self.retries = 0
 
@@ -512,7 +526,8 @@ class HttpClient:
         def attempt() -> requests.Response:
             if self._stopping.is_set():
                 raise self._stopped()
-            extra = dict(headers or {})
+            extra = dict(self._auth()) if self._auth is not None else {}
+            extra.update(headers or {})
             if headers_factory is not None:
                 extra.update(headers_factory())
             return self._send_once(method, url, json=json, data=data, params=params, headers=extra)
@@ -525,6 +540,12 @@ class HttpClient:
             before_sleep=self._count_retry,
             reraise=True,
         )
+        try:
+            return retrying(attempt)
+        except FatalDestinationError as refused:
+            if refused.status != 401 or self._refresh is None or not self._refresh():
+                raise
+        log.info("%s: credentials renewed after a 401; sending again", self.destination)
         return retrying(attempt)
 
     def poll(
@@ -701,7 +722,8 @@ class HttpDestination(Destination):
             destination=self.display_name,
             base_url=(http_options.base_url if http_options else None) or self.default_base_url,
             retry=retry,
-            headers=self.auth_headers(),
+            auth=self.auth_headers,
+            refresh=self.refresh_credentials,
             secrets=self.secrets(),
             verdict=self.verdict,
             retry_after=self.retry_after,
@@ -709,8 +731,15 @@ class HttpDestination(Destination):
         )
 
     def auth_headers(self) -> Mapping[str, str]:
-        """Headers sent with every request (credentials)."""
+        """Credential headers, asked for before every attempt (a token may change mid-run)."""
         return {}
+
+    def refresh_credentials(self) -> bool:
+        """A request was refused with 401: renew a short-lived token (OAuth) and return True
+        to send it again once; add the new token to `self.http.redact`. False (the default):
+        the sync stops, as for any refused credentials. Batches are sent from several threads:
+        guard the renewal with a lock."""
+        return False
 
     def secrets(self) -> Iterable[str | SecretStr | None]:
         """Values to redact from every message: all SecretStr options by default."""

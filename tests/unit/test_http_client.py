@@ -27,7 +27,7 @@ from destinations.base import (
     rejections_by_index,
     seconds_until,
 )
-from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
+from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
 
 
 def make_client(url: str, sleeps: list[float], **kwargs: object) -> HttpClient:
@@ -236,3 +236,35 @@ def test_per_row_errors_by_position_or_by_email_become_rejections() -> None:
         Rejection("k1", "bounced"),
         Rejection("k3", "bounced"),
     ]
+
+
+def test_a_401_renews_the_credentials_once_and_sends_again() -> None:
+    def answer(request: RecordedRequest) -> ScriptedResponse:
+        if request.headers.get("authorization") != "Bearer fresh-token":
+            return ScriptedResponse(401, {"error": "token expired"})
+        return ScriptedResponse(200, {"ok": True})
+
+    token = ["stale-token"]
+
+    def renew() -> bool:
+        token[0] = "fresh-token"
+        return True
+
+    with FakeHttpServer(answer) as server:
+        client = make_client(
+            server.url, [], auth=lambda: {"Authorization": f"Bearer {token[0]}"}, refresh=renew
+        )
+        assert client.request("POST", "/members").json() == {"ok": True}
+        assert [r.headers["authorization"] for r in server.requests] == [
+            "Bearer stale-token",
+            "Bearer fresh-token",
+        ]
+        refused = make_client(server.url, [], auth=lambda: {"Authorization": "Bearer nope"})
+        with pytest.raises(FatalDestinationError, match="401"):
+            refused.request("POST", "/members")
+
+
+def test_a_token_obtained_at_run_time_is_redacted() -> None:
+    redact = Redactor(["static-secret"])
+    redact.add("ya29.runtime-token")
+    assert redact("static-secret and ya29.runtime-token") == "*** and ***"
