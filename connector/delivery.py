@@ -140,6 +140,7 @@ class Delivery:
         self, action: Action, changes: Iterable[PlannedChange], batch_size: int
     ) -> None:
         call: Callable[[Batch], BatchResult] = getattr(self.adapter, action)
+        batch_size = min(batch_size, self.adapter.max_batch_size(action) or batch_size)
         fatal: BaseException | None = None
         in_flight: dict[Future[BatchResult], tuple[Batch, dict[str, PlannedChange]]] = {}
         queue = self._batches(action, changes, batch_size)

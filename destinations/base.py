@@ -245,6 +245,12 @@ class Destination(ABC):
         """Members per call; adapters with a `batch_size` option override it."""
         return self.default_batch_size
 
+    def max_batch_size(self, action: str) -> int | None:
+        """The platform's limit of members per call for `action` (`add`, `remove`, `update`;
+        None: no limit of its own). A larger `batch_size` (the sync's or `batch_size`'s
+        default) is cut to it: e.g. 10,000 adds but 1,000 removals per call."""
+        return None
+
     @property
     def max_concurrency(self) -> int:
         return getattr(self.options, "max_concurrency", 1)

@@ -140,3 +140,12 @@ class KeyedMemoryDestination(MemoryDestination):
 
     name = "memory_keyed"
     supports_update = False
+
+
+class LimitedMemoryDestination(MemoryDestination):
+    """Takes at most 1 removal per call, as platforms whose delete calls are smaller."""
+
+    name = "memory_limited"
+
+    def max_batch_size(self, action: str) -> int | None:
+        return 1 if action == "remove" else None

@@ -7,7 +7,11 @@ from typing import Any
 
 from connector.state import StateStore
 from connector.sync import RunOptions, SyncRunner
-from tests.fakes.memory_destination import KeyedMemoryDestination, MemoryDestination
+from tests.fakes.memory_destination import (
+    KeyedMemoryDestination,
+    LimitedMemoryDestination,
+    MemoryDestination,
+)
 from tests.helpers import memory_runner, write_people
 
 
@@ -88,3 +92,23 @@ def test_new_identifiers_reach_a_keyed_destination_without_updates(tmp_path: Pat
     kept = run([("1", "third@example.com", None, None)], mode="add_only")
     assert kept == {"add": 0, "remove": 0, "update": 0}
     assert audience["1"]["identifiers"] == {"email": "new@example.com"}
+
+
+def test_a_platform_limit_per_action_cuts_the_batches_of_that_action(tmp_path: Path) -> None:
+    LimitedMemoryDestination.reset()
+    rows = [(str(i), f"u{i}@example.com", None, None) for i in range(1, 8)]
+
+    def run(rows: list[tuple[Any, ...]]) -> None:
+        runner = memory_runner(
+            tmp_path, write_people(tmp_path, "sqlite", rows), adapter=LimitedMemoryDestination
+        )
+        try:
+            assert runner.run("s", RunOptions()).status == "success"
+        finally:
+            runner.close()
+
+    run(rows)
+    run(rows[:4])
+    assert (
+        LimitedMemoryDestination.calls == [("add", 3), ("add", 3), ("add", 1)] + [("remove", 1)] * 3
+    )
