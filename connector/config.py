@@ -107,9 +107,17 @@ class SyncConfig(StrictModel):
     @field_validator("default_country")
     @classmethod
     def _country_code(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z]{2}", value):
-            raise ValueError(f"`{value}` is not an ISO 3166 alpha-2 code such as `US` or `FR`")
-        return value.upper() if value else value
+        if value is None:
+            return value
+        problem = f"`{value}` is not an ISO 3166 alpha-2 code such as `US` or `FR`"
+        if not re.fullmatch(r"[A-Za-z]{2}", value):
+            raise ValueError(problem)
+        from connector.identity import InvalidIdentifier, normalise_country  # loads phonenumbers
+
+        try:
+            return normalise_country(value)  # `UK` is GB; unassigned codes (`XX`) are refused
+        except InvalidIdentifier:
+            raise ValueError(f"{problem} (it is not an assigned country code)") from None
 
 
 class RawConfig(StrictModel):

@@ -278,3 +278,12 @@ def test_config_validate_prints_every_problem_with_exit_code_2(tmp_path: Path) -
     for output in (result, latin1):
         assert "Traceback" not in output.stdout + output.stderr
         assert "unexpected" not in output.stderr
+
+
+def test_default_country_must_be_an_assigned_code(tmp_path: Path) -> None:
+    with_country = VALID.replace('segment = "lapsed"', 'segment = "lapsed"\ndefault_country = "XX"')
+    ((location, message),) = problems_of(write(tmp_path, with_country))
+    assert location == "syncs.s.default_country"
+    assert "`XX` is not an ISO 3166 alpha-2 code" in message
+    everyday = with_country.replace('"XX"', '"uk"')
+    assert load_config(write(tmp_path, everyday)).syncs["s"].default_country == "GB"
