@@ -536,8 +536,9 @@ def _run_syncs(
     # Results go to stdout; the reason a sync did not succeed goes to stderr, in both formats.
     for result in results:
         if result.error:
+            kind = "warning" if result.status == "dry_run" else "error"
             stderr.print(
-                f"error: sync `{result.sync}` {result.status}: {result.error}",
+                f"{kind}: sync `{result.sync}` {result.status}: {result.error}",
                 style="red",
                 highlight=False,
                 soft_wrap=True,
@@ -578,10 +579,18 @@ def sync_run(
 
 @sync_app.command("plan")
 def sync_plan(
-    names: SyncNames = None, as_of: AsOf = None, output: Output = TextOrJson.text
+    names: SyncNames = None,
+    full_resync: Annotated[
+        bool, typer.Option("--full-resync", help="Plan re-sending every member.")
+    ] = False,
+    as_of: AsOf = None,
+    output: Output = TextOrJson.text,
 ) -> None:
-    """Same as `sync run --dry-run`: counts and samples, no writes anywhere."""
-    _run_syncs(names, dry_run=True, force=False, full_resync=False, as_of=as_of, output=output)
+    """Same as `sync run --dry-run`: counts and samples, no writes anywhere; says when a
+    guard would abort the real run."""
+    _run_syncs(
+        names, dry_run=True, force=False, full_resync=full_resync, as_of=as_of, output=output
+    )
 
 
 @sync_app.command("status")

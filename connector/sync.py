@@ -236,6 +236,11 @@ class SyncRunner:
             if options.dry_run:
                 result.samples = {a: planner.samples(a) for a in ("add", "remove", "update")}
                 result.status = "dry_run"
+                if not options.force:  # say so now, not when the scheduled run stops
+                    try:
+                        self._guard(sync_name, result, audience_size, max_pct=sync.max_removal_pct)
+                    except GuardError as guard:
+                        result.error = f"a real run would be aborted: {guard.reason}"
                 return
             StateStore.record_issues(
                 connection, run_id=result.run_id, sync=sync_name, issues=issues

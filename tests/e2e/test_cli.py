@@ -377,6 +377,12 @@ def test_mass_removal_guard(tmp_path: Path, receiver: WebhookReceiver) -> None:
     warehouse_sql(warehouse, "UPDATE customers SET lapsed = false WHERE customer_id <= 70")
     requests = len(receiver.requests)
 
+    plan = run_cli("sync", "plan", "--output", "json", cwd=tmp_path)  # warns, still exit 0
+    assert plan.returncode == 0, plan
+    assert plan.run()["status"] == "dry_run"
+    assert plan.run()["error"].startswith("a real run would be aborted: 70 of 120 members")
+    assert "warning: sync `s` dry_run: a real run would be aborted" in plan.stderr
+
     aborted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert aborted.returncode == 4, aborted
     assert aborted.run()["status"] == "aborted"
