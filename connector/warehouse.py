@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,14 @@ def query_problem(error: BaseException) -> str:
     """What went wrong with a warehouse query: the database's first line, and for DuckDB
     running out of its memory limit, how to give it more room."""
     text = first_line(error)
+    undecodable = re.search(r"Could not decode to UTF-8 column '([^']*)'", text)
+    if undecodable:
+        column = undecodable.group(1)
+        return (
+            f"column `{column}` holds text that is not valid UTF-8 in some row (SQLite keeps "
+            f"the bytes it was given, e.g. Latin-1 text loaded as is); load that data as UTF-8, "
+            f"or read the column as `hex({column})` in the query"
+        )
     if text.startswith("Out of Memory Error"):
         text += (
             f" (DuckDB's memory_limit: winback sets {DUCKDB_MEMORY_LIMIT} unless the warehouse "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,3 +395,22 @@ def test_duckdb_out_of_memory_says_how_to_give_it_more(project: Project) -> None
         result, 1, "the query failed", "Out of Memory", "memory_limit", "segments.lapsed.sql"
     )
     assert result.run()["status"] == "failed"
+
+
+def test_text_that_is_not_utf8_in_a_sqlite_warehouse_names_the_column(tmp_path: Path) -> None:
+    """SQLite stores whatever bytes it is given; reading Latin-1 text as TEXT fails in the
+    driver. The error names the column and says what to do; nothing is recorded as sent."""
+    with sqlite3.connect(tmp_path / "warehouse.sqlite") as db:
+        db.execute("CREATE TABLE people (id TEXT, email TEXT)")
+        db.execute("INSERT INTO people VALUES (CAST(x'636166e9' AS TEXT), 'a@example.com')")
+    (tmp_path / "winback.toml").write_text(
+        '[warehouse]\nurl = "sqlite:///warehouse.sqlite"\n'
+        '[segments.s]\nkey = "id"\nsql = "SELECT id, email FROM people"\n'
+        '[destinations.f]\ntype = "file"\n'
+        '[syncs.s]\nsegment = "s"\ndestination = "f"\nidentifiers = { email = "email" }\n'
+    )
+    result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert_one_paragraph(
+        result, 1, "column `id` holds text that is not valid UTF-8", "`hex(id)`", "segments.s.sql"
+    )
+    assert result.run()["sent"]["add"] == 0
