@@ -30,7 +30,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from connector.errors import LockedError, StateError
-from connector.warehouse import first_line, redact_url, with_installed_driver
+from connector.warehouse import (
+    connect_timeout_args,
+    first_line,
+    redact_url,
+    with_installed_driver,
+)
 
 SCHEMA_VERSION = 2
 """1: first release; 2: snapshot.reason and rows with status 'skipped'."""
@@ -341,7 +346,9 @@ class StateStore:
             database = parsed.database
             if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
                 _prepare_sqlite_file(Path(database))
-            self.engine = sa.create_engine(with_installed_driver(parsed))
+            self.engine = sa.create_engine(
+                with_installed_driver(parsed), connect_args=connect_timeout_args(parsed)
+            )
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             raise StateError(
                 f"cannot use state URL `{redact_url(url)}`: {first_line(error)}; check [state] "

@@ -71,7 +71,17 @@ def with_installed_driver(url: sa.URL) -> sa.URL:
 
 
 POSTGRES_CONNECT_TIMEOUT_S = 15
-"""Seconds a PostgreSQL warehouse has to accept a connection (`?connect_timeout=N` overrides)."""
+"""Seconds a PostgreSQL server (warehouse or state store) has to accept a connection
+(`?connect_timeout=N` in the URL overrides)."""
+
+
+def connect_timeout_args(url: sa.URL) -> dict[str, Any]:
+    """Driver arguments bounding how long connecting to `url` may take: libpq otherwise waits
+    as long as the operating system does (~2 minutes for a host that accepts the connection
+    and never answers)."""
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        return {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+    return {}
 
 
 def create_warehouse_engine(url: str) -> sa.Engine:
@@ -92,10 +102,7 @@ def create_warehouse_engine(url: str) -> sa.Engine:
             connect_args["read_only"] = True
     if backend == "duckdb" and "memory_limit" not in parsed.query:
         parsed = parsed.update_query_dict({"memory_limit": DUCKDB_MEMORY_LIMIT})
-    if backend == "postgresql" and "connect_timeout" not in parsed.query:
-        # libpq waits for the server's answer as long as the OS does (~2 minutes for a host
-        # that accepts the connection and never answers); the URL may set its own.
-        connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
+    connect_args.update(connect_timeout_args(parsed))
     try:
         return sa.create_engine(parsed, connect_args=connect_args)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from connector.config import build_config
-from connector.errors import LockedError, WarehouseError
+from connector.errors import LockedError, StateError, WarehouseError
 from connector.state import StateStore
 from connector.sync import RunOptions, SyncRunner
 from connector.warehouse import create_warehouse_engine, warehouse_connection
@@ -202,3 +202,23 @@ def test_a_postgresql_warehouse_gives_up_connecting_after_a_timeout(
             pass
         engine.dispose()
     assert int(seen["connect_timeout"]) == expected
+
+
+def test_a_postgresql_state_store_gives_up_connecting_after_a_timeout() -> None:
+    seen: dict[str, Any] = {}
+
+    def driver_arguments(dialect: Any, record: Any, args: Any, kwargs: Any) -> None:
+        seen.update(kwargs)
+        kwargs["connect_timeout"] = 1  # keep the test short once the value is checked
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts in the kernel, never answers
+        port = listener.getsockname()[1]
+        sa.event.listen(sa.Engine, "do_connect", driver_arguments)
+        try:
+            with pytest.raises(StateError, match=r"\[state\] url"):
+                StateStore(f"postgresql+psycopg://u:p@127.0.0.1:{port}/db")
+        finally:
+            sa.event.remove(sa.Engine, "do_connect", driver_arguments)
+    assert int(seen["connect_timeout"]) == 15
