@@ -43,7 +43,7 @@ from connector.diff import (
 )
 from connector.errors import DestinationError
 from connector.json_text import fingerprinted_text
-from connector.pushdown import KeyCensus, WarehouseDiff
+from connector.pushdown import KeyCensus
 from connector.row_normaliser import (
     ChunkNormaliser,
     JobNormaliser,
@@ -56,14 +56,15 @@ from connector.row_normaliser import (
 from connector.run_result import RunResult
 from connector.segments import segment_keys
 from connector.staging import (
+    KeyedChunk,
     PayloadChunk,
     SegmentSource,
     checked_query,
+    keyed_chunks,
     payload_builder,
     read_payloads,
     segment_key,
     warehouse_diff,
-    warehouse_key_issue,
 )
 from connector.state import RowIssue, StateStore, insert_rows, snapshot
 
@@ -80,10 +81,6 @@ ISSUES_PAGE = 5000
 """Row issues and skipped rows written at most this many at a time."""
 PLAN_PROGRESS_STEP = 5000
 """Rows a dry run counts between two updates of the progress bar."""
-
-KeyedChunk = tuple[int, list[RowIssue], list[tuple[str, str, Any]]]
-"""A chunk of the segment: its number of rows, the issues of its rows with a bad key, and
-(key, raw fingerprint, what the normaliser takes) for the others."""
 
 READ_STREAM_DIALECTS = frozenset({"sqlite"})
 """Warehouses whose GROUP BY is known to tell keys apart exactly as their texts in the state
@@ -147,20 +144,7 @@ class SegmentComparedInWarehouse(StreamedSegment):
     @contextlib.contextmanager
     def chunks(self) -> Iterator[Iterator[KeyedChunk]]:
         with warehouse_diff(self.source, self.engine) as diff:
-            yield self._keyed(diff)
-
-    def _keyed(self, diff: WarehouseDiff) -> Iterator[KeyedChunk]:
-        source = self.source
-        for chunk in diff.every_row(chunk_size=source.chunk_size):
-            issues, keyed = [], []
-            for row in chunk:  # mapped columns, then key and fingerprint
-                key = row[-2]
-                issue = warehouse_key_issue(source, key)
-                if issue is None:
-                    keyed.append((key, row[-1], tuple(row)))
-                else:
-                    issues.append(issue)
-            yield len(chunk), issues, keyed
+            yield keyed_chunks(self.source, diff, tuple)  # the normaliser reads the rows
 
 
 class SegmentRead(StreamedSegment):

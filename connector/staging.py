@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +181,31 @@ def _payload_chunks(
         yield len(chunk), issues, keyed
 
 
+KeyedChunk = tuple[int, list[RowIssue], list[tuple[str, str, Any]]]
+"""A chunk of the segment: its number of rows, the issues of its rows with a bad key, and
+(key, raw fingerprint, a value made of the row) for the others."""
+
+
+def keyed_chunks(
+    source: SegmentSource, diff: WarehouseDiff, value: Callable[[Sequence[Any]], Any]
+) -> Iterator[KeyedChunk]:
+    """Every row of the segment with the warehouse's key text and fingerprint
+    (`WarehouseDiff.every_row`: mapped columns, then key, then fingerprint), a chunk at a
+    time; rows whose key cannot be synced become issues, the others (key, fingerprint,
+    `value(row)`)."""
+    for chunk in diff.every_row(chunk_size=source.chunk_size):
+        issues: list[RowIssue] = []
+        keyed: list[tuple[str, str, Any]] = []
+        for row in chunk:
+            key = row[-2]
+            issue = warehouse_key_issue(source, key)
+            if issue is None:
+                keyed.append((key, row[-1], value(row)))
+            else:
+                issues.append(issue)
+        yield len(chunk), issues, keyed
+
+
 @contextlib.contextmanager
 def warehouse_diff(source: SegmentSource, engine: sa.Engine) -> Iterator[WarehouseDiff]:
     """The segment's query, checked against the warehouse (it runs and returns the mapped
@@ -281,18 +306,11 @@ class SegmentStager:
         issues: list[RowIssue] = []
         rows = 0
         payload = payload_builder(diff.columns, source)  # then key, fingerprint
-        for chunk in diff.every_row(chunk_size=source.chunk_size):
-            staged: list[tuple[str, str, Payload]] = []
-            for row in chunk:
-                key = row[-2]
-                issue = warehouse_key_issue(source, key)
-                if issue is None:
-                    staged.append((key, row[-1], payload(row)))
-                else:
-                    issues.append(issue)
+        for read, bad_keys, staged in keyed_chunks(source, diff, payload):
+            issues += bad_keys
             planner.stage_fingerprinted_rows(staged)
-            rows += len(chunk)
-            self.reporter.advance(len(chunk))
+            rows += read
+            self.reporter.advance(read)
         issues += planner.finish_staging()
         return StagedSegment(rows, issues, IN_STATE_DATABASE)
 
