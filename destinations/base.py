@@ -358,14 +358,9 @@ class Redactor:
     or a traceback printed with -vv may show them too."""
 
     def __init__(self, secrets: Iterable[str | SecretStr | None] = ()):
-        values = []
+        self._secrets: list[str] = []
         for secret in secrets:
-            plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-            if plain and len(plain) >= 4:
-                values.append(plain)
-        self._secrets = sorted(values, key=len, reverse=True)
-        with _SECRETS_LOCK:
-            _PROCESS_SECRETS.update(values)
+            self.add(secret)
 
     def add(self, secret: str | SecretStr | None) -> None:
         """One more value to redact (a token obtained at run time)."""
