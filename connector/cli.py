@@ -480,10 +480,8 @@ def _run_syncs(
         options = RunOptions(
             dry_run=dry_run, force=force, full_resync=full_resync, as_of=parse_as_of(as_of)
         )
-    except (WinbackError, CommandRefused) as error:  # nothing ran: stderr says why, and so
-        if output is TextOrJson.json:  # does the JSON
-            code = error.code if isinstance(error, CommandRefused) else exit_code_for(error)
-            stdout.file.write(runs_json([], code, redact_text(str(error))) + "\n")
+    except (WinbackError, CommandRefused) as error:
+        _nothing_ran(output, error)
         raise
     use_progress = stderr.is_terminal and settings.verbosity >= 0 and output is TextOrJson.text
     reporter = RichReporter() if use_progress else None
@@ -492,8 +490,7 @@ def _run_syncs(
         runner.store  # noqa: B018 - unusable, it is one error for the command, not one per sync
     except StateError as error:
         runner.close()
-        if output is TextOrJson.json:
-            stdout.file.write(runs_json([], exit_code_for(error), redact_text(str(error))) + "\n")
+        _nothing_ran(output, error)
         raise
     results = []
     try:
@@ -544,6 +541,15 @@ def _run_syncs(
                 soft_wrap=True,
             )
     raise typer.Exit(code)
+
+
+def _nothing_ran(output: TextOrJson, error: WinbackError | CommandRefused) -> None:
+    """Before any run: stderr will say why (`main`), and so does the JSON document."""
+    if output is TextOrJson.json:
+        from connector.report import runs_json
+
+        code = error.code if isinstance(error, CommandRefused) else exit_code_for(error)
+        stdout.file.write(runs_json([], code, redact_text(str(error))) + "\n")
 
 
 SyncNames = Annotated[list[str] | None, typer.Argument(help="Sync names (default: all).")]
