@@ -327,7 +327,10 @@ class StateStore:
         """The store for commands that only read it (`sync plan`, `status`, `history`...): a
         SQLite file that does not exist yet is not created, an empty in-memory store stands in
         for it (nothing was synced yet)."""
-        parsed = sa.engine.make_url(url)
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError:
+            return cls(url)  # which says what is wrong with the URL
         database = parsed.database
         if (
             parsed.get_backend_name() == "sqlite"

@@ -30,6 +30,11 @@ def open_fails(url: str) -> str:
     return message
 
 
+def test_reading_commands_report_a_url_that_is_not_one() -> None:
+    with pytest.raises(StateError, match=r"cannot use state URL .*check \[state\] url"):
+        StateStore.for_reading("not a url")
+
+
 # -- the SQLite file and its folder ------------------------------------------------------------
 
 
