@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
+import sqlalchemy as sa
 
 from connector.config import build_config
 from connector.sync import SyncRunner
@@ -336,6 +338,23 @@ def wait_until(condition: Callable[[], bool], *, timeout: float = 30, every: flo
 
 
 # -- the state store ----------------------------------------------------------------------------
+
+
+def prepared_database(
+    request: pytest.FixtureRequest, folder: Path, filename: str, statements: Iterable[str]
+) -> str:
+    """The URL of a database after `statements`: a SQLite file in `folder`, or the test's own
+    PostgreSQL database when the fixture's param is "postgresql"."""
+    if request.param == "postgresql":
+        url = str(request.getfixturevalue("postgres_url"))
+    else:
+        url = f"sqlite:///{folder / filename}"
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    engine.dispose()
+    return url
 
 
 def state_db(folder: Path) -> Path:

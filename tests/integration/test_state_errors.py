@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from connector.errors import StateError
 from connector.state import StateStore, snapshot
-from tests.helpers import CliResult, run_cli
+from tests.helpers import CliResult, prepared_database, run_cli
 
 
 def open_fails(url: str) -> str:
@@ -96,16 +96,7 @@ FOREIGN_TABLES = (
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def foreign_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A database of another application with its own `runs` and `snapshot` tables."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'other-app.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:
-        for statement in FOREIGN_TABLES:
-            connection.exec_driver_sql(statement)
-    engine.dispose()
-    return url
+    return prepared_database(request, tmp_path, "other-app.db", FOREIGN_TABLES)
 
 
 def table_names(url: str) -> set[str]:

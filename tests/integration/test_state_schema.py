@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from connector.errors import StateError
 from connector.state import SCHEMA_VERSION, StateStore, schema_info, snapshot
+from tests.helpers import prepared_database
 
 
 def test_a_new_store_has_the_current_schema(tmp_path: Path) -> None:
@@ -47,16 +48,7 @@ V1_TABLES = (
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def v1_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A store as winback with schema version 1 left it, holding one member."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:
-        for statement in V1_TABLES:
-            connection.exec_driver_sql(statement)
-    engine.dispose()
-    return url
+    return prepared_database(request, tmp_path, "state.db", V1_TABLES)
 
 
 def test_a_version_1_store_is_migrated_in_place(v1_store_url: str) -> None:
