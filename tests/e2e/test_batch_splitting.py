@@ -24,14 +24,19 @@ from tests.helpers import (
 RUN = ("sync", "run", "--output", "json")
 
 
+def hook_config(folder: Path, receiver: WebhookReceiver, *, batch_size: int) -> None:
+    """One sync `s` of the default segment to the receiver, in batches of `batch_size`."""
+    write_config(
+        folder,
+        destinations={"hook": webhook_destination(receiver.url, batch_size=batch_size)},
+        syncs={"s": webhook_sync()},
+    )
+
+
 def test_refused_batches_are_halved_until_the_receiver_takes_them(tmp_path: Path) -> None:
     build_warehouse(tmp_path / "warehouse.duckdb", 40)
     with WebhookReceiver(secret=SECRET, max_records=3) as receiver:
-        write_config(
-            tmp_path,
-            destinations={"hook": webhook_destination(receiver.url, batch_size=16)},
-            syncs={"s": webhook_sync()},
-        )
+        hook_config(tmp_path, receiver, batch_size=16)
         first = run_cli(*RUN, cwd=tmp_path)
         assert first.returncode == 0, first
         run = first.json()["runs"][0]
@@ -58,11 +63,7 @@ def test_a_row_too_large_even_alone_is_rejected_and_the_others_are_sent(tmp_path
         warehouse, "UPDATE customers SET first_name = repeat('x', 100000) WHERE customer_id = 3"
     )
     with WebhookReceiver(secret=SECRET, max_body_bytes=64 * 1024) as receiver:
-        write_config(
-            tmp_path,
-            destinations={"hook": webhook_destination(receiver.url, batch_size=4)},
-            syncs={"s": webhook_sync()},
-        )
+        hook_config(tmp_path, receiver, batch_size=4)
         result = run_cli(*RUN, cwd=tmp_path)
         again = run_cli(*RUN, cwd=tmp_path)
     assert result.returncode == 3, result
@@ -83,11 +84,7 @@ def test_a_destination_refusing_even_small_single_rows_fails_and_keeps_them_pend
     right, sends them all."""
     build_warehouse(tmp_path / "warehouse.duckdb", 6)
     with WebhookReceiver(secret=SECRET, max_records=0) as receiver:
-        write_config(
-            tmp_path,
-            destinations={"hook": webhook_destination(receiver.url, batch_size=4)},
-            syncs={"s": webhook_sync()},
-        )
+        hook_config(tmp_path, receiver, batch_size=4)
         failed = run_cli(*RUN, cwd=tmp_path)
         assert failed.returncode == 1, failed
         run = failed.json()["runs"][0]
