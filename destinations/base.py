@@ -11,6 +11,7 @@ checkpoints and the run record; adapters only talk to their platform.
 All HTTP goes through ``HttpClient``: one ``requests.Session``, one classifier mapping a response
 to a ``Verdict`` (ok, retry, too large, fail the batch, fail the sync), one tenacity retry policy
 that honours ``Retry-After``, an optional rate limit, and redaction of secrets in every message.
+Redirects are never followed: any 3xx answer fails the batch, naming where it points.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import orjson
 import requests
@@ -638,6 +639,9 @@ class HttpClient:
                 params=params,
                 headers=headers,
                 timeout=self.retry.timeout_s,
+                # Followed, a 301/302/303 turns the POST into a bodiless GET whose 2xx would
+                # acknowledge a batch nobody received: a redirect is an answer of its own.
+                allow_redirects=False,
             )
         except requests.Timeout as error:
             raise TransientError(
@@ -653,10 +657,36 @@ class HttpClient:
             raise BatchFailedError(
                 f"{what} failed: {self.redact(str(error))}", destination=self.destination
             ) from error
+        if 300 <= response.status_code < 400:
+            raise self.redirect_error(response, what)
         verdict = self.verdict(response)
         if verdict is Verdict.OK:
             return response
         raise self.error_for(verdict, response, what)
+
+    def redirect_error(self, response: requests.Response, what: str) -> BatchFailedError:
+        """A 3xx answer fails the batch (it stays pending): redirects are never followed, as
+        the request would not reach the new address as it was sent. The message shows where
+        the answer points (scheme, host and path only, redacted) so the URL can be fixed."""
+        status = response.status_code
+        location = response.headers.get("Location")
+        if location:
+            # Never the user info or the query string, which may carry credentials.
+            target = urlsplit(urljoin(response.url or "", location.strip()))
+            host = target.netloc.rpartition("@")[2]
+            shown = f"{target.scheme}://{host}{target.path or '/'}" if host else target.path
+            shown = "".join(c if c.isprintable() and not c.isspace() else "?" for c in shown)
+            shown = self.redact(shown)
+            where = f"a redirect to `{shown[:200]}`"
+        else:
+            where = "a redirect without a Location header"
+        return BatchFailedError(
+            f"{what} answered {status}, {where}; winback does not follow redirects (a POST "
+            "would arrive without its body or be sent to an address nobody configured): "
+            "configure the final URL in the destination",
+            destination=self.destination,
+            status=status,
+        )
 
     def error_for(
         self, verdict: Verdict, response: requests.Response, what: str

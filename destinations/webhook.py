@@ -18,6 +18,8 @@ them with an existing library (PyPI ``standardwebhooks`` and its ports):
 
 Answers: 2xx acknowledges the batch; 408, 425, 429 and 5xx are retried honouring ``Retry-After``;
 413 makes the engine halve the batch; 401/403 stop the sync; any other 4xx fails the batch.
+Redirects are not followed: a 3xx answer (to the POST or to the check's HEAD) fails the batch,
+which stays pending; configure the final URL.
 
 Per-row rejections (winback's extension): a 2xx answer whose JSON body is
 ``{"rejected": [{"key": "42", "reason": "unknown customer"}]}`` rejects those rows (they are
@@ -177,7 +179,8 @@ class WebhookDestination(HttpDestination):
         return default_verdict(response)
 
     def check(self) -> str:
-        """HEAD the URL: any answer below 500 except 401/403 proves the receiver is reachable."""
+        """HEAD the URL: any answer below 500 except 401/403 and redirects (3xx, which fail the
+        check: batches would not be delivered) proves the receiver is reachable."""
         response = self.http.request("HEAD", self._path)
         return (
             f"webhook receiver {display_url(self.http.url(self._path))} is reachable "

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import (
     SECRET,
@@ -547,6 +548,45 @@ def test_unauthorised_fails_at_once(tmp_path: Path, receiver: WebhookReceiver) -
     assert run["retries"] == 0
     assert len(receiver.requests) == 1
     assert snapshot_members(tmp_path, "s") == set()
+
+
+@pytest.mark.parametrize("status", [302, 307, 308])
+def test_a_redirecting_receiver_fails_the_run_and_nothing_is_lost(
+    tmp_path: Path, receiver: WebhookReceiver, status: int
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 10})
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    change_segment(warehouse)
+    before = snapshot_members(tmp_path, "s")
+    requests_before = len(receiver.requests)
+
+    # `moved` answers 200 to anything: a followed 302 (a GET) or 307 (the signed POST again)
+    # would have counted as delivered.
+    with FakeHttpServer() as moved:
+        redirect = ScriptedResponse(status, "", {"Location": f"{moved.url}/new?token=t0k3n"})
+        handler, receiver.server.handler = receiver.server.handler, lambda request: redirect
+        try:
+            failed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+            check = run_cli("destinations", "check", "hook", cwd=tmp_path)
+        finally:
+            receiver.server.handler = handler
+    assert not moved.requests
+    assert failed.returncode == 1, failed
+    run = failed.run()
+    assert run["status"] == "failed"
+    assert run["sent"] == {"add": 0, "remove": 0, "update": 0} and run["retries"] == 0
+    assert f"answered {status}, a redirect to `{moved.url}/new`" in run["error"]
+    assert "configure the final URL" in run["error"] and "t0k3n" not in failed.stderr
+    assert snapshot_members(tmp_path, "s") == before
+    assert len(receiver.requests) > requests_before
+    assert check.returncode == 1, check
+    assert f"HEAD /hook answered {status}" in check.stderr
+
+    healed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert healed.returncode == 0, healed
+    assert healed.run()["sent"] == {"add": 5, "remove": 5, "update": 3}
+    assert emails(receiver) == segment_members(warehouse)
 
 
 def test_payload_too_large_splits_batches(tmp_path: Path, receiver: WebhookReceiver) -> None:

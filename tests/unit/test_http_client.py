@@ -88,6 +88,46 @@ def test_non_retryable_statuses_fail_at_once(status: int, error: type[Exception]
     assert len(server.requests) == 1
 
 
+@pytest.mark.parametrize("method", ["POST", "GET", "HEAD", "DELETE"])
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirects_are_never_followed_and_fail_the_batch(method: str, status: int) -> None:
+    with FakeHttpServer() as elsewhere, FakeHttpServer() as server:
+        moved = f"{elsewhere.url}/new/hook?token=sk_live_abcdef"
+        server.enqueue(ScriptedResponse(status, "", {"Location": moved}))
+        client = make_client(server.url, [], secrets=["sk_live_abcdef"])
+        with pytest.raises(BatchFailedError) as caught:
+            client.request(method, "/hook", json={"records": [1]})
+    assert not elsewhere.requests  # neither re-sent there (307/308) nor fetched as a GET
+    assert len(server.requests) == 1 and client.retries == 0
+    assert caught.value.status == status
+    assert str(caught.value) == (
+        f"destination `test`: {method} /hook answered {status}, a redirect to "
+        f"`{elsewhere.url}/new/hook`; winback does not follow redirects (a POST would arrive "
+        "without its body or be sent to an address nobody configured): configure the final "
+        "URL in the destination"
+    )
+
+
+def test_a_redirect_shows_where_it_points_without_credentials() -> None:
+    cases = [
+        ("/relative/path?sig=abc", "http://127.0.0.1:{port}/relative/path"),
+        ("https://user:pa55@other.example.com:8443/in?x=1", "https://other.example.com:8443/in"),
+        ("https://other.example.com/sk_live_abcdef/in", "https://other.example.com/***/in"),
+        ("https://other.example.com/a\x1b[2Jb", "https://other.example.com/a?[2Jb"),
+    ]
+    with FakeHttpServer() as server:
+        port = server.url.rsplit(":", 1)[1]
+        client = make_client(server.url, [], secrets=["sk_live_abcdef"])
+        for location, shown in cases:
+            server.enqueue(ScriptedResponse(302, "", {"Location": location}))
+            with pytest.raises(BatchFailedError) as caught:
+                client.request("POST", "/hook")
+            assert f"a redirect to `{shown.format(port=port)}`;" in str(caught.value)
+        server.enqueue(ScriptedResponse(304, ""))
+        with pytest.raises(BatchFailedError, match="answered 304, a redirect without a Location"):
+            client.request("GET", "/hook")
+
+
 def test_timeouts_are_retried() -> None:
     retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.2)
     with FakeHttpServer() as server:

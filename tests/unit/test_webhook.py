@@ -251,6 +251,34 @@ def test_row_rejections_are_attributed_to_their_keys() -> None:
     ]
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_fails_the_batch_and_is_not_followed(status: int) -> None:
+    # Followed, a 302 became a bodiless GET that `moved` answers 200, and a 307 re-sent the
+    # signed batch to a receiver nobody configured: either way the batch counted as delivered.
+    with WebhookReceiver(secret=WHSEC) as receiver, WebhookReceiver(secret=WHSEC) as moved:
+        moved.server.handler = None  # 200 to anything, GET included
+        receiver.server.enqueue(ScriptedResponse(status, "", {"Location": moved.url}))
+        adapter = make(receiver.url + "?token=t0k3n-in-query")
+        with pytest.raises(BatchFailedError) as caught:
+            adapter.add(Batch(1, [member("k1")]))
+        assert not moved.requests and not receiver.members
+        assert len(receiver.requests) == 1 and adapter.retries == 0
+        message = str(caught.value)
+        assert f"POST /hook answered {status}, a redirect to `{moved.url}`" in message
+        assert "configure the final URL" in message and "t0k3n" not in message
+        # Nothing is remembered: the next attempt (the next run) goes to the same URL.
+        adapter.add(Batch(1, [member("k1")]))
+        assert list(receiver.members) == ["k1"]
+
+
+def test_check_fails_on_a_redirect() -> None:
+    with WebhookReceiver(secret=WHSEC) as receiver, FakeHttpServer() as moved:
+        receiver.server.enqueue(ScriptedResponse(301, "", {"Location": moved.url + "/v2"}))
+        with pytest.raises(BatchFailedError, match=r"HEAD /hook answered 301, a redirect to `"):
+            make(receiver.url).check()
+    assert not moved.requests
+
+
 def test_slow_answer_times_out_and_is_retried_with_the_same_id() -> None:
     with FakeHttpServer() as server:
         server.enqueue(ScriptedResponse(200, delay_s=0.6), ScriptedResponse(200, {}))
