@@ -603,6 +603,11 @@ def _check_sync(
                 f"`{adapter.name}` does not store attributes; remove `fields`",
             )
         )
+    # What the adapter cannot carry (e.g. a CSV column name used twice).
+    unusable = adapter.mapping_problems(
+        destination.options, identifiers=tuple(sync.identifiers), fields=tuple(sync.fields)
+    )
+    problems.extend(ConfigProblem(f"{where}.{key}", message) for key, message in unusable)
     try:
         return adapter.sync_options_model.model_validate(sync.options)
     except ValidationError as error:

@@ -235,6 +235,15 @@ class Destination(ABC):
         self.options = options
         self.context = context
 
+    @classmethod
+    def mapping_problems(
+        cls, options: DestinationOptions, *, identifiers: Sequence[str], fields: Sequence[str]
+    ) -> list[tuple[str, str]]:
+        """What a sync maps that this destination cannot carry, checked when the config loads
+        (exit 2): `(key under the sync's table, e.g. "fields.email", what is wrong and what to
+        do)`. `identifiers` and `fields` are the mapped names in config order; none by default."""
+        return []
+
     @property
     def display_name(self) -> str:
         """What messages call this destination: its name in the config (the adapter's name

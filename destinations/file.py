@@ -1,7 +1,8 @@
 """CSV or JSON Lines file: every change of a run becomes one line (used by the demo and for audits).
 
 CSV files start with the header ``action,key,<identifiers...>,<fields...>`` (the sync's mapped
-identifier and field names, in config order); JSON Lines files hold one object per change,
+identifier and field names, in config order; a field may not be named like another column, which
+the config refuses); JSON Lines files hold one object per change,
 ``{"action": "add", "key": "42", "identifiers": {...}, "fields": {...}}``. Dates are written in
 ISO 8601 and missing values as empty cells (CSV) or ``null`` (JSONL).
 
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -140,24 +142,61 @@ class FileDestination(Destination):
     def __repr__(self) -> str:
         return f"FileDestination(path='{self.path}', format='{self.format}')"
 
+    @classmethod
+    def mapping_problems(
+        cls, options: DestinationOptions, *, identifiers: Sequence[str], fields: Sequence[str]
+    ) -> list[tuple[str, str]]:
+        """A CSV field named like another column (`action`, `key` or a mapped identifier)
+        would repeat that name in the header: readers keep one of the two columns."""
+        if not isinstance(options, FileOptions) or (options.format or "csv") != "csv":
+            return []  # JSON Lines keeps identifiers and fields in objects of their own
+        header = ",".join(["action", "key", *identifiers, *fields])
+        problems = []
+        for name in fields:
+            if name in ("action", "key"):
+                taken = f"the `{name}` column every CSV row starts with"
+            elif name in identifiers:
+                taken = f"the column of the identifier `{name}`"
+            else:
+                continue
+            problems.append(
+                (
+                    f"fields.{name}",
+                    f"`{name}` is already {taken}, so the CSV header would hold it twice "
+                    f"(`{header}`); give this field another name, e.g. `{name}_field`",
+                )
+            )
+        return problems
+
     def check(self) -> str:
-        """The folder exists (or can be created) and is writable; nothing is written."""
-        folder = self.path.parent.absolute()
-        existing = folder
+        """The folder files go to exists (or can be created) and is writable; nothing is written.
+
+        A check serves no sync or run in particular: it shows the configured `path` with its
+        placeholders as they are, and checks the part of its folder they do not change."""
+        pattern = Path(self.options.path).absolute()
+        fixed = Path(pattern.anchor)
+        for part in pattern.parent.parts[1:]:
+            if re.search(r"\{(?:sync|run_id)\}", part):
+                break
+            fixed /= part
+        existing = fixed
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
             raise self._error(f"`{existing}` is not a folder", "choose another `path`")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise self._error(f"cannot write in `{existing}`", "fix its permissions")
-        if self.path.exists() and not (self.path.is_file() and os.access(self.path, os.W_OK)):
-            raise self._error(f"`{self.path}` exists and is not a writable file", "move it")
-        note = "" if folder.is_dir() else " (its folder will be created)"
-        where = self.path.absolute()
-        if "{run_id}" in self.options.path:  # a check has no run: show the pattern
-            pattern = render_path(self.options.path.replace("{run_id}", "\0"), self.context)
-            where = Path(str(pattern.absolute()).replace("\0", "{run_id}"))
-        return f"writes {self.format.upper()} to {where}{note}"
+        if pattern.exists() and not (pattern.is_file() and os.access(pattern, os.W_OK)):
+            raise self._error(f"`{pattern}` exists and is not a writable file", "move it")
+        placeholders = [f"{{{name}}}" for name in PLACEHOLDERS if f"{{{name}}}" in str(pattern)]
+        filled = ""
+        if placeholders:
+            verb = "are" if len(placeholders) > 1 else "is"
+            filled = f" ({' and '.join(placeholders)} {verb} filled in at each run)"
+        checked = f"`{fixed}` is writable"
+        if existing != fixed:
+            checked = f"`{fixed}` will be created in `{existing}`, which is writable"
+        return f"writes {self.format.upper()} to {pattern}{filled}; {checked}"
 
     def add(self, batch: Batch) -> BatchResult:
         return self._write("add", batch)

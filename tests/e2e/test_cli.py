@@ -232,6 +232,47 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
     assert resend.run()["sent"] == {"add": audience, "remove": 0, "update": 0}
 
 
+def test_destinations_check_shows_a_file_destination_path_pattern(tmp_path: Path) -> None:
+    build_warehouse(tmp_path / "warehouse.duckdb", 5)
+    identifiers = {"email": "email"}
+    write_config(
+        tmp_path,
+        destinations={
+            "export": {"type": "file", "path": "exports/{sync}/{run_id}.csv"},
+            "unused": {"type": "file", "path": "audit/{run_id}.jsonl"},
+        },
+        syncs={
+            "first": {"segment": "lapsed", "destination": "export", "identifiers": identifiers},
+            "second": {"segment": "lapsed", "destination": "export", "identifiers": identifiers},
+        },
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = str(tmp_path / "winback.toml")
+    used, unused = run_many(
+        ("--config", config, "destinations", "check", "export"),
+        ("--config", config, "destinations", "check", "unused"),
+        cwd=elsewhere,
+    )
+    assert used.returncode == 0, used
+    assert unused.returncode == 0, unused
+    assert " ".join(used.stdout.split()) == (
+        f"export (file): ok — writes CSV to {tmp_path}/exports/{{sync}}/{{run_id}}.csv "
+        f"({{sync}} and {{run_id}} are filled in at each run); `{tmp_path}/exports` will be "
+        f"created in `{tmp_path}`, which is writable"
+    )
+    assert " ".join(unused.stdout.split()) == (
+        f"unused (file): ok — writes JSONL to {tmp_path}/audit/{{run_id}}.jsonl ({{run_id}} is "
+        f"filled in at each run); `{tmp_path}/audit` will be created in `{tmp_path}`, which is "
+        "writable"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere",
+        "warehouse.duckdb",
+        "winback.toml",
+    ]
+
+
 # -- webhook syncs ------------------------------------------------------------------------------
 
 

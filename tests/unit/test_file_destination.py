@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from connector.errors import FatalDestinationError
+from connector.config import load_config
+from connector.errors import ConfigError, FatalDestinationError
 from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
 from destinations.file import FileDestination, FileOptions, csv_cell
 from destinations.testing.contract import ContractHarness, DestinationContract
+from tests.helpers import run_cli
 
 
 def context(
@@ -257,6 +259,29 @@ def test_check_reports_the_target(tmp_path: Path) -> None:
         make(tmp_path / "dir.csv").check()
 
 
+def test_check_shows_the_path_pattern_and_the_folder_it_checked(tmp_path: Path) -> None:
+    (tmp_path / "exports").mkdir()
+    cases = [
+        ("exports/{sync}/{run_id}.csv", "exports", "`{root}/exports` is writable"),
+        ("new/deeper/{run_id}.jsonl", "new/deeper", "will be created in `{root}`"),
+        ("{sync}.csv", "", "`{root}` is writable"),
+    ]
+    for template, checked, outcome in cases:
+        description = make(f"{tmp_path}/{template}").check()
+        fmt = template.rsplit(".", 1)[1].upper()
+        assert description.startswith(f"writes {fmt} to {tmp_path}/{template} ("), description
+        folder = f"{tmp_path}/{checked}".rstrip("/")
+        assert f"`{folder}`" in description and outcome.format(root=tmp_path) in description
+        assert "lapsed" not in description and "run-1" not in description  # the context's
+    assert (
+        "({sync} and {run_id} are filled in at each run)"
+        in make(f"{tmp_path}/{{sync}}/{{run_id}}.csv").check()
+    )
+    assert make(tmp_path / "plain.csv").check() == (
+        f"writes CSV to {tmp_path}/plain.csv; `{tmp_path}` is writable"
+    )
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_check_refuses_a_read_only_folder(tmp_path: Path) -> None:
     (tmp_path / "ro").mkdir(mode=0o500)
@@ -272,3 +297,66 @@ def test_a_header_cut_by_a_crash_is_rewritten(tmp_path: Path) -> None:
     assert (tmp_path / "log.csv").read_text() == (
         "action,key,email,phone,FNAME,since\nadd,k2,b@example.com,,,\n"
     )
+
+
+# --- config validation -----------------------------------------------------------------------
+
+
+def file_config(folder: Path, fields: str, *, path: str = "out/{run_id}.csv") -> Path:
+    config = folder / "winback.toml"
+    config.write_text(
+        f"""
+[segments.lapsed]
+key = "customer_id"
+sql = "SELECT 1 AS customer_id, 'a@example.com' AS email"
+
+[destinations.export]
+type = "file"
+path = "{path}"
+
+[syncs.to_csv]
+segment = "lapsed"
+destination = "export"
+identifiers = {{ email = "email", phone = "phone" }}
+fields = {fields}
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_a_field_named_like_another_csv_column_is_a_config_error(tmp_path: Path) -> None:
+    config = file_config(tmp_path, '{ email = "note", key = "rate", action = "name", ok = "x" }')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    header = "action,key,email,phone,email,key,action,ok"
+    assert [(p.location, p.message) for p in caught.value.problems] == [
+        (
+            "syncs.to_csv.fields.email",
+            "`email` is already the column of the identifier `email`, so the CSV header would "
+            f"hold it twice (`{header}`); give this field another name, e.g. `email_field`",
+        ),
+        (
+            "syncs.to_csv.fields.key",
+            "`key` is already the `key` column every CSV row starts with, so the CSV header "
+            f"would hold it twice (`{header}`); give this field another name, e.g. `key_field`",
+        ),
+        (
+            "syncs.to_csv.fields.action",
+            "`action` is already the `action` column every CSV row starts with, so the CSV "
+            f"header would hold it twice (`{header}`); give this field another name, e.g. "
+            "`action_field`",
+        ),
+    ]
+
+    result = run_cli("config", "validate", cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "syncs.to_csv.fields.email: `email` is already" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_and_unmapped_identifier_names_are_accepted(tmp_path: Path) -> None:
+    # JSON Lines keeps fields apart from identifiers; `country` is not a column of this CSV.
+    fields = '{ email = "note", key = "rate", action = "name" }'
+    assert load_config(file_config(tmp_path, fields, path="out/{run_id}.jsonl")).syncs
+    assert load_config(file_config(tmp_path, '{ country = "c", Email = "e" }')).syncs
