@@ -16,6 +16,7 @@ Config example::
     type = "file"
     path = "exports/{sync}/{run_id}.csv"   # the default; {sync} and {run_id} are filled in
     format = "csv"                         # csv | jsonl; inferred from .csv / .jsonl / .ndjson
+    escape_formulas = false                # CSV: ' before cells starting with = + - @ tab CR
 
     [syncs.lapsed_to_file]
     segment = "lapsed_buyers"
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from connector.errors import FatalDestinationError
 from destinations.base import (
@@ -70,6 +71,11 @@ class FileOptions(DestinationOptions):
     format: FileFormat | None = Field(
         None, validate_default=True, description="csv or jsonl; inferred from the extension."
     )
+    escape_formulas: bool = Field(
+        False,
+        description="CSV only: prefix with ' the cells that start with = + - @ tab or CR, so a "
+        "spreadsheet shows them as text instead of running them as formulas.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -94,6 +100,12 @@ class FileOptions(DestinationOptions):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _escape_only_csv(self) -> FileOptions:
+        if self.escape_formulas and self.format == "jsonl":
+            raise ValueError("escape_formulas applies to CSV files only; remove it for JSON Lines")
+        return self
+
 
 def render_path(template: str, context: SyncContext) -> Path:
     """The template with its placeholders filled (characters unsafe in file names become `_`)."""
@@ -116,6 +128,16 @@ def csv_cell(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list)."""
+
+
+def escape_formula(cell: str) -> str:
+    """`cell` with a leading `'` when a spreadsheet would run it as a formula: `=1+1` becomes
+    `'=1+1` (shown as text), and so does an E.164 phone, `+15550100`."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
 class FileDestination(Destination):
@@ -278,23 +300,33 @@ class FileDestination(Destination):
         identifiers, fields = columns
         if self.format == "jsonl":
             return b"".join(_jsonl_line(action, member) for member in batch.members)
-        return b"".join(
-            _csv_line(
-                [action, member.key]
-                + [csv_cell(member.identifiers.get(name)) for name in identifiers]
-                + [csv_cell(member.fields.get(name)) for name in fields]
-            )
-            for member in batch.members
-        )
+        escape = escape_formula if self.options.escape_formulas else _as_is
+
+        def row(member: Member) -> bytes:
+            cells = [
+                member.key,
+                *(csv_cell(member.identifiers.get(name)) for name in identifiers),
+                *(csv_cell(member.fields.get(name)) for name in fields),
+            ]
+            return _csv_line([action, *map(escape, cells)])
+
+        return b"".join(row(member) for member in batch.members)
 
     def _error(self, problem: str, hint: str = "check the disk and `path`") -> Exception:
         return FatalDestinationError(f"{problem}; {hint}", destination=self.display_name)
 
 
+def _as_is(cell: str) -> str:
+    return cell
+
+
 def _csv_line(cells: list[str]) -> bytes:
+    """One CSV record ending in LF. The writer's terminator is CRLF only because its minimal
+    quoting quotes the characters of the terminator: a cell holding a bare CR is quoted too (RFC
+    4180), where with LF it was not and readers split the row there."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(cells)
-    return buffer.getvalue().encode()
+    csv.writer(buffer, lineterminator="\r\n").writerow(cells)
+    return buffer.getvalue()[:-2].encode() + b"\n"
 
 
 def _jsonl_line(action: str, member: Member) -> bytes:

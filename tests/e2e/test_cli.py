@@ -22,6 +22,7 @@ from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import (
     SECRET,
+    CliResult,
     build_warehouse,
     database_dump,
     run_cli,
@@ -271,6 +272,54 @@ def test_destinations_check_shows_a_file_destination_path_pattern(tmp_path: Path
         "warehouse.duckdb",
         "winback.toml",
     ]
+
+
+def test_file_destination_csv_layout_across_runs(tmp_path: Path) -> None:
+    warehouse = build_warehouse(tmp_path / "warehouse.duckdb", 6)
+    write_config(
+        tmp_path,
+        destinations={
+            "sheet": {"type": "file", "path": "out/{run_id}.csv", "escape_formulas": True}
+        },
+        syncs={
+            "s": {
+                "segment": "lapsed",
+                "destination": "sheet",
+                "identifiers": {"email": "email", "phone": "phone"},
+                "fields": {"first_name": "first_name", "tier": "tier"},
+            }
+        },
+    )
+
+    def run_file(result: CliResult) -> bytes:
+        assert result.returncode == 0, result
+        return (tmp_path / "out" / f"{result.run()['run_id']}.csv").read_bytes()
+
+    first = run_file(run_cli("sync", "run", "--output", "json", cwd=tmp_path))
+    assert first.splitlines(keepends=True)[:4] == [  # UTF-8, no BOM, LF
+        b"action,key,email,phone,first_name,tier\n",
+        b"add,1,user1@example.com,,Name1,t1\n",
+        b"add,2,user2@example.com,,Name2,t2\n",
+        b"add,3,user3@example.com,'+14155550003,Name3,t3\n",
+    ]
+    warehouse_sql(
+        warehouse,
+        "UPDATE customers SET lapsed = false WHERE customer_id = 1",
+        "UPDATE customers SET first_name = '=cmd()', tier = 'a,\"b\"' WHERE customer_id = 2",
+        "UPDATE customers SET phone = NULL WHERE customer_id = 3",
+        "UPDATE customers SET first_name = NULL WHERE customer_id = 6",
+    )
+    second = run_file(run_cli("sync", "run", "--output", "json", cwd=tmp_path))
+    assert second.decode() == (
+        "action,key,email,phone,first_name,tier\n"
+        "remove,1,user1@example.com,,,\n"  # as last sent; no fields
+        'update,2,user2@example.com,,\'=cmd(),"a,""b"""\n'
+        "update,3,user3@example.com,,Name3,t3\n"  # the phone is gone
+        "update,6,user6@example.com,'+14155550006,,t1\n"  # the whole record, NULL empty
+    )
+    files = sorted((tmp_path / "out").iterdir())
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    assert sorted((tmp_path / "out").iterdir()) == files  # nothing to send: no file
 
 
 # -- webhook syncs ------------------------------------------------------------------------------

@@ -91,6 +91,63 @@ def test_csv_contents(tmp_path: Path) -> None:
     )
 
 
+def test_cells_with_line_breaks_are_quoted_and_read_back_whole(tmp_path: Path) -> None:
+    multiline = Member("k1", {"email": "a@example.com"}, {"FNAME": "a\rb", "since": "c\r\nd\ne"})
+    adapter = make(tmp_path / "out.csv")
+    adapter.add(Batch(1, [multiline, *MEMBERS[1:]]))
+    adapter.close()
+    assert (tmp_path / "out.csv").read_bytes() == (
+        b'action,key,email,phone,FNAME,since\nadd,k1,a@example.com,,"a\rb","c\r\nd\ne"\n'
+        b"add,k2,b@example.com,,,\n"
+    )
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["key"], row["FNAME"], row["since"]) for row in rows] == [
+        ("k1", "a\rb", "c\r\nd\ne"),
+        ("k2", "", ""),
+    ]
+
+
+FORMULAS = [
+    Member("=k", {"email": "a@example.com", "phone": "+15550100"}, {"FNAME": "=HYPERLINK(1)"}),
+    Member("k2", {"email": "@b@x.com"}, {"FNAME": "-2+3", "since": "\tx"}),
+    Member("k3", {"email": "c@example.com"}, {"FNAME": "\rCR", "since": -5}),
+    Member("k4", {"email": "d@example.com"}, {"FNAME": "a=b+c", "since": " =spaced"}),
+]
+
+
+def test_escape_formulas_prefixes_cells_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    adapter = make(tmp_path / "out.csv", escape_formulas=True)
+    adapter.add(Batch(1, FORMULAS))
+    adapter.close()
+    text = (tmp_path / "out.csv").read_bytes().decode()  # read_text would turn \r into \n
+    assert text == (
+        "action,key,email,phone,FNAME,since\n"
+        "add,'=k,a@example.com,'+15550100,'=HYPERLINK(1),\n"
+        "add,k2,'@b@x.com,,'-2+3,'\tx\n"
+        "add,k3,c@example.com,,\"'\rCR\",'-5\n"
+        "add,k4,d@example.com,,a=b+c, =spaced\n"
+    )
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["phone"] for row in rows] == ["'+15550100", "", "", ""]
+
+
+def test_cells_are_written_as_they_are_by_default(tmp_path: Path) -> None:
+    adapter = make(tmp_path / "out.csv")
+    adapter.add(Batch(1, FORMULAS[:1]))
+    adapter.close()
+    assert (tmp_path / "out.csv").read_text().splitlines()[1] == (
+        "add,=k,a@example.com,+15550100,=HYPERLINK(1),"
+    )
+
+
+def test_escape_formulas_is_refused_for_json_lines() -> None:
+    with pytest.raises(ValidationError, match="escape_formulas applies to CSV files only"):
+        FileOptions(type="file", path="out.jsonl", escape_formulas=True)
+    assert FileOptions(type="file", path="out.jsonl").escape_formulas is False
+
+
 def test_jsonl_contents(tmp_path: Path) -> None:
     adapter = make(tmp_path / "out.jsonl")
     adapter.update(Batch(1, MEMBERS))
