@@ -96,12 +96,13 @@ def judge(
             if window <= (as_of - day).days < window + baseline
         )
         before = Fraction(before_total) * window / baseline
-        inactive = recent < Fraction(signal.drop_below) * before or (recent == 0 and before == 0)
+        share = Fraction(str(signal.drop_below))  # the decimal as written: 0.55 is 55/100
+        inactive = recent < share * before or (recent == 0 and before == 0)
     else:
         assert signal.inactive_after is not None
         threshold = Fraction(signal.inactive_after)
         if signal.cadence is not None and len(set(days)) >= signal.min_events:
-            threshold = Fraction(signal.cadence) * median_gap(days)
+            threshold = Fraction(str(signal.cadence)) * median_gap(days)
         inactive = elapsed > threshold
     return Verdict(True, inactive, last, len(mine))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
+from fractions import Fraction
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -69,6 +70,12 @@ def check_condition(fragment: str) -> str:
     return fragment
 
 
+def exact_fraction(number: float) -> Fraction:
+    """The decimal a user wrote (``0.57`` is 57/100, not the nearest binary float), so the
+    query compares whole numbers and a boundary lands where the config says."""
+    return Fraction(str(number))
+
+
 Days = Annotated[int, BeforeValidator(parse_duration)]
 """A duration written as ``Nd`` or ``Nw`` in TOML, held as a number of days."""
 
@@ -107,6 +114,16 @@ class Signal(BaseModel):
         """Whether this is a usage-drop signal (judged on ``value``) rather than recency."""
         return self.value is not None
 
+    @property
+    def cadence_ratio(self) -> Fraction | None:
+        """``cadence`` as the exact fraction written in the config."""
+        return None if self.cadence is None else exact_fraction(self.cadence)
+
+    @property
+    def drop_below_ratio(self) -> Fraction | None:
+        """``drop_below`` as the exact fraction written in the config."""
+        return None if self.drop_below is None else exact_fraction(self.drop_below)
+
     @model_validator(mode="after")
     def _check_kind(self) -> Signal:
         usage_options = {
@@ -125,6 +142,12 @@ class Signal(BaseModel):
                 raise ValueError(
                     "a recency signal needs `inactive_after` (e.g. `180d`); with `cadence` it is "
                     "the rule for people with fewer than `min_events` events"
+                )
+            if self.cadence is None and "min_events" in self.model_fields_set:
+                raise ValueError(
+                    "`min_events` only applies with `cadence` (the events needed before the "
+                    "person's own rhythm is trusted): set `cadence` (e.g. 2.0) or remove "
+                    "`min_events`"
                 )
             return self
         missing = [name for name, option in usage_options.items() if option is None]
@@ -166,6 +189,7 @@ class RulesSegment(BaseModel):
     group_by: Name | None = None
     having: Condition | None = None
     as_of: date | None = None
+    description: str | None = None
     signals: Annotated[list[Signal], Field(min_length=1)]
     exclude: list[Exclusion] = Field(default_factory=list)
 
@@ -177,6 +201,20 @@ class RulesSegment(BaseModel):
             raise ValueError(
                 f'`min_score` only applies with match = "score" (match is "{self.match}")'
             )
+        if self.match == "score":
+            self._check_score()
+        else:
+            weighted = [
+                f"signals[{i}]"
+                for i, signal in enumerate(self.signals)
+                if "weight" in signal.model_fields_set
+            ]
+            if weighted:
+                raise ValueError(
+                    f"`weight` is set on {', '.join(weighted)} but only counts with "
+                    f'match = "score" (match is "{self.match}"): set match = "score" with '
+                    "`min_score`, or remove `weight`"
+                )
         names = [signal.name for signal in self.signals]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -192,3 +230,18 @@ class RulesSegment(BaseModel):
         if len(set(self.columns)) != len(self.columns):
             raise ValueError("`columns` lists a column more than once")
         return self
+
+    def _check_score(self) -> None:
+        """A `min_score` that every person reaches, or nobody can, is a mistake in the config."""
+        min_score = self.min_score or 0
+        if min_score <= 0:
+            raise ValueError(
+                f"`min_score` = {min_score} selects everyone (a score is never below 0): set it "
+                "to the sum of the inactive signals' weights that qualifies someone (at least 1)"
+            )
+        total = sum(signal.weight for signal in self.signals)
+        if min_score > total:
+            raise ValueError(
+                f"`min_score` = {min_score} can never be reached: the signals' weights sum to "
+                f"{total}; lower `min_score` or raise the signals' `weight`"
+            )

@@ -31,10 +31,11 @@ events, so such a contact never keeps an account active; that person is then lef
 The final ``SELECT`` reads ``wb_segment`` where ``_wb_keep = 1``, no exclusion matches
 (``NOT EXISTS``) and ``having`` holds, ordered by key (NULL keys last).
 
-All arithmetic is on whole days and integers, so DuckDB, SQLite and PostgreSQL agree: the
-median is kept doubled and compared as ``2 * elapsed > cadence * (2 * median)``; the usage rule
-``W < drop_below * B * window / baseline`` is compared as
-``W * baseline < drop_below * B * window``. ``inactive_signals`` is an empty string (not NULL)
+All arithmetic is on whole days and integers, so DuckDB, SQLite and PostgreSQL agree:
+``cadence`` and ``drop_below`` are taken as the exact fractions p/q written in the config
+(0.57 is 57/100), the median is kept doubled, and the rules are compared as
+``2 * elapsed * q > p * (2 * median)`` and, for ``W < drop_below * B * window / baseline``,
+``W * baseline * q < p * B * window`` (in NUMERIC on PostgreSQL, whose integer sums overflow). ``inactive_signals`` is an empty string (not NULL)
 when no signal is inactive. ``events`` counts event rows (duplicates included, a usage row
 whatever its value) dated on or before ``as_of``, over all signals.
 """
@@ -88,11 +89,14 @@ def build_rules_query(
     dialect: str,
     at_kinds: Sequence[AtKind],
     with_having: bool = True,
+    output_names: Sequence[str] | None = None,
 ) -> RulesQuery:
     """Compile ``segment`` for ``dialect``; ``at_kinds[i]`` tells how signal i stores its time.
 
     Table and column names are used as given (``compile_rules`` resolves them against the
-    warehouse first); SQL fragments are spliced in as ``text()``.
+    warehouse first); SQL fragments are spliced in as ``text()``. ``output_names`` labels the
+    key and ``columns`` in the result (the names as configured, when the warehouse spells
+    them in another case); by default they keep the names used.
     """
     as_of_value = as_of_literal(as_of, dialect)
     people = _people(segment)
@@ -107,10 +111,10 @@ def build_rules_query(
         if median is not None:
             joined = joined.outerjoin(median, median.c.k == person)
         elapsed = days_between(as_of_value, stats.c["last"], dialect)
-        flag_columns += _signal_flags(index, signal, stats, median, elapsed)
+        flag_columns += _signal_flags(index, signal, stats, median, elapsed, dialect)
     flags = sa.select(*flag_columns).select_from(joined).cte("wb_flags")
     scored = _scored(segment, flags, as_of_value, dialect)
-    final = _final(segment, scored, with_having=with_having)
+    final = _final(segment, scored, with_having=with_having, output_names=output_names)
     return RulesQuery(select=final, flags=flags, signals=tuple(segment.signals))
 
 
@@ -190,7 +194,8 @@ def _median(index: int, events: sa.CTE, dialect: str) -> sa.CTE:
     if median is not None:
         query = sa.select(
             gaps.c.k,
-            (2 * median).label("median2"),
+            # Twice the median of whole numbers is a whole number (exact in a double).
+            sa.cast(2 * median, sa.BigInteger()).label("median2"),
             (sa.func.count() + 1).label("dates"),
         ).where(gaps.c.gap.is_not(None))
         return query.group_by(gaps.c.k).cte(f"wb_median_{index}")
@@ -219,31 +224,48 @@ def _median(index: int, events: sa.CTE, dialect: str) -> sa.CTE:
 
 
 def _inactive_rule(
-    signal: Signal, stats: sa.CTE, median: sa.CTE | None, elapsed: ColumnElement[int]
+    signal: Signal,
+    stats: sa.CTE,
+    median: sa.CTE | None,
+    elapsed: ColumnElement[int],
+    dialect: str,
 ) -> ColumnElement[bool]:
     """Whether a person *with* events is inactive on ``signal``."""
-    if signal.window is not None and signal.baseline is not None and signal.drop_below is not None:
-        recent = sa.func.coalesce(stats.c.w, 0)
-        before = sa.func.coalesce(stats.c.b, 0)
-        below = recent * signal.baseline < sa.literal(signal.drop_below) * before * signal.window
+    share = signal.drop_below_ratio
+    if signal.window is not None and signal.baseline is not None and share is not None:
+        recent: ColumnElement[Any] = sa.func.coalesce(stats.c.w, 0)
+        before: ColumnElement[Any] = sa.func.coalesce(stats.c.b, 0)
+        if dialect == "postgresql":
+            recent, before = sa.cast(recent, sa.Numeric()), sa.cast(before, sa.Numeric())
+        # W < (p/q) * B * window / baseline, multiplied out: W * baseline * q < p * B * window.
+        left = recent * (signal.baseline * share.denominator)
+        below = left < before * (share.numerator * signal.window)
         return below | ((recent == 0) & (before == 0))
     recency = elapsed > (signal.inactive_after or 0)
-    if median is None or signal.cadence is None:
+    cadence = signal.cadence_ratio
+    if median is None or cadence is None:
         return recency
     enough = median.c.dates >= signal.min_events
-    by_cadence = 2 * elapsed > sa.literal(signal.cadence) * median.c.median2
+    # elapsed > (p/q) * median, with the median doubled: 2 * elapsed * q > p * median2.
+    doubled = sa.cast(elapsed, sa.BigInteger()) * (2 * cadence.denominator)
+    by_cadence = doubled > median.c.median2 * cadence.numerator
     return (enough & by_cadence) | (
         sa.func.coalesce(median.c.dates, 0) < signal.min_events
     ) & recency
 
 
 def _signal_flags(
-    index: int, signal: Signal, stats: sa.CTE, median: sa.CTE | None, elapsed: ColumnElement[int]
+    index: int,
+    signal: Signal,
+    stats: sa.CTE,
+    median: sa.CTE | None,
+    elapsed: ColumnElement[int],
+    dialect: str,
 ) -> list[ColumnElement[Any]]:
     no_events = stats.c.k.is_(None)
     inactive = sa.case(
         (no_events, _NEVER_VALUE[signal.never]),
-        (_inactive_rule(signal, stats, median, elapsed), 1),
+        (_inactive_rule(signal, stats, median, elapsed, dialect), 1),
         else_=0,
     )
     return [
@@ -323,11 +345,23 @@ def _scored(
     ).cte("wb_segment")
 
 
-def _final(segment: RulesSegment, scored: sa.CTE, *, with_having: bool) -> sa.Select[Any]:
+def _final(
+    segment: RulesSegment,
+    scored: sa.CTE,
+    *,
+    with_having: bool,
+    output_names: Sequence[str] | None,
+) -> sa.Select[Any]:
     key = scored.c[segment.key]
-    query = sa.select(
-        key, *(scored.c[name] for name in segment.columns), *(scored.c[c] for c in COMPUTED_COLUMNS)
-    ).where(scored.c[_KEEP] == 1)
+    own = [key, *(scored.c[name] for name in segment.columns)]
+    names = output_names if output_names is not None else [column.name for column in own]
+    labelled = [
+        column if column.name == label else column.label(label)
+        for column, label in zip(own, names, strict=True)
+    ]
+    query = sa.select(*labelled, *(scored.c[c] for c in COMPUTED_COLUMNS)).where(
+        scored.c[_KEEP] == 1
+    )
     for index, exclusion in enumerate(segment.exclude):
         source = table_of(exclusion.table, [exclusion.key])
         excluded = sa.select(source.c[exclusion.key].label("k"))

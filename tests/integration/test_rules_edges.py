@@ -64,11 +64,23 @@ def engine(empty_warehouse: sa.Engine) -> sa.Engine:
     return empty_warehouse
 
 
+def everyone(segment: RulesSegment) -> RulesSegment:
+    """``segment`` returning every person with their computed columns: a score of 0 qualifies
+    (a config cannot say so, `min_score` must be at least 1, but tests want to see everyone)."""
+    return segment.model_copy(update={"match": "score", "min_score": 0})
+
+
 def run(
-    engine: sa.Engine, tables: dict[str, list[dict[str, Any]]], config: dict[str, Any]
+    engine: sa.Engine,
+    tables: dict[str, list[dict[str, Any]]],
+    config: dict[str, Any],
+    *,
+    all_people: bool = False,
 ) -> list[tuple[Any, ...]]:
     """Load, compile, run; and check the reference says the same."""
     segment = RulesSegment.model_validate({"from": "customers", "key": "customer_id", **config})
+    if all_people:
+        segment = everyone(segment)
     load_warehouse(engine, {"customers": [], **tables})
     query = compile_rules("edge", segment, as_of=AS_OF, engine=engine)
     with engine.connect() as connection:
@@ -223,12 +235,8 @@ def test_time_zones_and_timestamps_count_on_the_utc_date(engine: sa.Engine) -> N
     }
     email = {"name": "email", "table": "email_events", "key": "customer_id", "at": "occurred_at"}
     visit = {"name": "visit", "table": "visits", "key": "customer_id", "at": "visited_at"}
-    config = {
-        "match": "score",
-        "min_score": 0,
-        "signals": [{**email, "inactive_after": "1d"}, {**visit, "inactive_after": "1d"}],
-    }
-    rows = run(engine, tables, config)
+    config = {"signals": [{**email, "inactive_after": "1d"}, {**visit, "inactive_after": "1d"}]}
+    rows = run(engine, tables, config, all_people=True)
     assert rows == [
         (1, AS_OF, 0, 1, "visit", 1),
         (2, ago(1), 1, 1, "visit", 1),
@@ -253,13 +261,13 @@ def test_having_and_inactive_signals_in_config_order(engine: sa.Engine) -> None:
     }
     config = {
         "match": "score",
-        "min_score": 0,
+        "min_score": 1,
         "signals": [{**USAGE, "weight": 2}, PURCHASE],
         "having": "score >= 0",
     }
-    rows = run(engine, tables, config)
+    rows = run(engine, tables, config, all_people=True)
     assert rows == [(1, ago(2), 2, 3, "usage,purchase", 2), (2, ago(1), 1, 0, "", 2)]
-    narrowed = run(engine, tables, {**config, "having": "days_inactive > 1"})
+    narrowed = run(engine, tables, {**config, "having": "days_inactive > 1"}, all_people=True)
     assert [row[0] for row in narrowed] == [1]
 
 
@@ -317,8 +325,6 @@ def test_session_time_zone_does_not_move_events(
                 "visits": [{"customer_id": 1, "visited_at": datetime(2024, 2, 28, 20, 0)}],
             },
             {
-                "match": "score",
-                "min_score": 0,
                 "signals": [
                     {
                         "name": "email",
@@ -336,6 +342,7 @@ def test_session_time_zone_does_not_move_events(
                     },
                 ],
             },
+            all_people=True,
         )
         assert rows == [(1, ago(2), 2, 2, "email,visit", 2)]
     finally:
@@ -360,8 +367,6 @@ def test_views_and_reserved_words_as_names(engine: sa.Engine) -> None:
             "from": "v_people",
             "key": "id",
             "columns": ["order"],
-            "match": "score",
-            "min_score": 0,
             "signals": [
                 {
                     "name": "seen",
@@ -373,7 +378,7 @@ def test_views_and_reserved_words_as_names(engine: sa.Engine) -> None:
             ],
         }
     )
-    query = compile_rules("views", segment, as_of=AS_OF, engine=engine)
+    query = compile_rules("views", everyone(segment), as_of=AS_OF, engine=engine)
     with engine.connect() as connection:
         rows = [tuple(row) for row in connection.execute(query)]
     assert rows == [(1, 10, date(2024, 1, 1), 60, 0, "", 1), (2, 20, None, None, 1, "seen", 0)]
@@ -394,8 +399,6 @@ def test_schema_qualified_tables(engine: sa.Engine) -> None:
         {
             "from": "analytics.people",
             "key": "id",
-            "match": "score",
-            "min_score": 0,
             "signals": [
                 {
                     "name": "seen",
@@ -407,8 +410,30 @@ def test_schema_qualified_tables(engine: sa.Engine) -> None:
             ],
         }
     )
-    query = compile_rules("schemas", segment, as_of=AS_OF, engine=engine)
+    query = compile_rules("schemas", everyone(segment), as_of=AS_OF, engine=engine)
     with engine.connect() as connection:
         rows = [tuple(row) for row in connection.execute(query)]
     # 23:30 at UTC-5 is the next day in UTC: the time zone was recognised inside the schema.
     assert rows == [(1, date(2024, 1, 2), 59, 1, "seen", 1), (2, None, None, 1, "seen", 0)]
+
+
+def test_cadence_boundary_is_exact(engine: sa.Engine) -> None:
+    """cadence 0.57 with gaps of 100 days: the threshold is exactly 57 days (not 56.99...)."""
+    cadence = {**PURCHASE, "inactive_after": "365d", "cadence": 0.57}
+    # Person 1 last ordered 57 days ago (active), person 2 58 days ago (inactive).
+    orders = [order(n, ago(last + gap)) for n, last in ((1, 57), (2, 58)) for gap in (200, 100, 0)]
+    tables = {"customers": [person(1), person(2)], "orders": orders}
+    rows = run(engine, tables, {"signals": [cadence]})
+    assert [row[0] for row in rows] == [2]
+
+
+@pytest.mark.parametrize(("recent", "inactive"), [(55, False), (54, True)])
+def test_drop_below_boundary_is_exact(engine: sa.Engine, recent: int, inactive: bool) -> None:
+    """drop_below 0.55 against an average of 100 per window: 55 is not below 55."""
+    share = {**USAGE, "drop_below": 0.55}  # window 10d, baseline 20d: B = 200 * 10 / 20 = 100
+    tables = {
+        "customers": [person(1)],
+        "usage_daily": [usage(1, ago(1), recent), usage(1, ago(12), 150), usage(1, ago(25), 50)],
+    }
+    rows = run(engine, tables, {"signals": [share]})
+    assert [row[0] for row in rows] == ([1] if inactive else [])

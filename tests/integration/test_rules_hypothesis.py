@@ -73,21 +73,23 @@ durations = st.builds(
     st.sampled_from(["d", "w"]),
 ) | st.integers(1, 60).map(lambda n: f"{n}d")
 
-# Dyadic factors keep the SQL and the exact reference from disagreeing on rounding.
-cadences = st.sampled_from([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
-shares = st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
+# Decimals that are not binary fractions too: the SQL must use them as written, like the
+# reference (0.57 is 57/100, not the float just below it).
+cadences = st.sampled_from([0.5, 0.57, 1.0, 1.1, 1.5, 2.0, 2.5, 3.0, 0.3])
+shares = st.sampled_from([0.0, 0.25, 0.3, 0.5, 0.55, 0.75, 1.0, 1.1, 1.5])
 
 
 @st.composite
-def signals(draw: st.DrawFn, name: str) -> dict[str, Any]:
-    """One random signal config: recency (with or without cadence) or usage drop."""
+def signals(draw: st.DrawFn, name: str, *, weighted: bool) -> dict[str, Any]:
+    """One random signal config: recency (with or without cadence) or usage drop; with a
+    `weight` when the segment is scored."""
     kind = draw(st.sampled_from(["orders", "email_events", "visits", "usage_daily"]))
     common = {
         "name": name,
         "table": kind,
         "key": "customer_id",
         "never": draw(st.sampled_from(["inactive", "inactive", "active", "exclude"])),
-        "weight": draw(st.integers(0, 3)),
+        **({"weight": draw(st.integers(0, 3))} if weighted else {}),
     }
     if kind == "usage_daily":
         where = draw(st.sampled_from([None, "credits > 0"]))
@@ -114,12 +116,14 @@ def signals(draw: st.DrawFn, name: str) -> dict[str, Any]:
 @st.composite
 def segments(draw: st.DrawFn) -> RulesSegment:
     """A random rules segment over the test warehouse."""
-    chosen = [draw(signals(f"s{i}")) for i in range(draw(st.integers(1, 3)))]
+    match = draw(st.sampled_from(["all", "any", "score"]))
+    scored = match == "score"
+    chosen = [draw(signals(f"s{i}", weighted=scored)) for i in range(draw(st.integers(1, 3)))]
     config: dict[str, Any] = {
         "from": "customers",
         "key": "customer_id",
         "columns": draw(st.sampled_from([[], ["email"], ["email", "opt_in"], ["account_id"]])),
-        "match": draw(st.sampled_from(["all", "any", "score"])),
+        "match": match,
         "signals": chosen,
         "exclude": draw(
             st.lists(
@@ -134,8 +138,10 @@ def segments(draw: st.DrawFn) -> RulesSegment:
             )
         ),
     }
-    if config["match"] == "score":
-        config["min_score"] = draw(st.integers(0, sum(s["weight"] for s in chosen) + 1))
+    if scored:
+        if not any(s["weight"] for s in chosen):
+            chosen[0]["weight"] = 1  # a score nobody can reach is a config error
+        config["min_score"] = draw(st.integers(1, sum(s["weight"] for s in chosen)))
     optional = {
         "where": st.just("opt_in = 1"),
         "lost_after": durations,

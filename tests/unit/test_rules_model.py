@@ -216,3 +216,52 @@ def test_enumerations_and_bounds(option: str, value: Any) -> None:
     )
     location, _ = error_of(config)
     assert location[-1] == option
+
+
+@pytest.mark.parametrize("min_score", [0, -1])
+def test_min_score_that_selects_everyone(min_score: int) -> None:
+    _, message = error_of(segment(match="score", min_score=min_score))
+    assert f"`min_score` = {min_score} selects everyone" in message
+    assert "at least 1" in message
+
+
+def test_min_score_above_the_sum_of_weights() -> None:
+    signals = [{**RECENCY, "weight": 2}, {**USAGE, "weight": 1}]
+    _, message = error_of(segment(match="score", min_score=4, signals=signals))
+    assert "`min_score` = 4 can never be reached" in message
+    assert "weights sum to 3" in message
+    RulesSegment.model_validate(segment(match="score", min_score=3, signals=signals))
+
+
+def test_min_events_needs_cadence() -> None:
+    location, message = error_of(segment(signals=[{**RECENCY, "min_events": 5}]))
+    assert location == ("signals", 0)
+    assert "`min_events` only applies with `cadence`" in message
+    RulesSegment.model_validate(segment(signals=[{**RECENCY, "cadence": 2.0, "min_events": 5}]))
+
+
+@pytest.mark.parametrize("match", ["all", "any"])
+def test_weight_needs_score_match(match: str) -> None:
+    signals = [RECENCY, {**USAGE, "weight": 2}]
+    _, message = error_of(segment(match=match, signals=signals))
+    assert "`weight` is set on signals[1]" in message
+    assert f'(match is "{match}")' in message
+
+
+def test_description_is_accepted() -> None:
+    parsed = RulesSegment.model_validate(segment(description="Lapsed buyers, for Meta"))
+    assert parsed.description == "Lapsed buyers, for Meta"
+
+
+@pytest.mark.parametrize(
+    ("written", "numerator", "denominator"), [(0.57, 57, 100), (2.0, 2, 1), (0.3, 3, 10)]
+)
+def test_cadence_and_drop_below_are_the_decimals_written(
+    written: float, numerator: int, denominator: int
+) -> None:
+    parsed = RulesSegment.model_validate(
+        segment(signals=[{**RECENCY, "cadence": written}, {**USAGE, "drop_below": written}])
+    )
+    for ratio in (parsed.signals[0].cadence_ratio, parsed.signals[1].drop_below_ratio):
+        assert ratio is not None
+        assert (ratio.numerator, ratio.denominator) == (numerator, denominator)
