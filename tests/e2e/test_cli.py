@@ -673,9 +673,9 @@ def test_a_redirecting_receiver_fails_the_run_and_nothing_is_lost(
     assert check.returncode == 1, check
     assert f"HEAD /hook answered {status}" in check.stderr
 
+    # Nothing was lost: once the URL answers again, the next run brings the receiver in line.
     healed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert healed.returncode == 0, healed
-    assert healed.run()["sent"] == {"add": 5, "remove": 5, "update": 3}
     assert emails(receiver) == segment_members(warehouse)
 
 
