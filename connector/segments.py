@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,8 +13,19 @@ import sqlalchemy as sa
 
 from connector.config import QuerySegment, Segment
 from connector.errors import WarehouseError
-from connector.rules import RulesSegment, compile_rules
+from connector.rules import (
+    RulesSegment,
+    compile_rules,
+    locate_run_failure,
+    run_failure_message,
+)
 from connector.warehouse import query_problem, stream_rows, warehouse_connection
+
+# `:as_of::date` (a PostgreSQL-style cast): the `::` hides the parameter from SQLAlchemy.
+_AS_OF_CAST = re.compile(
+    r"(?<![:\w\\]):as_of::(\w+(?:\s+with(?:out)?\s+time\s+zone)?(?:\s*\([\d\s,]*\))?)",
+    re.IGNORECASE,
+)
 
 
 def effective_as_of(segment: Segment, as_of: dt.date | None) -> dt.date:
@@ -32,10 +44,26 @@ def segment_query(
     if isinstance(segment, RulesSegment):
         return compile_rules(name, segment, as_of=as_of, engine=engine)
     sql = segment.sql if segment.sql is not None else _read_sql_file(name, segment)
-    query = sa.text(sql.strip().rstrip(";"))
+    query = sa.text(query_text(sql))
     if "as_of" in query._bindparams:
         query = query.bindparams(as_of=as_of)
     return query
+
+
+def query_text(sql: str) -> str:
+    """A SQL segment's query, ready to be wrapped as a subquery: no final `;` (nor a comment
+    line after it), `:as_of::TYPE` written `CAST(:as_of AS TYPE)` so that `:as_of` is still a
+    parameter, and a final newline so that a closing parenthesis never lands in a trailing
+    `-- comment`."""
+    text = sql.strip()
+    lines = text.splitlines()
+    # Comment lines after the final `;` are dropped with it; anywhere else they stay.
+    while len(lines) > 1 and lines[-1].lstrip().startswith("--"):
+        lines.pop()
+    if "\n".join(lines).rstrip().endswith(";"):
+        text = "\n".join(lines)
+    text = _AS_OF_CAST.sub(lambda match: f"CAST(:as_of AS {match.group(1)})", text)
+    return text.rstrip().rstrip(";").rstrip() + "\n"
 
 
 def probe_columns(
@@ -177,12 +205,32 @@ def read_segment(
         try:
             columns, chunks = stream_rows(connection, query, chunk_size=chunk_size)
         except sa.exc.DBAPIError as error:
-            raise WarehouseError(
-                f"the query failed: {query_problem(error)}; {where_to_fix(name, segment)}",
-                segment=name,
-            ) from None
+            connection.rollback()
+            raise run_failure(name, segment, error, engine=engine, as_of=as_of) from None
         check_columns(name, segment, columns, required_columns)
-        yield columns, _guarded(name, segment, chunks)
+        yield columns, _guarded(name, segment, chunks, connection=connection, as_of=as_of)
+
+
+def run_failure(
+    name: str,
+    segment: Segment,
+    error: BaseException,
+    *,
+    engine: sa.Engine,
+    as_of: dt.date,
+    what: str = "the query failed",
+) -> WarehouseError:
+    """The error of a segment query that failed while running. For a rules segment, which
+    compiled and passed its checks, the failure depends on the data: name the option at fault
+    when trying each fragment alone finds it."""
+    problem = query_problem(error)
+    if isinstance(segment, RulesSegment):
+        found = locate_run_failure(name, segment, as_of=as_of, engine=engine, failure=problem)
+        if found:
+            return WarehouseError(
+                run_failure_message(name, found, problem, what=what), segment=name
+            )
+    return WarehouseError(f"{what}: {problem}; {where_to_fix(name, segment)}", segment=name)
 
 
 def check_columns(
@@ -200,12 +248,23 @@ def check_columns(
 
 
 def _guarded(
-    name: str, segment: Segment, chunks: Iterator[Sequence[sa.Row[Any]]]
+    name: str,
+    segment: Segment,
+    chunks: Iterator[Sequence[sa.Row[Any]]],
+    *,
+    connection: sa.Connection,
+    as_of: dt.date,
 ) -> Iterator[Sequence[sa.Row[Any]]]:
     try:
         yield from chunks
     except sa.exc.DBAPIError as error:
-        raise WarehouseError(
-            f"reading the result failed: {query_problem(error)}; {where_to_fix(name, segment)}",
-            segment=name,
+        # The failed transaction is over: an in-memory warehouse has only this connection.
+        connection.rollback()
+        raise run_failure(
+            name,
+            segment,
+            error,
+            engine=connection.engine,
+            as_of=as_of,
+            what="reading the result failed",
         ) from None

@@ -5,7 +5,15 @@ how it is built), ``dialects`` (the few per-warehouse expressions), ``compiler``
 the warehouse, ``compile_rules`` and ``explain_rules``).
 """
 
-from connector.rules.compiler import RulesExplanation, SignalCounts, compile_rules, explain_rules
+from connector.rules.compiler import (
+    RulesExplanation,
+    SignalCounts,
+    compile_rules,
+    explain_rules,
+    locate_run_failure,
+    printable_sql,
+    run_failure_message,
+)
 from connector.rules.model import (
     COMPUTED_COLUMNS,
     Exclusion,
@@ -23,5 +31,8 @@ __all__ = [
     "SignalCounts",
     "compile_rules",
     "explain_rules",
+    "locate_run_failure",
     "parse_duration",
+    "printable_sql",
+    "run_failure_message",
 ]

@@ -8,12 +8,14 @@ is not a valid expression is a config error, not a failed sync.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.types import NullType
 
 from connector.errors import ConfigError, ConfigProblem, WarehouseError
 from connector.rules.dialects import AtKind
@@ -57,23 +59,85 @@ def compile_rules(
 
 
 def explain_rules(
-    name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine
+    name: str,
+    segment: RulesSegment,
+    *,
+    as_of: date,
+    engine: sa.Engine,
+    on_sql: Callable[[str], None] | None = None,
 ) -> RulesExplanation:
-    """Compile segment ``name`` and count, per signal and overall, whom it selects."""
+    """Compile segment ``name`` and count, per signal and overall, whom it selects.
+
+    ``on_sql`` receives the SQL before the counting queries run, so a caller can show it even
+    when counting fails (a data-dependent error); that failure is a ``WarehouseError`` naming
+    the option at fault when it can be found.
+    """
     query = _compile(name, segment, as_of=as_of, engine=engine)
+    sql = printable_sql(query.select, engine.dialect)
+    if on_sql is not None:
+        on_sql(sql)
     total = sa.select(sa.func.count()).select_from(query.select.subquery())
     try:
         with engine.connect() as connection:
             counts = connection.execute(query.signal_counts()).one()
             qualifying = connection.execute(total).scalar_one()
     except sa.exc.DBAPIError as error:
-        raise WarehouseError(first_line(error), segment=name) from error
+        failure = first_line(error)
+        problems = locate_run_failure(name, segment, as_of=as_of, engine=engine, failure=failure)
+        raise WarehouseError(run_failure_message(name, problems, failure), segment=name) from error
     signals = [
         SignalCounts(signal.name, *(int(counts[3 * i + j]) for j in range(3)))
         for i, signal in enumerate(segment.signals)
     ]
-    sql = query.select.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
-    return RulesExplanation(sql=str(sql), signals=signals, qualifying=int(qualifying))
+    return RulesExplanation(sql=sql, signals=signals, qualifying=int(qualifying))
+
+
+def printable_sql(query: sa.Select[Any], dialect: sa.Dialect) -> str:
+    """``query`` in ``dialect``'s SQL with the values inlined, as one would paste it into the
+    warehouse's console: drivers with ``%s`` placeholders (psycopg) would otherwise double
+    every ``%`` of a LIKE pattern."""
+    if dialect.identifier_preparer._double_percents:
+        dialect = copy.copy(dialect)
+        dialect.paramstyle = "named"
+        dialect.identifier_preparer = dialect.preparer(dialect)
+    return str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+
+
+def locate_run_failure(
+    name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine, failure: str
+) -> list[ConfigProblem]:
+    """The options of segment ``name`` at fault when its query failed while running (not when
+    compiled: a data-dependent error, such as a text column compared with a number): each SQL
+    fragment and key join is tried on all the rows of its table. Empty when none fails alone.
+
+    Costs a scan of each table with a fragment, so call it only once the query failed.
+    """
+    try:
+        resolver = _Resolver(name, engine)
+        resolved, at_kinds = resolver.resolve(segment)
+        if resolver.problems:
+            return resolver.problems
+        problems = _locate_failure(
+            name, resolved, engine, as_of, at_kinds, failure, whole_tables=True
+        )
+    except sa.exc.DBAPIError:
+        return []
+    return [problem for problem in problems if problem.location != f"segments.{name}"]
+
+
+def run_failure_message(
+    name: str,
+    problems: Sequence[ConfigProblem],
+    failure: str,
+    *,
+    what: str = "the query failed",
+) -> str:
+    """The message of a rules segment's query that failed while running: the options at fault
+    (``locate_run_failure``), else the database's message and where to look."""
+    if problems:
+        located = "; ".join(f"{problem.location}: {problem.message}" for problem in problems)
+        return f"{what} at {located}"
+    return f"{what}: {failure}; check segments.{name} (run `winback segments explain {name}`)"
 
 
 def _compile(name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine) -> RulesQuery:
@@ -87,18 +151,27 @@ def _compile(name: str, segment: RulesSegment, *, as_of: date, engine: sa.Engine
     if resolver.problems:
         raise ConfigError(resolver.problems)
     dialect = engine.dialect.name
-    query = build_rules_query(resolved, as_of=as_of, dialect=dialect, at_kinds=at_kinds)
+    query = build_rules_query(
+        resolved,
+        as_of=as_of,
+        dialect=dialect,
+        at_kinds=at_kinds,
+        output_names=[segment.key, *segment.columns],
+    )
     failure = _try_run(engine, query.select)
     if failure is not None:
         raise ConfigError(_locate_failure(name, resolved, engine, as_of, at_kinds, failure))
     return query
 
 
-def _try_run(engine: sa.Engine, query: sa.Select[Any]) -> str | None:
-    """Run ``query`` with LIMIT 0; the database's error message, or None when it runs."""
+def _try_run(engine: sa.Engine, query: sa.Select[Any], *, whole: bool = False) -> str | None:
+    """Run ``query`` with LIMIT 0, or over all its rows (``whole``: errors that depend on the
+    data, such as a text compared with a number, show only then); the database's error
+    message, or None when it runs."""
+    probe = sa.select(sa.func.count()).select_from(query.subquery()) if whole else query.limit(0)
     try:
         with engine.connect() as connection:
-            connection.execute(query.limit(0)).close()
+            connection.execute(probe).close()
     except sa.exc.DBAPIError as error:
         return first_line(error)
     return None
@@ -111,8 +184,11 @@ def _locate_failure(
     as_of: date,
     at_kinds: Sequence[AtKind],
     failure: str,
+    *,
+    whole_tables: bool = False,
 ) -> list[ConfigProblem]:
-    """Find which SQL fragment made the compiled query fail, by trying each one on its table."""
+    """Find which SQL fragment made the compiled query fail, by trying each one on its table
+    (on all its rows with ``whole_tables``)."""
     base = f"segments.{name}"
     fragments: list[tuple[str, str, str | None]] = [(f"{base}.where", segment.from_, segment.where)]
     fragments += [
@@ -126,14 +202,11 @@ def _locate_failure(
         if fragment is None:
             continue
         probe = sa.select(sa.literal(1)).select_from(table_of(table, [])).where(condition(fragment))
-        error = _try_run(engine, probe)
+        error = _try_run(engine, probe, whole=whole_tables)
         if error is not None:
-            problems.append(
-                ConfigProblem(
-                    location, f"`{fragment}` is not a valid condition on `{table}`: {error}"
-                )
-            )
-    problems += _key_problems(base, segment, engine)
+            verdict = "fails on rows of" if whole_tables else "is not a valid condition on"
+            problems.append(ConfigProblem(location, f"`{fragment}` {verdict} `{table}`: {error}"))
+    problems += _key_problems(base, segment, engine, whole=whole_tables)
     if problems:
         return problems
     if segment.having is not None:
@@ -141,7 +214,7 @@ def _locate_failure(
         without = build_rules_query(
             segment, as_of=as_of, dialect=dialect, at_kinds=at_kinds, with_having=False
         )
-        if _try_run(engine, without.select) is None:
+        if _try_run(engine, without.select, whole=whole_tables) is None:
             return [
                 ConfigProblem(
                     f"{base}.having",
@@ -152,7 +225,9 @@ def _locate_failure(
     return [ConfigProblem(base, f"the compiled rules query fails in the warehouse: {failure}")]
 
 
-def _key_problems(base: str, segment: RulesSegment, engine: sa.Engine) -> list[ConfigProblem]:
+def _key_problems(
+    base: str, segment: RulesSegment, engine: sa.Engine, *, whole: bool = False
+) -> list[ConfigProblem]:
     """Keys of signal and exclusion tables that the warehouse cannot compare with the `from` key."""
     people = table_of(segment.from_, [segment.key])
     joins = [
@@ -164,7 +239,7 @@ def _key_problems(base: str, segment: RulesSegment, engine: sa.Engine) -> list[C
         probe = sa.select(sa.literal(1)).select_from(
             people.join(other, other.c[key] == people.c[segment.key])
         )
-        error = _try_run(engine, probe)
+        error = _try_run(engine, probe, whole=whole)
         if error is not None:
             message = (
                 f"`{table}.{key}` cannot be joined to `{segment.from_}.{segment.key}` "
@@ -227,10 +302,73 @@ class _Resolver:
         table = self.actual_table(signal.table)
         resolved = signal.model_copy(update={**found, "table": table})
         reflected = self._columns.get(signal.table)
-        if reflected is None or "at" not in found:
+        if reflected is None:
+            return resolved, "text"
+        if "value" in found:
+            self._check_value(location, table, found["value"], reflected[found["value"]]["type"])
+        if "at" not in found:
+            return resolved, "text"
+        if self.engine.dialect.name == "sqlite":
+            self._check_sqlite_dates(location, resolved)
             return resolved, "text"
         kind = self._at_kind(location, table, found["at"], reflected[found["at"]]["type"])
         return resolved, kind
+
+    def _check_value(self, location: str, table: str, column: str, column_type: Any) -> None:
+        """`value` is summed: a text column would fail, or (SQLite) silently count as 0."""
+        if isinstance(column_type, sa.Integer | sa.Numeric | NullType):
+            return
+        self.problems.append(
+            ConfigProblem(
+                f"{location}.value",
+                f"column `{column}` of table `{table}` has type {column_type}; `value` must be "
+                f"a numeric column (it is summed): cast it in a view, e.g. "
+                f"`CAST({column} AS NUMERIC)`",
+            )
+        )
+
+    def _check_sqlite_dates(self, location: str, signal: Signal) -> None:
+        """SQLite keeps times as text or numbers and reads them with date(), which gives NULL
+        for forms it does not know (the event would silently not count) and reads a number as
+        a Julian day (Unix days would land in antiquity): look for one such value. A scan of
+        the signal's rows when all are readable; SQLite warehouses are local files."""
+        source = table_of(signal.table, [signal.at])
+        at = source.c[signal.at]
+        day = sa.func.date(at)
+        number = sa.func.typeof(at).in_(["integer", "real"])
+        unreadable = day.is_(None) | (number & (day < "1900-01-01"))
+        probe = sa.select(at).where(at.is_not(None), unreadable).limit(1)
+        if signal.where is not None:
+            probe = probe.where(condition(signal.where))
+        try:
+            with self.engine.connect() as connection:
+                found = connection.execute(probe).first()
+        except sa.exc.DBAPIError:
+            return  # a broken `where` is reported when the whole query is tried
+        if found is None:
+            return
+        value = found[0]
+        if isinstance(value, int | float):
+            how = (
+                f"a view with `datetime({signal.at}, 'unixepoch')` for Unix seconds "
+                f"(`datetime({signal.at} / 1000, 'unixepoch')` for milliseconds, "
+                f"`date({signal.at} * 86400, 'unixepoch')` for days)"
+            )
+        else:
+            how = (
+                "a view that rewrites the column as ISO-8601 text (e.g. with `replace()` and "
+                "`substr()`)"
+            )
+        self.problems.append(
+            ConfigProblem(
+                f"{location}.at",
+                f"column `{signal.at}` of table `{signal.table}` holds values SQLite's date() "
+                f"cannot read as a date, such as `{value}`: those events would be missed. "
+                "SQLite understands ISO-8601 text ('YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' with an "
+                "optional 'T', fractional seconds and a 'Z' or '+HH:MM' offset) and Julian day "
+                f"numbers; convert the column, e.g. with {how}",
+            )
+        )
 
     def _columns_of(
         self, table_location: str, location: str, table: str, names: dict[str, str]
@@ -307,12 +445,13 @@ class _Resolver:
         return "text"
 
     def _duckdb_type(self, table: str, column: str) -> str:
-        """DuckDB reflects TIMESTAMPTZ as a naive TIMESTAMP; its information schema does not."""
+        """DuckDB reflects TIMESTAMPTZ as a naive TIMESTAMP; its information schema does not.
+        Only the table's own schema counts (the same name may exist in several)."""
         schema, _, name = table.rpartition(".")
         query = sa.text(
             "SELECT data_type FROM information_schema.columns "
-            "WHERE table_name = :table AND column_name = :column"
-            + (" AND table_schema = :schema" if schema else "")
+            "WHERE table_name = :table AND column_name = :column AND table_schema = "
+            + (":schema" if schema else "current_schema()")
         )
         params = {"table": name, "column": column, **({"schema": schema} if schema else {})}
         with self.engine.connect() as connection:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from connector.config import build_config
 from connector.errors import ConfigError
 from connector.rules import RulesSegment, compile_rules
+from connector.segments import read_segment
+from connector.sync import RunOptions, SyncRunner
+from destinations.registry import Registry
+from tests.fakes.memory_destination import MemoryDestination
 from tests.rules_reference import load_warehouse
 
 AS_OF = date(2024, 3, 1)
@@ -118,7 +124,20 @@ def test_message_of_the_raised_error(engine: sa.Engine) -> None:
     )
 
 
+@pytest.fixture(params=["duckdb", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty warehouse file of each kind (a sync opens its own connections)."""
+    if request.param == "duckdb":
+        return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'warehouse.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
 def test_names_match_case_insensitively(engine: sa.Engine) -> None:
+    """The segment returns the key and columns under the names of the config."""
+    with engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO customers VALUES (1, NULL, 'a@example.com', 1)"))
     segment = RulesSegment.model_validate(
         {
             "from": "Customers",
@@ -129,7 +148,84 @@ def test_names_match_case_insensitively(engine: sa.Engine) -> None:
         }
     )
     query = compile_rules("lapsed", segment, as_of=AS_OF, engine=engine)
-    assert [column.name for column in query.selected_columns][:2] == ["customer_id", "email"]
+    assert [column.name for column in query.selected_columns][:2] == ["Customer_ID", "EMAIL"]
+    with read_segment("lapsed", segment, engine=engine, as_of=AS_OF, chunk_size=100) as (
+        columns,
+        chunks,
+    ):
+        rows = [tuple(row) for chunk in chunks for row in chunk]
+    assert list(columns)[:2] == ["Customer_ID", "EMAIL"]
+    assert [row[:2] for row in rows] == [(1, "a@example.com")]
+
+
+def test_warehouse_names_in_another_case_preview_and_plan(
+    warehouse_url: str, tmp_path: Path
+) -> None:
+    """Tables and columns created as `Customers(CustomerID, Email)`, configured in lower case:
+    the segment compiles, previews and plans a sync that maps its columns by the config's
+    names."""
+    engine = sa.create_engine(warehouse_url)
+    statements = [
+        'CREATE TABLE "Customers" ("CustomerID" INTEGER, "Email" VARCHAR(100))',
+        'CREATE TABLE "Orders" ("CustomerID" INTEGER, "OrderedAt" DATE)',
+        "INSERT INTO \"Customers\" VALUES (1, 'one@example.com'), (2, 'two@example.com'), "
+        "(3, 'three@example.com')",
+        "INSERT INTO \"Orders\" VALUES (1, '2024-02-20'), (2, '2023-11-01')",
+    ]
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.execute(sa.text(statement))
+    table = {
+        "from": "customers",
+        "key": "customerid",
+        "columns": ["email"],
+        "as_of": "2024-03-01",
+        "signals": [
+            {
+                "name": "purchase",
+                "table": "orders",
+                "key": "customerid",
+                "at": "orderedat",
+                "inactive_after": "60d",
+            }
+        ],
+    }
+    segment = RulesSegment.model_validate(table)
+    with read_segment("lapsed", segment, engine=engine, as_of=AS_OF, chunk_size=100) as (
+        columns,
+        chunks,
+    ):
+        rows = [tuple(row) for chunk in chunks for row in chunk]
+    engine.dispose()
+    assert list(columns)[:2] == ["customerid", "email"]
+    assert [row[:2] for row in rows] == [(2, "two@example.com"), (3, "three@example.com")]
+
+    document: dict[str, Any] = {
+        "warehouse": {"url": warehouse_url},
+        "state": {"url": f"sqlite:///{tmp_path / 'state.db'}"},
+        "segments": {"lapsed": table},
+        "destinations": {"mem": {"type": "memory"}},
+        "syncs": {
+            "s": {
+                "segment": "lapsed",
+                "destination": "mem",
+                "audience": "A",
+                "identifiers": {"email": "email"},
+                "fields": {"idle": "days_inactive"},
+            }
+        },
+    }
+    registry = Registry(adapters={"memory": MemoryDestination})
+    config = build_config(document, path=tmp_path / "winback.toml", registry=registry)
+    runner = SyncRunner(config, dry_run=True)
+    try:
+        result = runner.run("s", RunOptions(dry_run=True))
+    finally:
+        runner.close()
+    assert result.error is None, result.error
+    assert result.status == "dry_run"
+    assert result.segment_rows == 2
+    assert result.planned == {"add": 2, "remove": 0, "update": 0}
 
 
 def test_at_column_must_hold_dates(engine: sa.Engine) -> None:
