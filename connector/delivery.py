@@ -1,8 +1,11 @@
 """Delivery: sends a run's planned changes in batches and checkpoints each acknowledged one.
 
 Several batches may be in flight when the adapter allows it; results are checkpointed in the
-calling thread, each in its own transaction, so a crash loses at most the batches in flight
-(re-sent by the next run: at-least-once, and adapters use idempotent calls).
+calling thread, each in its own transaction. Each batch is noted in the state store before it
+is sent (`in_flight`) and the note goes with its checkpoint, so a crash loses nothing: the next
+run settles what the stopped one sent without seeing the answer (the destination may or may not
+have applied it) and sends it again, or removes it when it has left the segment (at-least-once;
+adapters use idempotent calls).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def _batch_error(batch: Batch, error: BaseException | None) -> BaseException | N
         return BatchFailedError(
             f"{error}; a single row of {error.request_bytes or 0:,} bytes was refused as too "
             "large, so the destination refuses any request: check its URL (a proxy or another "
-            "endpoint may be answering) and its request size limit"
+            "endpoint may be answering) and its request size limit",
+            maybe_applied=False,
         )
     return error
 
@@ -152,6 +156,7 @@ class Delivery:
                     if next_changes is None:
                         break
                     batch, by_key = self._next_batch(next_changes)
+                    self._note_in_flight(action, batch, next_changes)
                     in_flight[pool.submit(call, batch)] = (batch, by_key)
                 if not in_flight:
                     break
@@ -160,7 +165,7 @@ class Delivery:
                     batch, by_key = in_flight.pop(future)
                     error = _batch_error(batch, future.exception())
                     if error is None:
-                        self._checkpoint(action, by_key, future.result())
+                        self._checkpoint(action, batch, by_key, future.result())
                     elif isinstance(error, PayloadTooLargeError):
                         retry_queue.extend(self._split(action, batch, by_key, error))
                     elif isinstance(error, BatchFailedError):
@@ -204,6 +209,7 @@ class Delivery:
             only = changes[0]
             self._checkpoint(
                 action,
+                batch,
                 by_key,
                 BatchResult(
                     rejected=[
@@ -212,22 +218,58 @@ class Delivery:
                 ),
             )
             return []
+        # Refused whole, so not applied: its halves are noted when they are sent.
+        StateStore.forget_in_flight(
+            self.connection, sync=self.result.sync, run_id=self.result.run_id, batch=batch.number
+        )
         middle = len(changes) // 2
         log.info("batch %d too large for %s; splitting into two", batch.number, self.adapter.name)
         return [changes[middle:], changes[:middle]]
 
     def _batch_failed(self, batch: Batch, error: BatchFailedError) -> None:
+        """The batch stays pending; unless the destination's answer says it applied none of
+        it, it also stays noted as in flight, for the next run to settle."""
+        if not error.maybe_applied:
+            StateStore.forget_in_flight(
+                self.connection,
+                sync=self.result.sync,
+                run_id=self.result.run_id,
+                batch=batch.number,
+            )
+            self.connection.commit()
         self._consecutive_failures += 1
         self.batch_errors.append(str(error))
         log.warning("batch %d failed: %s", batch.number, error)
 
-    def _checkpoint(
-        self, action: Action, by_key: dict[str, PlannedChange], outcome: BatchResult
+    def _note_in_flight(
+        self, action: Action, batch: Batch, changes: Sequence[PlannedChange]
     ) -> None:
-        """Record one acknowledged batch in its own transaction."""
+        """Record what this batch sends before it goes (committed): should the run stop before
+        its outcome is recorded, the next run knows the destination may have applied it."""
+        StateStore.record_in_flight(
+            self.connection,
+            sync=self.result.sync,
+            run_id=self.result.run_id,
+            batch=batch.number,
+            action=action,
+            members=[(c.key, c.identity_fp, c.identifiers_text, c.platform_id) for c in changes],
+        )
+        self.connection.commit()
+
+    def _checkpoint(
+        self,
+        action: Action,
+        batch: Batch,
+        by_key: dict[str, PlannedChange],
+        outcome: BatchResult,
+    ) -> None:
+        """Record one answered batch in its own transaction (it is no longer in flight)."""
         self._consecutive_failures = 0
         now = utcnow()
         connection = self.connection
+        StateStore.forget_in_flight(
+            connection, sync=self.result.sync, run_id=self.result.run_id, batch=batch.number
+        )
         acknowledged = [a for a in outcome.acknowledged if a.key in by_key]
         rejected = [r for r in outcome.rejected if r.key in by_key]
         if action == "remove":

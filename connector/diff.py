@@ -11,6 +11,9 @@ keys that left the segment are handed over instead:
   changed on a destination that matches on hashes, or ``refresh`` (state only) when nothing the
   destination sees changed;
 - snapshot member absent from the stage → ``remove`` (mirror mode only);
+- ``unconfirmed`` snapshot row (a stopped run sent it without seeing the answer): in the stage
+  → ``add`` again (after a ``remove`` of the identity it sent, when that changed on a
+  destination that matches on hashes); absent → ``remove`` (mirror mode only);
 - snapshot row the destination had rejected and that left the segment → ``forget`` (state only).
 
 Only rows that changed are normalised in Python; the plan lands in a second temporary table that
@@ -40,7 +43,7 @@ from connector.row_normaliser import (
     outcome_of,
     second_process_pays,
 )
-from connector.state import RowIssue, StateStore, insert_rows, snapshot
+from connector.state import MEMBER_STATUSES, RowIssue, StateStore, insert_rows, snapshot
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
@@ -495,7 +498,7 @@ class ChangePlanner:
         return issues
 
     def _plan_skipped(self, row: _Candidate, reason: str) -> RowIssue:
-        if row.status == "member":
+        if row.status in MEMBER_STATUSES:
             if self.mode == "mirror":
                 self._remove_old_identity(row)
             # a member's row stays until its removal is acknowledged
@@ -504,7 +507,6 @@ class ChangePlanner:
         return RowIssue("skipped", row.key, reason)
 
     def _plan_candidate(self, row: _Candidate, new: Ready) -> None:
-        is_member = row.status == "member"
         identity_fp, fields_fp = new.identity_fp, new.fields_fp
         values = (
             row.key,
@@ -514,7 +516,16 @@ class ChangePlanner:
             new.identifiers_text,
             new.fields_text,
         )
-        if not is_member:
+        if row.status == "unconfirmed":
+            # A stopped run sent it without seeing the answer: add it again, after removing
+            # the identity it sent if that changed on a destination that matches on it.
+            if identity_fp != row.identity_fp and self.matches_on_identifiers:
+                if self.mode == "mirror":
+                    self._remove_old_identity(row)
+                self._add_to_plan("add", *values, None)
+            else:
+                self._add_to_plan("add", *values, row.platform_id)
+        elif row.status != "member":
             self._add_to_plan("add", *values, None, in_snapshot=row.status is not None)
         elif self.full_resync:
             self._add_to_plan("add", *values, row.platform_id)
@@ -534,9 +545,11 @@ class ChangePlanner:
             self._add_to_plan("refresh", *values, row.platform_id)
 
     def _remove_old_identity(self, row: _Candidate) -> None:
-        """Plan the removal of what the snapshot says was sent for this key (a member)."""
+        """Plan the removal of what the snapshot says was sent for this key (a member, or an
+        unconfirmed row, whose fingerprints are empty)."""
         old_fp, identity_fp, fields_fp = row.old_fp, row.identity_fp, row.fields_fp
-        assert old_fp and identity_fp and fields_fp and row.identifiers, "not in the snapshot"
+        assert old_fp is not None and identity_fp and row.identifiers, "not in the snapshot"
+        assert fields_fp is not None
         self._add_to_plan(
             "remove",
             row.key,
@@ -636,7 +649,7 @@ class ChangePlanner:
                 .order_by(snap.c.key)
             ).all()
             for row in rows:
-                if row.status != "member":
+                if row.status not in MEMBER_STATUSES:
                     action: Action = "forget"
                 elif self.mode == "mirror":
                     action = "remove"

@@ -139,7 +139,23 @@ class PayloadTooLargeError(DestinationError):
 
 
 class BatchFailedError(DestinationError):
-    """This batch failed for good; its rows stay pending and the run ends as failed."""
+    """This batch failed for good; its rows stay pending and the run ends as failed.
+
+    `maybe_applied` is False when the destination's answer says it applied nothing (a 4xx
+    refusal, a redirect); otherwise (no usable answer, a job that did not finish) the next run
+    treats the batch's rows as unconfirmed (`connector.state.StateStore.settle_unconfirmed`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        destination: str | None = None,
+        status: int | None = None,
+        maybe_applied: bool = True,
+    ):
+        super().__init__(message, destination=destination, status=status)
+        self.maybe_applied = maybe_applied
 
 
 class FatalDestinationError(DestinationError):

@@ -6,10 +6,15 @@ first use and carries a version number so later releases can migrate it in place
 Tables:
 - ``snapshot``: one row per (sync, key) that winback added to the destination (``status =
   'member'``), that the destination rejected (``'rejected'``, so it is not re-sent until it
-  changes) or that has no usable identifier (``'skipped'``, with its ``reason``, so it is not
-  re-checked until it changes or the normalisation settings do). It keeps what later runs need:
-  fingerprints for the diff, the normalised identifiers and the platform id to remove the member
-  again.
+  changes), that has no usable identifier (``'skipped'``, with its ``reason``, so it is not
+  re-checked until it changes or the normalisation settings do) or that a stopped run sent
+  without seeing the answer (``'unconfirmed'``: the destination may or may not have it). It
+  keeps what later runs need: fingerprints for the diff, the normalised identifiers and the
+  platform id to remove the member again.
+- ``in_flight``: one row per batch handed to the destination and not yet recorded, with what
+  was sent; written before the batch goes out and deleted by its checkpoint. What a stopped run
+  leaves there becomes ``'unconfirmed'`` snapshot rows at the start of the next run
+  (`StateStore.settle_unconfirmed`).
 - ``runs``: one row per run with its counts, duration and outcome.
 - ``row_issues``: rows skipped before sending (null/duplicate key, no usable identifier) and rows
   the destination rejected, with the reason.
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from connector.errors import LockedError, StateError
@@ -37,8 +43,9 @@ from connector.warehouse import (
     with_installed_driver,
 )
 
-SCHEMA_VERSION = 2
-"""1: first release; 2: snapshot.reason and rows with status 'skipped'."""
+SCHEMA_VERSION = 3
+"""1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
+table and snapshot rows with status 'unconfirmed'."""
 LOCK_TTL = dt.timedelta(minutes=30)
 
 metadata = sa.MetaData()
@@ -108,6 +115,17 @@ row_issues = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
 )
 
+in_flight = sa.Table(
+    "in_flight",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("batch", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    # JSON: [[key, identity_fp, identifiers (their JSON text), platform_id], ...] as sent
+    sa.Column("members", sa.Text, nullable=False),
+)
+
 locks = sa.Table(
     "locks",
     metadata,
@@ -118,6 +136,9 @@ locks = sa.Table(
     sa.Column("acquired_at", sa.DateTime, nullable=False),
     sa.Column("heartbeat_at", sa.DateTime, nullable=False),
 )
+
+MEMBER_STATUSES = ("member", "unconfirmed")
+"""Snapshot statuses of keys the destination has, or may have (see `settle_unconfirmed`)."""
 
 RUN_COUNT_COLUMNS = (
     "segment_rows",
@@ -564,17 +585,19 @@ class StateStore:
     # -- snapshot ----------------------------------------------------------------------------
 
     def audience_size(self, connection: sa.Connection | None, sync: str) -> int:
-        """Members winback added to the destination (rejected rows do not count)."""
+        """Members winback added to the destination, counting those a stopped run may have
+        added or failed to remove (`unconfirmed`); rejected and skipped rows do not count."""
         query: sa.Executable = (
             sa.select(sa.func.count())
             .select_from(snapshot)
-            .where(snapshot.c.sync == sync, snapshot.c.status == "member")
+            .where(snapshot.c.sync == sync, snapshot.c.status.in_(MEMBER_STATUSES))
         )
         if self.engine.dialect.name == "sqlite":
             # A scan reads the status next to the key; through the primary-key index each row
             # costs a table lookup (0.1 s instead of 0.16-0.23 s for 500k members).
             query = sa.text(
-                "SELECT count(*) FROM snapshot NOT INDEXED WHERE sync = :sync AND status = 'member'"
+                "SELECT count(*) FROM snapshot NOT INDEXED WHERE sync = :sync "
+                "AND status IN ('member', 'unconfirmed')"
             ).bindparams(sync=sync)
         if connection is not None:
             return int(connection.execute(query).scalar_one())
@@ -582,10 +605,116 @@ class StateStore:
             return int(own.execute(query).scalar_one())
 
     def reset(self, sync: str) -> int:
-        """Forget a sync's snapshot; returns how many rows were forgotten."""
+        """Forget a sync's snapshot (and the batches a stopped run left unconfirmed); returns
+        how many snapshot rows were forgotten."""
         with self.engine.begin() as connection:
+            connection.execute(in_flight.delete().where(in_flight.c.sync == sync))
             result = connection.execute(snapshot.delete().where(snapshot.c.sync == sync))
             return int(result.rowcount or 0)
+
+    # -- batches in flight -------------------------------------------------------------------
+
+    @staticmethod
+    def record_in_flight(
+        connection: sa.Connection,
+        *,
+        sync: str,
+        run_id: str,
+        batch: int,
+        action: str,
+        members: Sequence[tuple[str, str, str, str | None]],
+    ) -> None:
+        """Note a batch about to be sent: (key, identity_fp, identifiers text, platform_id) of
+        each member, as sent. The caller commits before sending it."""
+        connection.execute(
+            in_flight.insert().values(
+                sync=sync,
+                run_id=run_id,
+                batch=batch,
+                action=action,
+                members=orjson.dumps(members).decode(),
+            )
+        )
+
+    @staticmethod
+    def forget_in_flight(connection: sa.Connection, *, sync: str, run_id: str, batch: int) -> None:
+        """The batch's outcome is recorded (or it was refused whole and is split): it is no
+        longer in doubt."""
+        connection.execute(
+            in_flight.delete().where(
+                in_flight.c.sync == sync, in_flight.c.run_id == run_id, in_flight.c.batch == batch
+            )
+        )
+
+    @staticmethod
+    def settle_unconfirmed(connection: sa.Connection, sync: str) -> int:
+        """Turn the batches an earlier run sent without recording their outcome (it was killed
+        or stopped, or the batch failed) into `unconfirmed` snapshot rows; returns how many.
+
+        The destination may or may not have applied such a batch, so neither the old snapshot
+        row nor its absence can be trusted: an unconfirmed row keeps what was last sent (to
+        remove it again) and an empty raw fingerprint, which no segment row matches, so the
+        planner sees the key again: still in the segment, it is added again (adds are
+        idempotent); gone, it is removed (mirror mode). Runs under the sync's lock, before
+        planning; the caller commits (a dry run rolls back).
+        """
+        batches = connection.execute(
+            sa.select(in_flight.c.members)
+            .where(in_flight.c.sync == sync)
+            .order_by(in_flight.c.run_id, in_flight.c.batch)
+        ).scalars()
+        sent: dict[str, tuple[str, str, str | None]] = {}
+        for members in batches:
+            for key, identity_fp, identifiers, platform_id in orjson.loads(members):
+                sent[key] = (identity_fp, identifiers, platform_id)  # the last sending counts
+        if not sent:
+            return 0
+        keys = list(sent)
+        present: set[str] = set()
+        for start in range(0, len(keys), 500):
+            present.update(
+                connection.execute(
+                    sa.select(snapshot.c.key).where(
+                        snapshot.c.sync == sync, snapshot.c.key.in_(keys[start : start + 500])
+                    )
+                ).scalars()
+            )
+        changed = [
+            {
+                "b_key": key,
+                "b_identity_fp": identity_fp,
+                "b_identifiers": identifiers,
+                "b_platform_id": platform_id,
+            }
+            for key, (identity_fp, identifiers, platform_id) in sent.items()
+            if key in present
+        ]
+        if changed:
+            connection.execute(
+                snapshot.update()
+                .where(snapshot.c.sync == sync, snapshot.c.key == sa.bindparam("b_key"))
+                .values(
+                    status="unconfirmed",
+                    raw_fp="",
+                    fields_fp="",
+                    identity_fp=sa.bindparam("b_identity_fp"),
+                    identifiers=sa.bindparam("b_identifiers"),
+                    platform_id=sa.func.coalesce(
+                        sa.bindparam("b_platform_id", type_=sa.String), snapshot.c.platform_id
+                    ),
+                    reason=None,
+                ),
+                changed,
+            )
+        unknown = (None, None, None)  # first_added_at, last_sent_at, reason
+        added = [
+            (sync, key, "unconfirmed", "", identity_fp, "", identifiers, platform_id, *unknown)
+            for key, (identity_fp, identifiers, platform_id) in sent.items()
+            if key not in present
+        ]
+        insert_rows(connection, snapshot, added)
+        connection.execute(in_flight.delete().where(in_flight.c.sync == sync))
+        return len(sent)
 
     @staticmethod
     def record_issues(

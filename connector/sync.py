@@ -30,6 +30,7 @@ from connector.identity import NORMALISATION_VERSION
 from connector.interrupts import interrupts_held
 from connector.json_text import fingerprinted_text
 from connector.pushdown import KeyCensus, supports_pushdown
+from connector.report import counted
 from connector.row_normaliser import RowNormaliser
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
@@ -199,6 +200,16 @@ class SyncRunner:
                 full_resync=options.full_resync,
                 skip_settings=self._skip_settings(sync_name, adapter),
             )
+            unconfirmed = StateStore.settle_unconfirmed(connection, sync_name)
+            if unconfirmed:
+                log.info(
+                    "%s: %s sent by an earlier run that stopped before the destination "
+                    "answered: added again if still in the segment, removed if not",
+                    sync_name,
+                    counted(unconfirmed, "row"),
+                )
+                if not options.dry_run:
+                    connection.commit()
             source = self._segment_source(sync_name, options)
             in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
             batch_size = sync.batch_size or adapter.batch_size

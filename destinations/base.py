@@ -695,6 +695,7 @@ class HttpClient:
             "configure the final URL in the destination",
             destination=self.destination,
             status=status,
+            maybe_applied=False,
         )
 
     def error_for(
@@ -729,7 +730,12 @@ class HttpClient:
                 else ""
             )
             return FatalDestinationError(detail + hint, destination=self.destination, status=status)
-        return BatchFailedError(detail, destination=self.destination, status=status)
+        return BatchFailedError(
+            detail,
+            destination=self.destination,
+            status=status,
+            maybe_applied=not 400 <= status < 500,  # a 4xx refusal applied nothing
+        )
 
     def close(self) -> None:
         self.session.close()

@@ -303,3 +303,56 @@ def test_ctrl_c_in_text_mode_still_prints_the_syncs_that_finished(tmp_path: Path
     assert "a: success" in result.stdout, result
     assert "b: failed" in result.stdout, result
     assert "error: interrupted" in result.stderr
+
+
+@pytest.mark.parametrize("action", ["add", "remove"])
+def test_a_batch_applied_without_an_answer_is_settled_whatever_the_segment_does_next(
+    tmp_path: Path, action: str
+) -> None:
+    """The receiver applies a batch, and the run is killed before the answer comes back. Then
+    the segment undoes that change: the person being added leaves, or the person being removed
+    comes back. The next run must remove the one who left (nobody else would: winback never
+    saw the add acknowledged), or add the one who came back (the snapshot still has them)."""
+    members: dict[str, dict[str, object]] = {}
+    guard = threading.Lock()
+    hold = threading.Event()
+    released = threading.Event()
+
+    def answer(request: RecordedRequest) -> ScriptedResponse:
+        body = request.json()
+        with guard:
+            for record in body["records"]:
+                if body["action"] == "remove":
+                    members.pop(record["key"], None)
+                else:
+                    members[record["key"]] = record
+        if body["action"] == action and hold.is_set():
+            released.wait(60)  # applied; the answer never reaches the killed run
+        return ScriptedResponse(200)
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    with FakeHttpServer(answer) as server:
+        webhook_project(tmp_path, server.url + "/hook", customers=10)
+        if action == "remove":
+            complete_run(tmp_path)
+            warehouse_sql(warehouse, "UPDATE customers SET lapsed = false WHERE customer_id = 3")
+        hold.set()
+        try:
+            process = start_cli(*RUN, cwd=tmp_path)
+            kill_when(process, lambda: len(server.requests) >= (2 if action == "remove" else 1))
+        finally:
+            released.set()
+        lapsed = "false" if action == "add" else "true"
+        warehouse_sql(warehouse, f"UPDATE customers SET lapsed = {lapsed} WHERE customer_id = 3")
+
+        run = complete_run(tmp_path)
+
+        assert set(members) == set(segment_members(warehouse))
+        assert snapshot_members(tmp_path, "s") == set(members)
+        assert run["sent"] == (
+            {"add": 9, "remove": 1, "update": 0}
+            if action == "add"
+            else {"add": 1, "remove": 0, "update": 0}
+        )
+        rerun = complete_run(tmp_path)
+        assert rerun["batches"] == 0

@@ -38,6 +38,8 @@ class MemoryDestination(Destination):
     audiences: ClassVar[dict[str, Audience]] = {}
     reject: ClassVar[Callable[[Member], str | None]] = staticmethod(lambda m: None)
     fail_batch: ClassVar[Callable[[str, Batch], Exception | None]] = staticmethod(lambda a, b: None)
+    lose_answer: ClassVar[Callable[[str, Batch], bool]] = staticmethod(lambda a, b: False)
+    """True for a batch that is applied but whose answer never reaches winback (a timeout)."""
     platform_ids: ClassVar[itertools.count[int]] = itertools.count(1)
     calls: ClassVar[list[tuple[str, int]]] = []
 
@@ -46,6 +48,7 @@ class MemoryDestination(Destination):
         cls.audiences = {}
         cls.reject = staticmethod(lambda m: None)
         cls.fail_batch = staticmethod(lambda a, b: None)
+        cls.lose_answer = staticmethod(lambda a, b: False)
         cls.calls = []
 
     @property
@@ -71,6 +74,8 @@ class MemoryDestination(Destination):
                 result.rejected.append(Rejection(member.key, reason))
                 continue
             result.acknowledged.append(Acknowledged(member.key, apply(member)))
+        if self.lose_answer(action, batch):
+            raise BatchFailedError("injected: applied, but the answer was lost")
         return result
 
     def add(self, batch: Batch) -> BatchResult:

@@ -60,9 +60,11 @@ def test_a_version_1_store_is_migrated_in_place(v1_store_url: str) -> None:
                 sa.select(snapshot.c.key, snapshot.c.status, snapshot.c.reason)
             ).one()
             indexes = {i["name"] for i in sa.inspect(connection).get_indexes("snapshot")}
-        assert version == SCHEMA_VERSION == 2
+            tables = set(sa.inspect(connection).get_table_names())
+        assert version == SCHEMA_VERSION == 3
         assert tuple(member) == ("1", "member", None)
         assert "snapshot_skipped" in indexes
+        assert "in_flight" in tables
         assert store.audience_size(None, "s") == 1
     finally:
         store.dispose()
