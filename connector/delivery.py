@@ -287,11 +287,17 @@ class Delivery:
             )
             rows += self._snapshot_rows([(by_key[r.key], None) for r in rejected], "rejected", now)
             insert_rows(connection, snapshot, rows)
-        elif action == "update" and acknowledged:
-            self._update_snapshot(
-                [(by_key[a.key], a.platform_id or by_key[a.key].platform_id) for a in acknowledged],
-                now,
-            )
+        elif action == "update":
+            if acknowledged:
+                self._update_snapshot(
+                    [
+                        (by_key[a.key], a.platform_id or by_key[a.key].platform_id)
+                        for a in acknowledged
+                    ],
+                    now,
+                )
+            if rejected:
+                self._keep_refused_update([by_key[r.key] for r in rejected])
         StateStore.record_issues(
             connection,
             run_id=self.result.run_id,
@@ -361,6 +367,18 @@ class Delivery:
                 }
                 for c, platform_id in changes
             ],
+        )
+
+    def _keep_refused_update(self, changes: Sequence[PlannedChange]) -> None:
+        """The destination keeps the old values of these members: the snapshot keeps them too
+        (to compare and remove), with the new raw fingerprint, so the refused update is not
+        sent again until the row changes (and a row changed back to the old values is only
+        refreshed)."""
+        self.connection.execute(
+            snapshot.update()
+            .where(snapshot.c.sync == self.result.sync, snapshot.c.key == sa.bindparam("b_key"))
+            .values(raw_fp=sa.bindparam("b_raw_fp")),
+            [{"b_key": c.key, "b_raw_fp": c.raw_fp} for c in changes],
         )
 
     def _apply_state_only(self, action: Action) -> None:

@@ -575,6 +575,46 @@ def test_rejected_rows_are_recorded_and_not_resent(
     assert receiver.members["4"]["identifiers"]["email"] == "fixed4@example.com"
 
 
+def test_a_refused_update_is_not_resent_until_the_row_changes_but_a_refused_removal_is(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    """The receiver keeps the old values of a member whose update it refuses: the next runs do
+    not send that update again (nor fail as partial) until the row changes again. A refused
+    removal is tried again by every run: the person must leave the audience."""
+    webhook_project(tmp_path, receiver.url, customers=10)
+    warehouse = tmp_path / "warehouse.duckdb"
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    warehouse_sql(warehouse, "UPDATE customers SET tier = 'gold' WHERE customer_id IN (2, 3)")
+    receiver.reject_keys({"2"})
+
+    refused = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert refused.returncode == 3, refused
+    assert (refused.run()["sent"]["update"], refused.run()["rejected"]) == (1, 1)
+    assert receiver.members["2"]["fields"]["tier"] == "t2"
+    assert receiver.members["3"]["fields"]["tier"] == "gold"
+
+    quiet = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet
+    assert quiet.run()["planned"] == {"add": 0, "remove": 0, "update": 0}
+
+    receiver.reject_keys(set())
+    warehouse_sql(warehouse, "UPDATE customers SET tier = 'platinum' WHERE customer_id = 2")
+    changed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert changed.run()["sent"] == {"add": 0, "remove": 0, "update": 1}, changed
+    assert receiver.members["2"]["fields"]["tier"] == "platinum"
+
+    warehouse_sql(warehouse, "UPDATE customers SET lapsed = false WHERE customer_id = 5")
+    receiver.reject_keys({"5"})
+    for _ in range(2):
+        kept = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert kept.returncode == 3, kept
+        assert (kept.run()["planned"]["remove"], kept.run()["rejected"]) == (1, 1)
+    receiver.reject_keys(set())
+    removed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert removed.run()["sent"]["remove"] == 1, removed
+    assert set(receiver.members) == set(segment_members(warehouse))
+
+
 def test_throttling_and_server_errors_are_retried(
     tmp_path: Path, receiver: WebhookReceiver
 ) -> None:
