@@ -53,7 +53,10 @@ KEY_COLUMN = "winback_key"
 FP_COLUMN = "winback_fp"
 CHANGED_COLUMN = "winback_changed"
 ROW_COLUMN = "winback_row"
-"""PostgreSQL before 14: the segment row's number (`_row_order`)."""
+"""The segment row's number in the order the query returns rows, given before the join with the
+snapshot: the join's output (and so `rowid` or `ctid`) follows whichever side the warehouse
+hashes, and a duplicate key's first row would then differ from the one the first sync sent
+(~0.05 s for 500k rows on DuckDB, ~0.5 s on PostgreSQL)."""
 
 _SEGMENT = "winback_segment"
 _SNAPSHOT = "winback_snapshot"
@@ -78,18 +81,6 @@ class TemporaryTablesRefused(WarehouseError):
 def supports_pushdown(engine: sa.Engine) -> bool:
     """Whether this warehouse can compute the diff itself."""
     return engine.dialect.name in PUSHDOWN_DIALECTS
-
-
-def _row_order(dialect: sa.Dialect) -> str:
-    """What orders a temporary table's rows as they were inserted: DuckDB's `rowid`; on
-    PostgreSQL 14 and later `ctid` (a new table, only ever appended to, is written in insertion
-    order), older servers, which this was not tried on, a `row_number()` column (~0.5 s for 500k
-    rows, tested by forcing it)."""
-    if dialect.name == "duckdb":
-        return "rowid"
-    if (dialect.server_version_info or (0,)) >= (14,):
-        return "ctid"
-    return ROW_COLUMN
 
 
 def valid_key_sql(key: str, dialect: str = "duckdb") -> str:
@@ -170,8 +161,6 @@ class WarehouseDiff:
         self._key = key
         self._mapping = list(mapping)
         self._duckdb = connection.dialect.name == "duckdb"
-        self._row = _row_order(connection.dialect)
-        """What orders the segment table's rows as the query returned them."""
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -198,7 +187,7 @@ class WarehouseDiff:
         self._execute(
             sa.text(  # keys checked once a group, not once a row
                 f"CREATE TEMP TABLE {_DUPLICATES} AS SELECT * FROM ("
-                f"SELECT {KEY_COLUMN}, count(*) AS n, min({self._row}) AS first_row "
+                f"SELECT {KEY_COLUMN}, count(*) AS n, min({ROW_COLUMN}) AS first_row "
                 f"FROM {_SEGMENT} GROUP BY {KEY_COLUMN} HAVING count(*) > 1) AS repeated "
                 f"WHERE {self._valid_key()}"
             ),
@@ -276,8 +265,7 @@ class WarehouseDiff:
 
     def _keyed_select(self, *, numbered: bool = False) -> sa.Select[Any]:
         """The segment's mapped columns with its key as text and its raw fingerprint (and,
-        `numbered` on PostgreSQL before 14, the row's number in the order the query returns
-        them).
+        `numbered`, the row's number in the order the query returns them: `ROW_COLUMN`).
 
         The fingerprint is DuckDB's 64-bit hash of a seed naming the mapping and the mapped
         columns (the cheapest function that keeps columns and NULLs apart), or PostgreSQL's
@@ -300,11 +288,7 @@ class WarehouseDiff:
                 sa.Text,
             )
         )
-        numbers = (
-            [sa.func.row_number().over().label(ROW_COLUMN)]
-            if numbered and self._row == ROW_COLUMN
-            else []
-        )
+        numbers = [sa.func.row_number().over().label(ROW_COLUMN)] if numbered else []
         # Keys are grouped, joined and compared as bytes, as the state database compares them:
         # a NOCASE (or nondeterministic) key column would make 'A' and 'a' one key.
         key_text = sa.cast(source.c[self._key], sa.String).collate(
@@ -334,7 +318,7 @@ class WarehouseDiff:
             keyed.c[KEY_COLUMN],
             keyed.c[FP_COLUMN],
             changed.label(CHANGED_COLUMN),
-            *([keyed.c[ROW_COLUMN]] if self._row == ROW_COLUMN else []),
+            keyed.c[ROW_COLUMN],
         ).select_from(keyed.outerjoin(snapshot, snapshot.c.snapshot_key == keyed.c[KEY_COLUMN]))
 
     def every_row(self, *, chunk_size: int) -> Iterator[Sequence[sa.Row[Any]]]:
@@ -445,7 +429,7 @@ class WarehouseDiff:
     def bad_keys(self) -> list[BadKeyRow]:
         rows = self._all(
             f"SELECT left({KEY_COLUMN}, {MAX_KEY_LENGTH}), length({KEY_COLUMN}) "
-            f"FROM {_SEGMENT} WHERE NOT coalesce({self._valid_key()}, false) ORDER BY {self._row}"
+            f"FROM {_SEGMENT} WHERE NOT coalesce({self._valid_key()}, false) ORDER BY {ROW_COLUMN}"
         )
         return [BadKeyRow(key, int(length or 0)) for key, length in rows]
 
@@ -466,7 +450,7 @@ class WarehouseDiff:
             f"SELECT {', '.join(selected)} FROM {_SEGMENT} AS s "
             f"LEFT JOIN {_DUPLICATES} AS d ON d.{KEY_COLUMN} = s.{KEY_COLUMN} "
             f"WHERE s.{CHANGED_COLUMN} AND {self._valid_key('s.')} "
-            f"AND (d.{KEY_COLUMN} IS NULL OR s.{self._row} = d.first_row) ORDER BY s.{self._row}"
+            f"AND (d.{KEY_COLUMN} IS NULL OR s.{ROW_COLUMN} = d.first_row) ORDER BY s.{ROW_COLUMN}"
         )
         return self._stream(sql, chunk_size)
 
