@@ -12,17 +12,25 @@ import datetime as dt
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
-import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from connector.errors import ConfigError, ConfigProblem
 from connector.rules import RulesSegment
-from destinations.base import IDENTIFIER_NAMES, Destination, DestinationOptions, RetrySettings
+from connector.warehouse import parse_database_url
+from destinations.base import (
+    IDENTIFIER_NAMES,
+    Destination,
+    DestinationOptions,
+    Redactor,
+    RetrySettings,
+    redact_query_values,
+)
 from destinations.registry import Registry, load_registry
 
 DEFAULT_CONFIG = "winback.toml"
@@ -186,28 +194,52 @@ def _pydantic_problems(prefix: str, error: ValidationError) -> list[ConfigProble
     return problems
 
 
-def interpolate_env(value: Any, location: str, problems: list[ConfigProblem]) -> Any:
+def interpolate_env(
+    value: Any,
+    location: str,
+    problems: list[ConfigProblem],
+    *,
+    used: list[Interpolated] | None = None,
+) -> Any:
     """Replace `${VAR}` (or `${VAR:-default}`) in every string; unset variables are problems.
 
     Every `${` must start such a reference: an unclosed one or one without a valid name is a
-    problem too, rather than text passed on as it is."""
+    problem too, rather than text passed on as it is. Each value put in is added to `used`."""
     if isinstance(value, str):
-        return _interpolate_text(value, location, problems)
+        return _interpolate_text(value, location, problems, used)
     if isinstance(value, dict):
         return {
-            k: interpolate_env(v, f"{location}.{k}" if location else k, problems)
+            k: interpolate_env(v, f"{location}.{k}" if location else k, problems, used=used)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [interpolate_env(v, f"{location}[{i}]", problems) for i, v in enumerate(value)]
+        return [
+            interpolate_env(v, f"{location}[{i}]", problems, used=used) for i, v in enumerate(value)
+        ]
     return value
+
+
+@dataclass(frozen=True)
+class Interpolated:
+    """A value from the environment (or a `${VAR:-default}`) put into the string at
+    `location` of the config, which reads `text` once interpolated."""
+
+    location: str
+    value: str
+    text: str
 
 
 _REFERENCE_HINT = "write `${NAME}` or `${NAME:-default}`"
 
 
-def _interpolate_text(text: str, location: str, problems: list[ConfigProblem]) -> str:
+def _interpolate_text(
+    text: str,
+    location: str,
+    problems: list[ConfigProblem],
+    used: list[Interpolated] | None = None,
+) -> str:
     parts: list[str] = []
+    values: list[str] = []
     position = 0
     while (start := text.find("${", position)) >= 0:
         parts.append(text[position:start])
@@ -223,7 +255,8 @@ def _interpolate_text(text: str, location: str, problems: list[ConfigProblem]) -
             position = len(text)
             continue
         if match is not None:
-            parts.append(_env_value(match, location, problems))
+            values.append(_env_value(match, location, problems))
+            parts.append(values[-1])
             position = match.end()
             continue
         end = text.find("}", start)
@@ -241,7 +274,10 @@ def _interpolate_text(text: str, location: str, problems: list[ConfigProblem]) -
             position = end + 1
         problems.append(ConfigProblem(location, message))
     parts.append(text[position:])
-    return "".join(parts)
+    result = "".join(parts)
+    if used is not None:
+        used.extend(Interpolated(location, value, result) for value in values if value)
+    return result
 
 
 def _excerpt(text: str, limit: int = 40) -> str:
@@ -266,11 +302,9 @@ def _env_value(match: re.Match[str], location: str, problems: list[ConfigProblem
 
 
 def resolve_database_url(url: str, base_dir: Path) -> str:
-    """Make a relative SQLite/DuckDB file path absolute against the config folder."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError as error:
-        raise ValueError(f"`{url}` is not a SQLAlchemy URL ({error})") from error
+    """Make a relative SQLite/DuckDB file path absolute against the config folder; a URL that
+    does not parse is a ValueError quoting no part of its password."""
+    parsed = parse_database_url(url)
     database = parsed.database
     if parsed.get_backend_name() in ("sqlite", "duckdb") and database and database != ":memory:":
         path = Path(database).expanduser()
@@ -318,7 +352,8 @@ def build_config(
     as invalid or undefined by a later stage."""
     source = str(path)
     problems: list[ConfigProblem] = []
-    document = interpolate_env(dict(document), "", problems)
+    interpolated: list[Interpolated] = []
+    document = interpolate_env(dict(document), "", problems, used=interpolated)
     # What stands in for a value that could not be interpolated (empty text) may upset other
     # checks of its table: there, only unknown keys are reported besides it.
     uninterpolated = {_table_of(problem.location) for problem in problems}
@@ -337,6 +372,8 @@ def build_config(
 
     segments = _build_segments(raw.segments, base_dir, found)
     registry = registry or load_registry()
+    # Before anything can fail: a message about a URL or an option may quote these values.
+    Redactor(_secret_values(interpolated, raw.destinations, registry))
     destinations = _build_destinations(raw.destinations, registry, base_dir, found)
     invalid = (
         _unusable_names(document, "segments", segments),
@@ -358,6 +395,49 @@ def build_config(
         syncs=syncs,
         sync_options=sync_options,
     )
+
+
+def _secret_values(
+    interpolated: Iterable[Interpolated],
+    destinations: Mapping[str, Mapping[str, Any]],
+    registry: Registry,
+) -> list[str]:
+    """The values from the environment that are secrets: those landing in a secret option of a
+    destination (`SecretStr`), in the password of a URL or in the value of a URL query parameter
+    named like a credential (`?password=`, `?token=`...)."""
+    secrets = []
+    for item in interpolated:
+        if "://" in item.text:
+            try:
+                password = urlsplit(item.text).password or ""
+            except ValueError:  # not a URL after all (a port that is not a number...)
+                password = item.text
+            in_password = bool(password) and (item.value in password or password in item.value)
+            if in_password or item.value not in redact_query_values(item.text):
+                secrets += [item.value, password]
+        elif _is_secret_option(item.location, destinations, registry):
+            secrets.append(item.value)
+    return secrets
+
+
+def _is_secret_option(
+    location: str, destinations: Mapping[str, Mapping[str, Any]], registry: Registry
+) -> bool:
+    """Whether `location` is a destination option its adapter declares as a `SecretStr`."""
+    section, _, rest = location.partition(".")
+    name, _, option = rest.partition(".")
+    table = destinations.get(name) if section == "destinations" else None
+    if not isinstance(table, Mapping) or not option or "." in option or "[" in option:
+        return False
+    kind = table.get("type")
+    adapter = registry.get(kind) if isinstance(kind, str) else None
+    field = adapter.options_model.model_fields.get(option) if adapter is not None else None
+    return field is not None and _mentions(field.annotation, SecretStr)
+
+
+def _mentions(annotation: Any, wanted: type) -> bool:
+    """Whether a type annotation is `wanted` or holds it (`SecretStr | None`)."""
+    return annotation is wanted or any(_mentions(arg, wanted) for arg in get_args(annotation))
 
 
 Model = TypeVar("Model", bound=BaseModel)

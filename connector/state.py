@@ -39,6 +39,7 @@ from connector.errors import LockedError, StateError
 from connector.warehouse import (
     connect_timeout_args,
     first_line,
+    parse_database_url,
     redact_url,
     with_installed_driver,
 )
@@ -330,6 +331,84 @@ def _file_in_the_way(folder: Path) -> Path | None:
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
+SCHEMA_LOCK_KEY = 0x77696E6261636B  # "winback"
+"""The PostgreSQL advisory lock (`pg_advisory_xact_lock`) held while the schema is checked and
+created or migrated."""
+
+
+def create_state_engine(url: sa.URL) -> sa.Engine:
+    """An engine for the state store; statement parameters (customer identifiers) never go into
+    an error's text."""
+    engine = sa.create_engine(
+        with_installed_driver(url), connect_args=connect_timeout_args(url), hide_parameters=True
+    )
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+PERMISSION_HINT = (
+    "grant the state role SELECT, INSERT, UPDATE, DELETE on winback's tables (and CREATE on the "
+    "schema for the first run)"
+)
+
+
+def state_failure(url: str, error: BaseException, *, opening: bool = False) -> StateError:
+    """A StateError for a statement of the state store that failed (`error`: a DBAPIError, or
+    the driver's own error): the database's first line (never SQLAlchemy's statement and
+    parameters, which hold customer identifiers) and what to do about it."""
+    problem = first_line(error)
+    lowered = problem.lower()
+    original = getattr(error, "orig", None) or error
+    sqlstate = getattr(original, "sqlstate", None)
+    lost = getattr(error, "connection_invalidated", False) or any(
+        kind.__name__ == "OperationalError" for kind in type(original).__mro__
+    )
+    if sqlstate == "42501" or "permission denied" in lowered:
+        hint = PERMISSION_HINT
+    elif "readonly database" in lowered or "read-only" in lowered:
+        hint = "make the state database writable by the user running winback"
+    elif lost:
+        hint = "check [state] url and that the database server is up and reachable"
+        if not opening:  # batches in doubt are settled by the next run (`settle_unconfirmed`)
+            hint += "; the next run sends what this one could not record"
+    else:
+        hint = "check [state] url"
+    if opening:
+        return StateError(f"cannot open the state store `{redact_url(url)}`: {problem}; {hint}")
+    return StateError(f"the state store `{redact_url(url)}` failed: {problem}; {hint}")
+
+
+def raised_through(error: BaseException, engine: sa.Engine) -> bool:
+    """Whether `error` was raised while `engine` or one of its connections was at work: the
+    innermost frame of its traceback holding an engine or a connection decides (the state store
+    and the warehouse may both be PostgreSQL, with the same error classes)."""
+    verdict = False
+    frame = error.__traceback__
+    while frame is not None:
+        names = frame.tb_frame.f_locals
+        owner = names.get("self")
+        held = (
+            [owner]
+            if isinstance(owner, sa.Connection | sa.Engine)
+            else [v for v in names.values() if isinstance(v, sa.Connection | sa.Engine)]
+        )
+        if held:
+            verdict = any(
+                item is engine or (isinstance(item, sa.Connection) and item.engine is engine)
+                for item in held
+            )
+        frame = frame.tb_next
+    return verdict
+
+
+def is_database_error(error: BaseException, engine: sa.Engine) -> bool:
+    """Whether `error` is a database error of `engine`'s driver, wrapped by SQLAlchemy or raw
+    (statements sent through the driver itself, such as `_copy_rows`)."""
+    dbapi = engine.dialect.loaded_dbapi
+    return isinstance(error, (sa.exc.DBAPIError, dbapi.Error))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -345,12 +424,14 @@ class StateStore:
 
     @classmethod
     def for_reading(cls, url: str) -> StateStore:
-        """The store for commands that only read it (`sync plan`, `status`, `history`...): a
-        SQLite file that does not exist yet is not created, an empty in-memory store stands in
-        for it (nothing was synced yet)."""
+        """The store for commands that only read it (`sync plan`, `status`, `history`...).
+
+        Nothing is created or migrated, on any database: where winback's tables are not there
+        yet (a SQLite file that does not exist, an empty PostgreSQL database), an empty
+        in-memory store stands in for them (nothing was synced yet)."""
         try:
-            parsed = sa.engine.make_url(url)
-        except sa.exc.ArgumentError:
+            parsed = parse_database_url(url)
+        except ValueError:
             return cls(url)  # which says what is wrong with the URL
         database = parsed.database
         if (
@@ -361,25 +442,37 @@ class StateStore:
         ):
             _prepare_sqlite_file(Path(database), create_folder=False)
             return cls("sqlite://")
-        return cls(url)
+        store = cls(url, read_only=True)
+        if not store._has_tables:
+            store.dispose()
+            return cls("sqlite://")
+        return store
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, read_only: bool = False):
+        """`read_only`: check the schema there but neither create nor migrate it (see
+        `for_reading`)."""
         self.url = url
+        self.read_only = read_only
+        self._has_tables = True
         try:
-            parsed = sa.engine.make_url(url)
+            parsed = parse_database_url(url)
+        except ValueError as error:
+            raise StateError(f"cannot use state URL ({error}); check [state] url") from None
+        try:
             database = parsed.database
-            if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+            if (
+                not read_only
+                and parsed.get_backend_name() == "sqlite"
+                and database
+                and database != ":memory:"
+            ):
                 _prepare_sqlite_file(Path(database))
-            self.engine = sa.create_engine(
-                with_installed_driver(parsed), connect_args=connect_timeout_args(parsed)
-            )
+            self.engine = create_state_engine(parsed)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             raise StateError(
                 f"cannot use state URL `{redact_url(url)}`: {first_line(error)}; check [state] "
                 "url and install the driver for this database (e.g. pip install 'winback[postgres]')"
             ) from None
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             self._ensure_schema()
         except BaseException:
@@ -387,19 +480,46 @@ class StateStore:
             raise
 
     def _ensure_schema(self) -> None:
+        """Create the schema, or migrate an older one, in one transaction. On PostgreSQL the
+        transaction first takes an advisory lock, so that runs starting together against a new
+        database wait for the first to create the tables instead of creating them at the same
+        time (which fails on PostgreSQL's catalog), then see them."""
         try:
             with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql" and not self.read_only:
+                    connection.execute(
+                        sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY))
+                    ).all()
                 version = self._check_existing_schema(connection)
+                if self.read_only:
+                    self._check_readable(connection, version)
+                    return
                 metadata.create_all(connection)
                 if version is None:
                     connection.execute(schema_info.insert().values(version=SCHEMA_VERSION))
                 elif version < SCHEMA_VERSION:
                     _migrate(connection, version)
         except sa.exc.DBAPIError as error:
-            raise StateError(
-                f"cannot open the state store `{redact_url(self.url)}`: {first_line(error)}; "
-                "check [state] url"
-            ) from None
+            raise state_failure(self.url, error, opening=True) from None
+
+    def _check_readable(self, connection: sa.Connection, version: int | None) -> None:
+        """For reading only: note whether winback's tables are there at all; refuse a store
+        that only a migration would make readable (nothing is migrated when only reading)."""
+        existing = set(sa.inspect(connection).get_table_names())
+        self._has_tables = any(table.name in existing for table in metadata.sorted_tables)
+        if not self._has_tables:
+            return
+        missing = [t.name for t in metadata.sorted_tables if t.name not in existing]
+        if version is not None and version < SCHEMA_VERSION:
+            found = f"has schema version {version}, older than this winback's ({SCHEMA_VERSION})"
+        elif missing:
+            found = f"has no table `{missing[0]}`"
+        else:
+            return
+        raise StateError(
+            f"the state store `{redact_url(self.url)}` ([state] url) {found}, and commands that "
+            "only read never change it; the next `winback sync run` upgrades it"
+        )
 
     def _check_existing_schema(self, connection: sa.Connection) -> int | None:
         """The version of the store there already (None: new), before anything is written.

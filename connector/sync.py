@@ -35,10 +35,16 @@ from connector.row_normaliser import RowNormaliser
 from connector.run_result import EXIT_CODES, RunResult, combined_exit_code
 from connector.segments import effective_as_of
 from connector.staging import SegmentSource, SegmentStager
-from connector.state import StateStore, utcnow
+from connector.state import (
+    StateStore,
+    is_database_error,
+    raised_through,
+    state_failure,
+    utcnow,
+)
 from connector.timing import PhaseClock
-from connector.warehouse import create_warehouse_engine
-from destinations.base import Destination, SyncContext
+from connector.warehouse import create_warehouse_engine, first_line
+from destinations.base import Destination, SyncContext, redact_text
 
 __all__ = [
     "EXIT_CODES",
@@ -139,9 +145,9 @@ class SyncRunner:
         except LockedError as error:
             result.status, result.error = "locked", str(error)
         except GuardError as error:
-            result.status, result.error = "aborted", str(error)
+            result.status, result.error = "aborted", redact_text(str(error))
         except WinbackError as error:  # warehouse, state, destination, config at run time
-            result.status, result.error = "failed", str(error)
+            result.status, result.error = "failed", redact_text(str(error))
         except KeyboardInterrupt as interrupt:
             # Raised again below, once the run is recorded: the frames it interrupted (and any
             # state-store statement they left half done, whose transaction keeps the database
@@ -153,22 +159,38 @@ class SyncRunner:
                 else "interrupted by the user"
             )
             interrupted = type(interrupt)
-        except Exception as error:  # a bug must not stop the other syncs of a scheduled run
+        except Exception as error:  # a bug, or a state-store statement that failed: the other
+            # syncs of a scheduled run go on (statement parameters are hidden from the log)
             log.debug("unexpected error in sync %s", sync_name, exc_info=True)
             result.status = "failed"
-            result.error = (
-                f"unexpected {type(error).__name__}: {error} (rerun with -vv for details)"
-            )
+            result.error = redact_text(self._database_problem(error))
         finally:
             result.duration_s = round(time.monotonic() - started, 3)
             if interrupted is not None:
                 gc.collect()  # frames in reference cycles too
             if locked:
                 with interrupts_held():  # a run left `running` would look like it still is
-                    self._finish(sync_name, result)
+                    try:
+                        self._finish(sync_name, result)
+                    except sa.exc.DBAPIError as error:
+                        raise state_failure(self.store.url, error) from None
         if interrupted is not None:
             raise interrupted
         return result
+
+    def _database_problem(self, error: Exception) -> str:
+        """What a run stopped by an error no layer above turned into a WinbackError says: the
+        state store's failure in its words (`state_failure`) when it comes from there, else the
+        error's first line (SQLAlchemy's text goes on with the statement and its parameters)."""
+        store = self._store
+        if (
+            store is not None
+            and is_database_error(error, store.engine)
+            and raised_through(error, store.engine)
+        ):
+            return str(state_failure(store.url, error))
+        shown = first_line(error) if isinstance(error, sa.exc.SQLAlchemyError) else str(error)
+        return f"unexpected {type(error).__name__}: {shown} (rerun with -vv for details)"
 
     def _finish(self, sync_name: str, result: RunResult) -> None:
         try:

@@ -12,21 +12,54 @@ from typing import Any
 import sqlalchemy as sa
 
 from connector.errors import WarehouseError
+from destinations.base import redact_query_values
+
+URL_ENCODING_HINT = (
+    "special characters in a password must be URL-encoded (@ → %40, : → %3A, / → %2F, # → %23, "
+    "% → %25)"
+)
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
+def parse_database_url(url: str) -> sa.URL:
+    """`url` parsed, or a ValueError saying what is wrong with it that quotes no part of its
+    password: an unencoded `@`, `:` or `/` in a password makes SQLAlchemy read the rest of it as
+    the host, port or database."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+        parsed = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        if "@" in url:  # user info: whatever was parsed from it may be a piece of the password
+            raise ValueError(f"not a valid SQLAlchemy URL: {URL_ENCODING_HINT}") from None
+        raise ValueError(
+            f"`{redact_query_values(url)}` is not a SQLAlchemy URL such as "
+            "postgresql://user:password@host:5432/database"
+        ) from None
+    if parsed.host and url.partition("?")[0].count("@") > 1:  # the host or database has one
+        raise ValueError(f"holds more than one `@`: {URL_ENCODING_HINT}")
+    return parsed
+
+
+def redact_url(url: str | sa.URL) -> str:
+    """The URL without its password and the values of credential-named query parameters
+    (`?password=`, `?sslpassword=`, `?token=`...), for messages."""
+    try:
+        parsed = url if isinstance(url, sa.URL) else sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
         return "<invalid URL>"
+    if parsed.host and "@" in parsed.host:  # the end of a password holding an unencoded `@`
+        parsed = parsed.set(host=parsed.host.rsplit("@", 1)[1])
+    return redact_query_values(parsed.render_as_string(hide_password=True))
 
 
 def first_line(error: BaseException) -> str:
-    """The database's own message, first line only (drivers append long context)."""
+    """The database's own message, first line only: drivers append long context, and
+    SQLAlchemy the statement, its parameters (rows of customer data) and a link."""
     original = getattr(error, "orig", None) or error
     text = str(original).strip().splitlines()
-    return text[0] if text else type(original).__name__
+    line = text[0] if text else type(original).__name__
+    return _SQLALCHEMY_CONTEXT.split(line, maxsplit=1)[0].rstrip() or type(original).__name__
+
+
+_SQLALCHEMY_CONTEXT = re.compile(r"\s*(?:\[SQL: |\[parameters: |\(Background on this error)")
 
 
 DUCKDB_MEMORY_LIMIT = "96MB"
@@ -87,7 +120,10 @@ def connect_timeout_args(url: sa.URL) -> dict[str, Any]:
 def create_warehouse_engine(url: str) -> sa.Engine:
     """An engine for the warehouse; DuckDB files are opened read-only and must exist, and
     DuckDB's memory is bounded (`DUCKDB_MEMORY_LIMIT` unless the URL sets `memory_limit`)."""
-    parsed = with_installed_driver(sa.engine.make_url(url))
+    try:
+        parsed = with_installed_driver(parse_database_url(url))
+    except ValueError as error:
+        raise WarehouseError(f"cannot use warehouse URL ({error}); check [warehouse] url") from None
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}
     database = parsed.database
@@ -104,7 +140,8 @@ def create_warehouse_engine(url: str) -> sa.Engine:
         parsed = parsed.update_query_dict({"memory_limit": DUCKDB_MEMORY_LIMIT})
     connect_args.update(connect_timeout_args(parsed))
     try:
-        return sa.create_engine(parsed, connect_args=connect_args)
+        # Statement parameters (customer data) never go into an error's text.
+        return sa.create_engine(parsed, connect_args=connect_args, hide_parameters=True)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
         raise WarehouseError(
             f"cannot use warehouse URL `{redact_url(url)}`: {first_line(error)}; install the "
@@ -119,7 +156,7 @@ def warehouse_connection(engine: sa.Engine) -> Iterator[sa.Connection]:
         connection = engine.connect()
     except sa.exc.DBAPIError as error:
         raise WarehouseError(
-            f"cannot connect to the warehouse `{redact_url(str(engine.url))}`: "
+            f"cannot connect to the warehouse `{redact_url(engine.url)}`: "
             f"{first_line(error)}; check [warehouse] url, the network and the credentials"
         ) from None
     try:

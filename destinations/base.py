@@ -390,20 +390,30 @@ _PROCESS_SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
 _QUERY_VALUE = re.compile(
     r"(?<=[?&])([\w.\-\[\]%]*(?:token|key|secret|sig|pass|pwd|auth|code|session|credential)"
-    r"[\w.\-\[\]%]*)=[^&\s\"'<>#]+",
+    r"[\w.\-\[\]%]*)=[^&\s\"'<>#`]+?(?=[&\s\"'<>#`]|[:;,.)\]]*(?:\s|$))",
     re.IGNORECASE,
 )
-"""A URL query parameter whose name says it is a credential (`?token=`, `&api_key=`...); other
-parameters (`?memory_limit=96MB`) are kept, and configured URLs' whole query strings are
-secrets anyway (`WebhookDestination.secrets`)."""
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^@\s/]+@", re.IGNORECASE)
+"""A URL query parameter whose name says it is a credential (`?token=`, `&api_key=`,
+`?password=`...); other parameters (`?memory_limit=96MB`) are kept, and configured URLs' whole
+query strings are secrets anyway (`WebhookDestination.secrets`). The value ends where the URL
+does in a message: at a backtick or quote, or before the punctuation ending a sentence
+(`` `...?password=x`: failed `` keeps `` `: failed ``)."""
+
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^\s/`]+@", re.IGNORECASE)
+"""The password of a URL's user info, up to the last `@` before the host: a password holding an
+unencoded `@` is masked whole."""
+
+
+def redact_query_values(text: str) -> str:
+    """`text` with the values of URL query parameters named like credentials as `***`."""
+    return _QUERY_VALUE.sub(r"\1=***", text)
 
 
 def redact_text(text: str) -> str:
     """`text` without any secret an adapter of this process declared (`Redactor`), the values
     of URL query parameters named like credentials or the password of a URL's user info: for
     what winback prints outside its own messages (library logs, tracebacks)."""
-    text = _URL_PASSWORD.sub(r"\1:***@", _QUERY_VALUE.sub(r"\1=***", text))
+    text = _URL_PASSWORD.sub(r"\1:***@", redact_query_values(text))
     with _SECRETS_LOCK:
         secrets = sorted(_PROCESS_SECRETS, key=len, reverse=True)
     for secret in secrets:

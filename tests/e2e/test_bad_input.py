@@ -414,3 +414,54 @@ def test_text_that_is_not_utf8_in_a_sqlite_warehouse_names_the_column(tmp_path: 
         result, 1, "column `id` holds text that is not valid UTF-8", "`hex(id)`", "segments.s.sql"
     )
     assert result.run()["sent"]["add"] == 0
+
+
+# -- database passwords: never in output, state or history --------------------------------------
+
+
+@pytest.mark.usefixtures("unchanged_state")
+def test_a_password_in_a_warehouse_url_query_never_reaches_output_or_state(
+    project: Project,
+) -> None:
+    password = "TopSecretPw-4c1e9"
+    url = f"postgresql+psycopg://winback@127.0.0.1:{closed_port()}/nope?password={password}"
+    text = project.bad_config('url = "duckdb:///warehouse.duckdb"', f'url = "{url}"')
+    failed = run_bad(project, text, "sync", "run", "--output", "json")
+    assert_one_paragraph(failed, 1, "cannot connect to the warehouse", "?password=***`: ")
+    run = failed.run()
+    history = run_bad(project, text, "sync", "history", "s")
+    validate = run_bad(project, text, "config", "validate")
+    assert_one_paragraph(validate, 2, "?password=***`: ", "check [warehouse] url")
+    stored = sqlite_rows(
+        state_db(project.folder), "SELECT error FROM runs WHERE run_id = ?", [run["run_id"]]
+    )
+    assert stored == [(run["error"],)]
+    assert "?password=***`: " in run["error"]
+    for result in (failed, history, validate):
+        assert password not in result.stdout + result.stderr, result
+    assert password.encode() not in database_dump(state_db(project.folder))
+
+
+@pytest.mark.parametrize(
+    ("password", "pieces"),
+    [("Xy7@LeakMe99", ["LeakMe99", "Xy7"]), ("p@ss:w/rd#1%", ["'w'", "rd#1", "ss:w", "int()"])],
+)
+@pytest.mark.usefixtures("unchanged_state")
+def test_special_characters_in_a_password_from_the_environment_are_explained(
+    project: Project, password: str, pieces: list[str]
+) -> None:
+    url = f"postgresql://user:${{WINBACK_E2E_WH_PW}}@127.0.0.1:{closed_port()}/db"
+    text = project.bad_config('url = "duckdb:///warehouse.duckdb"', f'url = "{url}"')
+    env = {"WINBACK_E2E_WH_PW": password}
+    for args in (("sync", "run", "--output", "json"), ("config", "validate")):
+        result = run_bad(project, text, *args, env=env)
+        message = assert_one_paragraph(
+            result,
+            2,
+            "warehouse.url",
+            "special characters in a password must be URL-encoded (@ → %40, : → %3A, / → %2F, "
+            "# → %23, % → %25)",
+        )
+        shown = result.stdout + message.split("must be URL-encoded")[0]
+        for piece in pieces:
+            assert piece not in shown, (piece, result)

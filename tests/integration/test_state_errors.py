@@ -11,14 +11,18 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from connector.errors import StateError
-from connector.state import StateStore, snapshot
-from tests.helpers import CliResult, prepared_database, run_cli
+from connector.state import PERMISSION_HINT, StateStore, snapshot
+from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.helpers import SECRET, CliResult, prepared_database, run_cli, webhook_project
 
 
 def open_fails(url: str) -> str:
@@ -202,3 +206,116 @@ def test_the_cli_reports_unusable_state_stores_in_one_paragraph(tmp_path: Path) 
     assert run.json()["runs"] == []  # one error for the command, not one per sync
     assert "is not a winback database" in run.json()["error"]
     assert table_names("sqlite:///" + str(tmp_path / "other-app.db")) == {"runs", "snapshot"}
+
+
+# -- a state role that may not write: named, with the grants to give, no customer data ---------
+
+
+@pytest.fixture
+def state_role(postgres_url: str, postgres_admin_engine: sa.Engine) -> Iterator[RestrictedRole]:
+    """A PostgreSQL login role on the `postgres_url` database, dropped after the test."""
+    name = f"wb_role_{uuid.uuid4().hex[:8]}"
+    password = f"pw{uuid.uuid4().hex[:12]}"
+    with postgres_admin_engine.connect() as connection:
+        connection.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+    url = sa.engine.make_url(postgres_url).set(username=name, password=password)
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        yield RestrictedRole(name, url.render_as_string(hide_password=False), admin)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :n"
+                ),
+                {"n": name},
+            )
+            connection.execute(sa.text(f"DROP OWNED BY {name}"))
+        admin.dispose()
+        with postgres_admin_engine.connect() as connection:
+            connection.execute(sa.text(f"DROP ROLE {name}"))
+
+
+@dataclass
+class RestrictedRole:
+    name: str
+    url: str
+    admin: sa.Engine
+
+    def grant(self, *statements: str) -> None:
+        with self.admin.connect() as connection:
+            for statement in statements:
+                connection.execute(sa.text(statement.format(role=self.name)))
+
+    def tables(self) -> list[str]:
+        with self.admin.connect() as connection:
+            return list(
+                connection.execute(
+                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                ).scalars()
+            )
+
+
+def role_project(folder: Path, receiver_url: str, state_url: str) -> None:
+    (folder / "winback.toml").unlink(missing_ok=True)
+    webhook_project(folder, receiver_url, customers=30, state_url=state_url)
+
+
+def assert_no_statement_or_customer_data(*texts: str) -> None:
+    for text in texts:
+        assert "[SQL:" not in text and "parameters" not in text, text
+        assert "@example.com" not in text, text
+        assert "Background on this error" not in text, text
+
+
+@pytest.mark.postgres
+def test_a_select_only_state_role_is_told_which_grants_it_needs(
+    tmp_path: Path, postgres_url: str, state_role: RestrictedRole
+) -> None:
+    StateStore(postgres_url).dispose()  # the tables, created by their owner
+    state_role.grant(
+        "GRANT USAGE ON SCHEMA public TO {role}",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+    )
+    with WebhookReceiver(secret=SECRET) as receiver:
+        role_project(tmp_path, receiver.url, state_role.url)
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert not receiver.requests
+    assert result.returncode == 1, result
+    error = result.run()["error"]
+    assert error.startswith("the state store `postgresql"), error
+    assert "permission denied for table locks" in error
+    assert PERMISSION_HINT in error
+    assert "Traceback" not in result.stderr
+    assert PERMISSION_HINT in result.stderr
+    assert_no_statement_or_customer_data(result.stdout, result.stderr)
+
+
+@pytest.mark.postgres
+def test_a_state_write_refused_mid_run_shows_no_statement_and_no_customer_data(
+    tmp_path: Path, postgres_url: str, state_role: RestrictedRole
+) -> None:
+    """Every table may be written but `in_flight`: the run fails when it notes the first batch
+    (whose members, emails included, are that statement's parameters) and records why."""
+    StateStore(postgres_url).dispose()
+    writable = [table for table in state_role.tables() if table != "in_flight"]
+    state_role.grant(
+        "GRANT USAGE ON SCHEMA public TO {role}",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+        *(f"GRANT INSERT, UPDATE, DELETE ON {table} TO {{role}}" for table in writable),
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    )
+    with WebhookReceiver(secret=SECRET) as receiver:
+        role_project(tmp_path, receiver.url, state_role.url)
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        verbose = run_cli("-vv", "sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 1, result
+    error = result.run()["error"]
+    assert "the state store `postgresql" in error
+    assert "permission denied for table in_flight" in error
+    assert PERMISSION_HINT in error
+    with state_role.admin.connect() as connection:
+        stored = connection.execute(sa.text("SELECT error FROM runs")).scalars().all()
+    assert stored and all(PERMISSION_HINT in text for text in stored)
+    assert_no_statement_or_customer_data(result.stdout, result.stderr, *stored)
+    assert "@example.com" not in verbose.stdout + verbose.stderr  # the -vv traceback too
