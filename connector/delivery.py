@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from connector.diff import SENT_ACTIONS, STATE_ONLY_ACTIONS, Action, ChangePlanner, PlannedChange
+from connector.diff import SENT_ACTIONS, Action, ChangePlanner, PlannedChange
 from connector.errors import BatchFailedError, PayloadTooLargeError
 from connector.run_result import RunResult
 from connector.state import RowIssue, StateStore, insert_rows, snapshot, utcnow
@@ -93,15 +93,20 @@ class Delivery:
         the snapshot keeps the old identity until the platform has dropped it."""
 
     def run(self, *, batch_size: int) -> None:
-        """Apply and send the planner's plan."""
-        for state_action in STATE_ONLY_ACTIONS:
-            self._apply_state_only(state_action)
+        """Apply and send the planner's plan.
+
+        Rows are forgotten only once everything was sent: a removal the planner turned into
+        `forget` because another member takes over the identity must still happen next run
+        if that member's add did not (its removal failed, its batch failed or was unanswered).
+        """
+        self._apply_state_only("refresh")
         for action in SENT_ACTIONS:
             planned = self.result.planned[action]
             if planned:
                 self.reporter.phase(f"{self.result.sync}: {action}", planned)
                 self._send_action(action, self.planner.changes(action), batch_size)
         self._raise_if_batches_failed()
+        self._apply_state_only("forget")
 
     def send(self, action: Action, changes: Iterable[PlannedChange], *, batch_size: int) -> None:
         """Send changes produced as they are read (a streamed first sync), not from the plan.
@@ -394,8 +399,15 @@ class Delivery:
 
     def _apply_state_page(self, action: Action, page: list[PlannedChange]) -> None:
         if action == "forget":
-            StateStore.delete_snapshot_keys(
-                self.connection, self.result.sync, [c.key for c in page]
+            # Only the row the planner saw: a key re-added by this run (its old identity was
+            # another member's new one) has a new row, which stays.
+            self.connection.execute(
+                snapshot.delete().where(
+                    snapshot.c.sync == self.result.sync,
+                    snapshot.c.key == sa.bindparam("b_key"),
+                    snapshot.c.raw_fp == sa.bindparam("b_raw_fp"),
+                ),
+                [{"b_key": c.key, "b_raw_fp": c.raw_fp} for c in page],
             )
         else:
             self._update_snapshot([(c, c.platform_id) for c in page], None)

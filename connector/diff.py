@@ -47,7 +47,6 @@ from connector.state import MEMBER_STATUSES, RowIssue, StateStore, insert_rows, 
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
-STATE_ONLY_ACTIONS: tuple[Action, ...] = ("refresh", "forget")
 PAGE_SIZE = 5000
 PAGES_AHEAD = 4
 """Pages of candidates handed to normalising before the oldest one is planned."""
@@ -348,7 +347,9 @@ class ChangePlanner:
                     "settings": self.skip_settings,
                 },
             ).one()
-            if fingerprints:  # NULL when no row of this sync is in the range
+            # NULL when no row of this sync is in the range; '' is a page of rows whose raw
+            # fingerprint is '' (unconfirmed, or skipped under other settings)
+            if fingerprints is not None:
                 yield json.loads(keys), fingerprints.split(",")
 
     def _cursor_snapshot_fingerprints(self, page_size: int) -> Iterator[SnapshotPage]:

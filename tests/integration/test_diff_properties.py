@@ -14,7 +14,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from connector.config import build_config
@@ -140,6 +140,9 @@ def test_audience_follows_segment(mode: str, warehouse: str, states: list[Any]) 
 @given(
     states=st.lists(st.tuples(segment_state, failure, st.integers(0, 1)), min_size=1, max_size=4)
 )
+# A failed removal leaves the only snapshot row unconfirmed (empty fingerprint): the snapshot's
+# page of fingerprints is then '' and was taken for an empty page, so nothing was removed.
+@example(states=[({"k0": ("u0@example.com", 0)}, None, 0), ({}, "transient", 1)])
 def test_hashed_audience_holds_exactly_the_current_identities(
     warehouse: str, states: list[Any]
 ) -> None:
