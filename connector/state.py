@@ -11,6 +11,9 @@ Tables:
   without seeing the answer (``'unconfirmed'``: the destination may or may not have it). It
   keeps what later runs need: fingerprints for the diff, the normalised identifiers and the
   platform id to remove the member again.
+- ``sync_targets``: where each sync's snapshot was sent (destination type and audience): a
+  sync pointed elsewhere must start over (`sync reset`), or the new target would only get
+  changes.
 - ``in_flight``: one row per batch handed to the destination and not yet recorded, with what
   was sent; written before the batch goes out and deleted by its checkpoint. What a stopped run
   leaves there becomes ``'unconfirmed'`` snapshot rows at the start of the next run
@@ -46,7 +49,7 @@ from connector.warehouse import (
 
 SCHEMA_VERSION = 3
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
-table and snapshot rows with status 'unconfirmed'."""
+and `sync_targets` tables and snapshot rows with status 'unconfirmed'."""
 LOCK_TTL = dt.timedelta(minutes=30)
 
 metadata = sa.MetaData()
@@ -114,6 +117,14 @@ row_issues = sa.Table(
     sa.Column("action", sa.String(16)),
     sa.Column("key", sa.String(500)),
     sa.Column("reason", sa.Text, nullable=False),
+)
+
+sync_targets = sa.Table(
+    "sync_targets",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("since", sa.DateTime, nullable=False),
 )
 
 in_flight = sa.Table(
@@ -729,8 +740,25 @@ class StateStore:
         how many snapshot rows were forgotten."""
         with self.engine.begin() as connection:
             connection.execute(in_flight.delete().where(in_flight.c.sync == sync))
+            connection.execute(sync_targets.delete().where(sync_targets.c.sync == sync))
             result = connection.execute(snapshot.delete().where(snapshot.c.sync == sync))
             return int(result.rowcount or 0)
+
+    def check_target(self, connection: sa.Connection, sync: str, target: str) -> str | None:
+        """Compare where the sync sends now with where its snapshot was sent; record `target`
+        when nothing was sent yet (or nothing is left). Returns the recorded target when it
+        differs while winback still holds members for it (the caller refuses the run); the
+        caller commits."""
+        recorded = connection.execute(
+            sa.select(sync_targets.c.target).where(sync_targets.c.sync == sync)
+        ).scalar()
+        if recorded == target:
+            return None
+        if recorded is not None and self.audience_size(connection, sync) > 0:
+            return str(recorded)
+        connection.execute(sync_targets.delete().where(sync_targets.c.sync == sync))
+        connection.execute(sync_targets.insert().values(sync=sync, target=target, since=utcnow()))
+        return None
 
     # -- batches in flight -------------------------------------------------------------------
 

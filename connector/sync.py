@@ -20,6 +20,8 @@ from connector.config import WinbackConfig
 from connector.delivery import Delivery, Reporter, SilentReporter
 from connector.diff import ChangePlanner
 from connector.errors import (
+    ConfigError,
+    ConfigProblem,
     GuardError,
     LockedError,
     Terminated,
@@ -222,6 +224,7 @@ class SyncRunner:
                 full_resync=options.full_resync,
                 skip_settings=self._skip_settings(sync_name, adapter),
             )
+            self._check_target(connection, sync_name, adapter, commit=not options.dry_run)
             unconfirmed = StateStore.settle_unconfirmed(connection, sync_name)
             if unconfirmed:
                 log.info(
@@ -322,6 +325,31 @@ class SyncRunner:
         delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
         streamed.send(delivery, batch_size=batch_size)
         result.status = "partial" if result.rejected else "success"
+
+    def _check_target(
+        self, connection: sa.Connection, sync_name: str, adapter: Destination, *, commit: bool
+    ) -> None:
+        """Refuse to go on when the sync now sends to another destination type or audience
+        than the one its snapshot describes: only changes would reach the new one."""
+        audience = self.config.syncs[sync_name].audience
+        target = f"{adapter.name} audience {audience!r}" if audience else adapter.name
+        recorded = self.store.check_target(connection, sync_name, target)
+        if recorded is not None:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        f"syncs.{sync_name}",
+                        f"it sent its members to {recorded}, and now points to {target}; "
+                        "winback would send the new target only the changes, not the members "
+                        f"it already has. To start over with a full sync there, run `winback "
+                        f"sync reset {sync_name} --yes` (the old target keeps its members); "
+                        "otherwise put back the old destination or audience",
+                    )
+                ],
+                source=str(self.config.path),
+            )
+        if commit:
+            connection.commit()
 
     def _segment_source(self, sync_name: str, options: RunOptions) -> SegmentSource:
         sync = self.config.syncs[sync_name]

@@ -805,3 +805,32 @@ def test_exit_code_combines_several_syncs(tmp_path: Path) -> None:
         text = run_cli("sync", "run", "locked", cwd=tmp_path)
         assert text.returncode == 5, text
         assert "another-host" in text.stderr
+
+
+def test_a_sync_pointed_at_another_audience_must_start_over(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    """Changing a sync's audience (or destination type) would send the new audience only the
+    changes: the run refuses, names the sync and says how to start over; after `sync reset`
+    the new audience gets everyone."""
+    webhook_project(tmp_path, receiver.url, customers=5)
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    write_config(
+        tmp_path,
+        destinations={"hook": webhook_destination(receiver.url)},
+        syncs={"s": webhook_sync(audience="spring-relaunch")},
+    )
+    requests = len(receiver.requests)
+    for command in (("sync", "run"), ("sync", "plan")):
+        refused = run_cli(*command, "--output", "json", cwd=tmp_path)
+        assert refused.returncode == 1, refused
+        error = refused.json()["runs"][0]["error"]
+        assert "syncs.s: it sent its members to webhook audience 'winback-e2e'" in error
+        assert "now points to webhook audience 'spring-relaunch'" in error
+        assert "winback sync reset s --yes" in error
+    assert len(receiver.requests) == requests
+    assert run_cli("sync", "reset", "s", "--yes", cwd=tmp_path).returncode == 0
+    restarted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert restarted.returncode == 0, restarted
+    assert restarted.run()["sent"]["add"] == 5
+    assert {d.audience for d in receiver.deliveries[requests:]} == {"spring-relaunch"}
