@@ -309,11 +309,14 @@ class Delivery:
             sync=self.result.sync,
             issues=[RowIssue("rejected", r.key, r.reason, action) for r in rejected],
         )
-        self.store.heartbeat(connection, self.result.sync, self.result.run_id)
-        connection.commit()
         self.result.sent[action] += len(acknowledged)
         self.result.rejected += len(rejected)
         self.result.batches += 1
+        # The run's counts so far, with the batch: a run killed later shows what it sent.
+        counts = {**self.result.counts(), "retries": self.adapter.retries}
+        StateStore.record_progress(connection, self.result.run_id, counts)
+        self.store.heartbeat(connection, self.result.sync, self.result.run_id)
+        connection.commit()
         self.reporter.advance(len(by_key))
 
     def _snapshot_rows(

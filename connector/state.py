@@ -678,6 +678,11 @@ class StateStore:
                 )
             )
 
+    @staticmethod
+    def record_progress(connection: sa.Connection, run_id: str, counts: dict[str, int]) -> None:
+        """A running run's counts so far (in the caller's transaction: a checkpoint's)."""
+        connection.execute(runs.update().where(runs.c.run_id == run_id).values(**counts))
+
     def prune_history(self, sync: str, keep: int) -> None:
         """Keep the newest `keep` runs of a sync and their row issues."""
         with self.engine.begin() as connection:

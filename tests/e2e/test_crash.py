@@ -123,6 +123,11 @@ def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
         first = start_cli(*RUN, cwd=tmp_path)
         kill_when(first, lambda: receiver.requests() >= 10)
         assert lock_holder(tmp_path) == first.pid
+        # The killed run's record shows what its checkpoints recorded.
+        (killed,) = sqlite_rows(
+            state_db(tmp_path), "SELECT sent_add, batches FROM runs WHERE status = 'running'"
+        )
+        assert 0 < killed[0] == killed[1] * BATCH <= receiver.requests() * BATCH
         sent_before = receiver.requests()
         second = start_cli(*RUN, cwd=tmp_path)
         kill_when(second, lambda: receiver.requests() >= sent_before + 25)
