@@ -631,7 +631,7 @@ def sync_status(names: SyncNames = None) -> None:
                 str(store.audience_size(None, name)),
                 f"{last[0].started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
                 status,
-                _pending(last[0], status) if last else "full sync",
+                _pending(last[0], status) if last and not store.starts_over(name) else "full sync",
                 f"pid {holder.pid} on {holder.host}" if holder else "no",
             )
     finally:

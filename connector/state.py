@@ -749,6 +749,17 @@ class StateStore:
             result = connection.execute(snapshot.delete().where(snapshot.c.sync == sync))
             return int(result.rowcount or 0)
 
+    def starts_over(self, sync: str) -> bool:
+        """Whether the sync's next run is a full sync: nothing in its snapshot and no target
+        recorded (never run, or `sync reset`)."""
+        with self.engine.connect() as connection:
+            for table in (snapshot, sync_targets):
+                if connection.execute(
+                    sa.select(table.c.sync).where(table.c.sync == sync).limit(1)
+                ).first():
+                    return False
+        return True
+
     def check_target(self, connection: sa.Connection, sync: str, target: str) -> str | None:
         """Compare where the sync sends now with where its snapshot was sent; record `target`
         when nothing was sent yet (or nothing is left). Returns the recorded target when it

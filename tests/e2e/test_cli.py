@@ -830,6 +830,7 @@ def test_a_sync_pointed_at_another_audience_must_start_over(
         assert "winback sync reset s --yes" in error
     assert len(receiver.requests) == requests
     assert run_cli("sync", "reset", "s", "--yes", cwd=tmp_path).returncode == 0
+    assert "full sync" in run_cli("sync", "status", cwd=tmp_path).stdout
     restarted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert restarted.returncode == 0, restarted
     assert restarted.run()["sent"]["add"] == 5
