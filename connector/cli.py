@@ -333,12 +333,15 @@ def segments_explain(
         )
     engine = create_warehouse_engine(config.warehouse.url)
     try:
-        explanation = explain_rules(
-            name, segment, as_of=effective_as_of(segment, parse_as_of(as_of)), engine=engine
+        explanation = explain_rules(  # the SQL is printed first, even when counting fails
+            name,
+            segment,
+            as_of=effective_as_of(segment, parse_as_of(as_of)),
+            engine=engine,
+            on_sql=lambda sql: stdout.print(sql, highlight=False),
         )
     finally:
         engine.dispose()
-    stdout.print(explanation.sql, highlight=False)
     table = Table("signal", "inactive", "active", "never", title=f"{name}: signals")
     for rule_signal in explanation.signals:
         table.add_row(

@@ -97,6 +97,11 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
     assert validate.returncode == 0, validate
     assert "valid" in validate.stdout
 
+    explain = run_cli("segments", "explain", "lapsed_buyers", cwd=tmp_path)
+    assert explain.returncode == 0, explain
+    assert explain.stdout.lstrip().upper().startswith(("SELECT", "WITH")), explain.stdout[:200]
+    assert "qualifying people:" in explain.stdout
+
     plan = run_cli("sync", "plan", "--output", "json", cwd=tmp_path)
     assert plan.returncode == 0, plan
     assert {r["status"] for r in plan.json()["runs"]} == {"dry_run"}
