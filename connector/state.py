@@ -27,10 +27,13 @@ Tables:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +50,14 @@ from connector.warehouse import (
     with_installed_driver,
 )
 
+log = logging.getLogger("winback.state")
+
 SCHEMA_VERSION = 3
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
 and `sync_targets` tables and snapshot rows with status 'unconfirmed'."""
 LOCK_TTL = dt.timedelta(minutes=30)
+HEARTBEAT_EVERY_S = 60.0
+"""How often a running sync refreshes its lock's heartbeat (`StateStore.lock_kept_alive`)."""
 
 metadata = sa.MetaData()
 
@@ -631,6 +638,32 @@ class StateStore:
             .where(locks.c.sync == sync, locks.c.run_id == run_id)
             .values(heartbeat_at=utcnow())
         )
+
+    @contextlib.contextmanager
+    def lock_kept_alive(
+        self, sync: str, run_id: str, *, every_s: float = HEARTBEAT_EVERY_S
+    ) -> Iterator[None]:
+        """Refresh the lock's heartbeat from a thread of its own while the block runs, so a
+        long segment query or plan (no checkpoint for more than LOCK_TTL) does not let a run on
+        another host take the lock over. A heartbeat that fails (the database busy or gone) is
+        only logged: the run's own statements report such problems."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    with self.engine.begin() as connection:
+                        self.heartbeat(connection, sync, run_id)
+                except sa.exc.SQLAlchemyError as error:
+                    log.debug("%s: heartbeat of the lock failed: %s", sync, first_line(error))
+
+        thread = threading.Thread(target=beat, name=f"winback-heartbeat-{sync}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def release_lock(self, sync: str, run_id: str) -> None:
         with self.engine.begin() as connection:

@@ -143,7 +143,10 @@ class SyncRunner:
                     self.store.acquire_lock(sync_name, result.run_id)
                     locked = True
                     self.store.start_run(sync_name, result.run_id)
-            self._run_locked(sync_name, options, result)
+                with self.store.lock_kept_alive(sync_name, result.run_id):
+                    self._run_locked(sync_name, options, result)
+            else:
+                self._run_locked(sync_name, options, result)
         except LockedError as error:
             result.status, result.error = "locked", str(error)
         except GuardError as error:
