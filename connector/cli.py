@@ -776,7 +776,7 @@ def sync_issues(
         return
     rows_output(
         ["kind", "action", "key", "reason"],
-        ([r.kind, r.action or "", r.key or "", r.reason] for r in rows),
+        ([r.kind, r.action, r.key, r.reason] for r in rows),  # None: null in json, empty else
         output=output.value,
         console=stdout,
         title=f"{name}: row issues of run {run}"

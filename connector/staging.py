@@ -95,8 +95,8 @@ def null_key_issue(source: SegmentSource) -> RowIssue:
     return RowIssue(
         "skipped",
         None,
-        f"null key: a row of segment `{source.segment_name}` has no `{source.segment.key}`; "
-        "fix the segment so every row has a key",
+        f"null key: a row of segment `{source.segment_name}` has no `{source.segment.key}` "
+        "(NULL, empty or only spaces); fix the segment so every row has a key",
     )
 
 

@@ -281,6 +281,9 @@ def test_null_duplicate_and_unusable_rows_are_skipped_with_reasons(tmp_path: Pat
         assert members["102"]["identifiers"] == {"phone": "+14155550102", "country": "US"}
         assert members["103"]["identifiers"] == {"email": "ok103@example.com", "country": "US"}
         assert not {"101", "104", "105"} & set(members)
+        shown = run_cli("sync", "issues", "s", "-o", "json", cwd=tmp_path).json()
+        null_key = next(issue for issue in shown if "null key" in issue["reason"])
+        assert (null_key["key"], null_key["action"]) == (None, None)  # not ""
 
 
 # -- destinations answering badly ---------------------------------------------------------------
