@@ -571,18 +571,26 @@ def _build_destinations(
             )
             problems.append(ConfigProblem(f"{where}.type", f"unknown destination `{kind}`; {hint}"))
             continue
-        table = dict(table)
-        for option in PATH_OPTION_NAMES:
-            value = table.get(option)
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                table[option] = str(base_dir / value)
         try:
             options = adapter.options_model.model_validate(table)
         except ValidationError as error:
             problems.extend(_pydantic_problems(where, error))
             continue
+        options = _with_resolved_paths(options, base_dir)
         destinations[name] = DestinationConfig(name=name, adapter=adapter, options=options)
     return destinations
+
+
+def _with_resolved_paths(options: DestinationOptions, base_dir: Path) -> DestinationOptions:
+    """The destination's file path options, set or defaulted, with `~` expanded and relative
+    ones resolved against the config folder (not the folder winback is run from)."""
+    resolved = {}
+    for option in PATH_OPTION_NAMES:
+        value = getattr(options, option, None)
+        if isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            resolved[option] = str(path if path.is_absolute() else base_dir / path)
+    return options.model_copy(update=resolved) if resolved else options
 
 
 def _build_syncs(

@@ -287,3 +287,25 @@ def test_default_country_must_be_an_assigned_code(tmp_path: Path) -> None:
     assert "`XX` is not an ISO 3166 alpha-2 code" in message
     everyday = with_country.replace('"XX"', '"uk"')
     assert load_config(write(tmp_path, everyday)).syncs["s"].default_country == "GB"
+
+
+@pytest.mark.parametrize(
+    ("path_line", "expected"),
+    [
+        ("", "{config}/exports/{{sync}}/{{run_id}}.csv"),  # the file destination's default
+        ('path = "out/{sync}.csv"', "{config}/out/{{sync}}.csv"),
+        ('path = "~/winback/{sync}.csv"', "{home}/winback/{{sync}}.csv"),
+    ],
+)
+def test_file_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_line: str, expected: str
+) -> None:
+    """A file destination's path, set or defaulted, is relative to the config file's folder
+    (not the folder winback is run from); `~` is the user's home."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = tmp_path / "project"
+    folder.mkdir()
+    text = VALID.replace('path = "exports/{sync}/{run_id}.csv"', path_line)
+    config = load_config(write(folder, text))
+    options = config.destinations["export"].options
+    assert options.path == expected.format(config=folder, home=tmp_path / "home")  # type: ignore[attr-defined]
