@@ -86,6 +86,24 @@ def valid(state: dict[str, tuple[str | None, int]]) -> dict[str, tuple[str, int]
     return out
 
 
+def assert_audience_follows(
+    mode: str, expected: dict[str, tuple[str, int]], seen: set[str]
+) -> dict[str, tuple[str, int]]:
+    """Audience `A` holds what `mode` promises for the segment `expected` (`seen`: every key
+    that was ever in it); returns the audience as (email, score) by key."""
+    got = {
+        k: (v["identifiers"]["email"], v["fields"]["score"])
+        for k, v in MemoryDestination.audiences.get("A", {}).items()
+    }
+    if mode == "mirror":
+        assert got == expected
+    else:
+        assert set(expected) <= set(got) <= seen
+        if mode == "upsert":
+            assert {k: got[k] for k in expected} == expected
+    return got
+
+
 def inject(kind: str | None, seed: int) -> None:
     def fail(action: str, batch: Batch) -> Exception | None:
         if kind is None or (batch.number + seed) % 2:
@@ -116,18 +134,7 @@ def test_audience_follows_segment(mode: str, warehouse: str, states: list[Any]) 
                 inject(None, 0)
                 result = runner.run("s", RunOptions(force=True))
                 assert result.status == "success", result.error
-                audience = MemoryDestination.audiences.get("A", {})
-                expected = valid(state)
-                got = {
-                    k: (v["identifiers"]["email"], v["fields"]["score"])
-                    for k, v in audience.items()
-                }
-                if mode == "mirror":
-                    assert got == expected
-                else:
-                    assert set(expected) <= set(got) <= seen
-                    if mode == "upsert":
-                        assert {k: got[k] for k in expected} == expected
+                got = assert_audience_follows(mode, valid(state), seen)
                 assert runner.store.audience_size(None, "s") == len(got)
                 rerun = runner.run("s", RunOptions(force=True))
                 assert rerun.batches == 0, "an unchanged segment must send nothing"
@@ -196,17 +203,7 @@ def test_batches_applied_without_an_answer_are_settled_by_the_next_run(
             lose_answers(0)
             result = runner.run("s", RunOptions(force=True))
             assert result.status == "success", result.error
-            expected = valid(states[-1][0])
-            got = {
-                k: (v["identifiers"]["email"], v["fields"]["score"])
-                for k, v in MemoryDestination.audiences.get("A", {}).items()
-            }
-            if mode == "mirror":
-                assert got == expected
-            else:
-                assert set(expected) <= set(got) <= seen
-                if mode == "upsert":
-                    assert {k: got[k] for k in expected} == expected
+            assert_audience_follows(mode, valid(states[-1][0]), seen)
             assert runner.run("s", RunOptions(force=True)).batches == 0
         finally:
             runner.close()
