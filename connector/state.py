@@ -793,11 +793,13 @@ class StateStore:
                     return False
         return True
 
-    def check_target(self, connection: sa.Connection, sync: str, target: str) -> str | None:
-        """Compare where the sync sends now with where its snapshot was sent; record `target`
-        when nothing was sent yet (or nothing is left). Returns the recorded target when it
-        differs while winback still holds members for it (the caller refuses the run); the
-        caller commits."""
+    def check_target(
+        self, connection: sa.Connection, sync: str, target: str, *, record: bool = True
+    ) -> str | None:
+        """Compare where the sync sends now with where its snapshot was sent; with `record`,
+        keep `target` when nothing was sent yet (or nothing is left). Returns the recorded
+        target when it differs while winback still holds members for it (the caller refuses
+        the run); the caller commits."""
         recorded = connection.execute(
             sa.select(sync_targets.c.target).where(sync_targets.c.sync == sync)
         ).scalar()
@@ -805,6 +807,8 @@ class StateStore:
             return None
         if recorded is not None and self.audience_size(connection, sync) > 0:
             return str(recorded)
+        if not record:
+            return None
         connection.execute(sync_targets.delete().where(sync_targets.c.sync == sync))
         connection.execute(sync_targets.insert().values(sync=sync, target=target, since=utcnow()))
         return None
@@ -844,6 +848,15 @@ class StateStore:
         )
 
     @staticmethod
+    def unconfirmed_in_flight(connection: sa.Connection, sync: str) -> int:
+        """How many rows stopped runs left in flight (what `settle_unconfirmed` would settle,
+        counting a key sent twice twice); nothing is written."""
+        batches = connection.execute(
+            sa.select(in_flight.c.members).where(in_flight.c.sync == sync)
+        ).scalars()
+        return sum(len(orjson.loads(members)) for members in batches)
+
+    @staticmethod
     def settle_unconfirmed(connection: sa.Connection, sync: str) -> int:
         """Turn the batches an earlier run sent without recording their outcome (it was killed
         or stopped, or the batch failed) into `unconfirmed` snapshot rows; returns how many.
@@ -853,7 +866,7 @@ class StateStore:
         remove it again) and an empty raw fingerprint, which no segment row matches, so the
         planner sees the key again: still in the segment, it is added again (adds are
         idempotent); gone, it is removed (mirror mode). Runs under the sync's lock, before
-        planning; the caller commits (a dry run rolls back).
+        planning; the caller commits.
         """
         batches = connection.execute(
             sa.select(in_flight.c.members)

@@ -227,17 +227,8 @@ class SyncRunner:
                 full_resync=options.full_resync,
                 skip_settings=self._skip_settings(sync_name, adapter),
             )
-            self._check_target(connection, sync_name, adapter, commit=not options.dry_run)
-            unconfirmed = StateStore.settle_unconfirmed(connection, sync_name)
-            if unconfirmed:
-                log.info(
-                    "%s: %s sent by an earlier run that stopped before the destination "
-                    "answered: added again if still in the segment, removed if not",
-                    sync_name,
-                    counted(unconfirmed, "row"),
-                )
-                if not options.dry_run:
-                    connection.commit()
+            self._check_target(connection, sync_name, adapter, record=not options.dry_run)
+            self._settle_unconfirmed(connection, sync_name, dry_run=options.dry_run)
             source = self._segment_source(sync_name, options)
             in_warehouse = self.config.warehouse.pushdown and supports_pushdown(self.warehouse)
             batch_size = sync.batch_size or adapter.batch_size
@@ -329,14 +320,40 @@ class SyncRunner:
         streamed.send(delivery, batch_size=batch_size)
         result.status = "partial" if result.rejected else "success"
 
+    @staticmethod
+    def _settle_unconfirmed(connection: sa.Connection, sync_name: str, *, dry_run: bool) -> None:
+        """What an earlier run sent without seeing the answer becomes unconfirmed snapshot
+        rows; a dry run writes nothing and only says they are not in its counts."""
+        if dry_run:
+            pending = StateStore.unconfirmed_in_flight(connection, sync_name)
+            if pending:
+                log.warning(
+                    "%s: %s sent by an earlier run that stopped before the destination "
+                    "answered are not counted here; the real run adds them again if still "
+                    "in the segment, removes them if not",
+                    sync_name,
+                    counted(pending, "row"),
+                )
+            return
+        settled = StateStore.settle_unconfirmed(connection, sync_name)
+        connection.commit()
+        if settled:
+            log.info(
+                "%s: %s sent by an earlier run that stopped before the destination answered: "
+                "added again if still in the segment, removed if not",
+                sync_name,
+                counted(settled, "row"),
+            )
+
     def _check_target(
-        self, connection: sa.Connection, sync_name: str, adapter: Destination, *, commit: bool
+        self, connection: sa.Connection, sync_name: str, adapter: Destination, *, record: bool
     ) -> None:
         """Refuse to go on when the sync now sends to another destination type or audience
-        than the one its snapshot describes: only changes would reach the new one."""
+        than the one its snapshot describes: only changes would reach the new one. `record`
+        (not in a dry run): keep the target of a sync that has sent nothing yet."""
         audience = self.config.syncs[sync_name].audience
         target = f"{adapter.name} audience {audience!r}" if audience else adapter.name
-        recorded = self.store.check_target(connection, sync_name, target)
+        recorded = self.store.check_target(connection, sync_name, target, record=record)
         if recorded is not None:
             raise ConfigError(
                 [
@@ -351,7 +368,7 @@ class SyncRunner:
                 ],
                 source=str(self.config.path),
             )
-        if commit:
+        if record:
             connection.commit()
 
     def _segment_source(self, sync_name: str, options: RunOptions) -> SegmentSource:

@@ -350,6 +350,15 @@ def test_a_batch_applied_without_an_answer_is_settled_whatever_the_segment_does_
         lapsed = "false" if action == "add" else "true"
         warehouse_sql(warehouse, f"UPDATE customers SET lapsed = {lapsed} WHERE customer_id = 3")
 
+        state_before = sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot ORDER BY key")
+        plan = finish(start_cli("sync", "plan", cwd=tmp_path), ("sync", "plan"))
+        assert plan.returncode == 0, plan
+        assert "sent by an earlier run" in plan.stderr and "not counted here" in plan.stderr
+        assert sqlite_rows(state_db(tmp_path), "SELECT * FROM snapshot ORDER BY key") == (
+            state_before
+        )
+        assert sqlite_rows(state_db(tmp_path), "SELECT count(*) FROM in_flight") != [(0,)]
+
         run = complete_run(tmp_path)
 
         assert set(members) == set(segment_members(warehouse))
