@@ -677,15 +677,22 @@ def sync_history(
     store = StateStore.for_reading(config.state.url)
     try:
         rows = store.history(name, limit)
+        holder = store.lock_holder(name, live_only=True)
     finally:
         store.dispose()
+    live_run = holder.run_id if holder is not None else None
+
+    def status(run: Any) -> str:
+        """`running` only for the run holding a live lock; one whose process died shows as
+        `interrupted` (the next run records it so)."""
+        return "interrupted" if run.status == "running" and run.run_id != live_run else run.status
+
     if output is TextOrJson.json:
-        stdout.file.write(
-            json.dumps(
-                [{k: _history_value(v) for k, v in r._mapping.items()} for r in rows], indent=2
-            )
-            + "\n"
-        )
+        records = [
+            {k: _history_value(v) for k, v in r._mapping.items()} | {"status": status(r)}
+            for r in rows
+        ]
+        stdout.file.write(json.dumps(records, indent=2) + "\n")
         return
     table = Table(
         "run",
@@ -705,7 +712,7 @@ def sync_history(
         table.add_row(
             r.run_id,
             f"{r.started_at:%Y-%m-%d %H:%M:%S}",
-            r.status,
+            status(r),
             str(r.segment_rows),
             str(r.skipped),
             f"{r.sent_add}/{r.planned_add}",

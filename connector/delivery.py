@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from connector.diff import SENT_ACTIONS, Action, ChangePlanner, PlannedChange
 from connector.errors import BatchFailedError, PayloadTooLargeError
 from connector.run_result import RunResult
-from connector.state import RowIssue, StateStore, insert_rows, snapshot, utcnow
+from connector.state import MEMBER_STATUSES, RowIssue, StateStore, insert_rows, snapshot, utcnow
 from destinations.base import Batch, BatchResult, Destination, Member, Rejection
 
 log = logging.getLogger("winback.delivery")
@@ -282,15 +282,21 @@ class Delivery:
                 connection, self.result.sync, [a.key for a in acknowledged]
             )
         elif action == "add":
+            # A refused add of a key the destination has or may have (a member re-added, an
+            # unconfirmed row) keeps that row, which a later removal needs.
+            held = self._possibly_held([by_key[r.key] for r in rejected])
+            if held:
+                self._keep_refused_change(held)
+            refused = [by_key[r.key] for r in rejected if r.key not in {c.key for c in held}]
             # Keys the planner saw absent from the snapshot are still absent (only this run's
             # checkpoint of their batch writes them): no DELETE for them.
             keys = [a.key for a in acknowledged if by_key[a.key].in_snapshot]
-            keys += [r.key for r in rejected if by_key[r.key].in_snapshot]
+            keys += [c.key for c in refused if c.in_snapshot]
             StateStore.delete_snapshot_keys(connection, self.result.sync, keys)
             rows = self._snapshot_rows(
                 [(by_key[a.key], a.platform_id) for a in acknowledged], "member", now
             )
-            rows += self._snapshot_rows([(by_key[r.key], None) for r in rejected], "rejected", now)
+            rows += self._snapshot_rows([(c, None) for c in refused], "rejected", now)
             insert_rows(connection, snapshot, rows)
         elif action == "update":
             if acknowledged:
@@ -302,7 +308,7 @@ class Delivery:
                     now,
                 )
             if rejected:
-                self._keep_refused_update([by_key[r.key] for r in rejected])
+                self._keep_refused_change([by_key[r.key] for r in rejected])
         StateStore.record_issues(
             connection,
             run_id=self.result.run_id,
@@ -377,11 +383,67 @@ class Delivery:
             ],
         )
 
-    def _keep_refused_update(self, changes: Sequence[PlannedChange]) -> None:
-        """The destination keeps the old values of these members: the snapshot keeps them too
-        (to compare and remove), with the new raw fingerprint, so the refused update is not
-        sent again until the row changes (and a row changed back to the old values is only
-        refreshed)."""
+    def _forgettable(self, page: Sequence[PlannedChange]) -> list[PlannedChange]:
+        """The `forget` rows to delete now that everything was sent: each as the planner saw
+        it (a key re-added by this run has a new row, which stays), and, for a member whose
+        removal was skipped because another member shares its identity, only while a member
+        still holds that identity (its add may have been refused): otherwise the row stays
+        and the next run plans the removal."""
+        keys = [c.key for c in page]
+        seen: dict[str, tuple[str, str, str]] = {}
+        for start in range(0, len(keys), 500):
+            for key, status, raw_fp, identity_fp in self.connection.execute(
+                sa.select(
+                    snapshot.c.key, snapshot.c.status, snapshot.c.raw_fp, snapshot.c.identity_fp
+                ).where(
+                    snapshot.c.sync == self.result.sync,
+                    snapshot.c.key.in_(keys[start : start + 500]),
+                )
+            ):
+                seen[key] = (status, raw_fp, identity_fp)
+        current = [c for c in page if c.key in seen and seen[c.key][1] == c.raw_fp]
+        shared = {seen[c.key][2] for c in current if seen[c.key][0] in MEMBER_STATUSES}
+        identities = sorted(shared)
+        holders: dict[str, set[str]] = {}
+        for start in range(0, len(identities), 500):
+            for key, identity_fp in self.connection.execute(
+                sa.select(snapshot.c.key, snapshot.c.identity_fp).where(
+                    snapshot.c.sync == self.result.sync,
+                    snapshot.c.status == "member",
+                    snapshot.c.identity_fp.in_(identities[start : start + 500]),
+                )
+            ):
+                holders.setdefault(identity_fp, set()).add(key)
+        return [
+            c
+            for c in current
+            if seen[c.key][0] not in MEMBER_STATUSES or holders.get(seen[c.key][2], set()) - {c.key}
+        ]
+
+    def _possibly_held(self, changes: Sequence[PlannedChange]) -> list[PlannedChange]:
+        """Those of `changes` whose snapshot row says the destination has or may have the key
+        (`member`, `unconfirmed`)."""
+        in_snapshot = [c.key for c in changes if c.in_snapshot]
+        if not in_snapshot:
+            return []
+        held: set[str] = set()
+        for start in range(0, len(in_snapshot), 500):
+            held.update(
+                self.connection.execute(
+                    sa.select(snapshot.c.key).where(
+                        snapshot.c.sync == self.result.sync,
+                        snapshot.c.key.in_(in_snapshot[start : start + 500]),
+                        snapshot.c.status.in_(MEMBER_STATUSES),
+                    )
+                ).scalars()
+            )
+        return [c for c in changes if c.key in held]
+
+    def _keep_refused_change(self, changes: Sequence[PlannedChange]) -> None:
+        """The destination refused to update (or add again) these keys and keeps what it had:
+        the snapshot keeps its rows too (to compare and remove), with the new raw fingerprint,
+        so the refused change is not sent again until the row changes (and a row changed back
+        to the old values is only refreshed)."""
         self.connection.execute(
             snapshot.update()
             .where(snapshot.c.sync == self.result.sync, snapshot.c.key == sa.bindparam("b_key"))
@@ -402,16 +464,16 @@ class Delivery:
 
     def _apply_state_page(self, action: Action, page: list[PlannedChange]) -> None:
         if action == "forget":
-            # Only the row the planner saw: a key re-added by this run (its old identity was
-            # another member's new one) has a new row, which stays.
-            self.connection.execute(
-                snapshot.delete().where(
-                    snapshot.c.sync == self.result.sync,
-                    snapshot.c.key == sa.bindparam("b_key"),
-                    snapshot.c.raw_fp == sa.bindparam("b_raw_fp"),
-                ),
-                [{"b_key": c.key, "b_raw_fp": c.raw_fp} for c in page],
-            )
+            forgotten = self._forgettable(page)
+            if forgotten:
+                self.connection.execute(
+                    snapshot.delete().where(
+                        snapshot.c.sync == self.result.sync,
+                        snapshot.c.key == sa.bindparam("b_key"),
+                        snapshot.c.raw_fp == sa.bindparam("b_raw_fp"),
+                    ),
+                    [{"b_key": c.key, "b_raw_fp": c.raw_fp} for c in forgotten],
+                )
         else:
             self._update_snapshot([(c, c.platform_id) for c in page], None)
         self.connection.commit()

@@ -797,18 +797,28 @@ class StateStore:
         self, connection: sa.Connection, sync: str, target: str, *, record: bool = True
     ) -> str | None:
         """Compare where the sync sends now with where its snapshot was sent; with `record`,
-        keep `target` when nothing was sent yet (or nothing is left). Returns the recorded
-        target when it differs while winback still holds members for it (the caller refuses
-        the run); the caller commits."""
+        keep `target` when nothing was sent yet (or nothing is left: the rows refused or
+        skipped for another target are then decided again). Returns the recorded target when
+        it differs while the old one has, or may have, members (the caller refuses the run);
+        the caller commits."""
         recorded = connection.execute(
             sa.select(sync_targets.c.target).where(sync_targets.c.sync == sync)
         ).scalar()
         if recorded == target:
             return None
-        if recorded is not None and self.audience_size(connection, sync) > 0:
+        if recorded is not None and (
+            self.audience_size(connection, sync) > 0
+            or StateStore.unconfirmed_in_flight(connection, sync) > 0
+        ):
             return str(recorded)
         if not record:
             return None
+        if recorded is not None:  # rows refused or skipped for the old target: decided again
+            connection.execute(
+                snapshot.delete().where(
+                    snapshot.c.sync == sync, snapshot.c.status.not_in(MEMBER_STATUSES)
+                )
+            )
         connection.execute(sync_targets.delete().where(sync_targets.c.sync == sync))
         connection.execute(sync_targets.insert().values(sync=sync, target=target, since=utcnow()))
         return None

@@ -275,6 +275,7 @@ class SyncRunner:
             StateStore.record_issues(
                 connection, run_id=result.run_id, sync=sync_name, issues=issues
             )
+            StateStore.record_progress(connection, result.run_id, result.counts())
             connection.commit()
             clock.done("recorded row issues", f"{len(issues):,}")
             if not options.force:

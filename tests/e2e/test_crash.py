@@ -128,6 +128,8 @@ def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
             state_db(tmp_path), "SELECT sent_add, batches FROM runs WHERE status = 'running'"
         )
         assert 0 < killed[0] == killed[1] * BATCH <= receiver.requests() * BATCH
+        history = finish(start_cli("sync", "history", "s", "-o", "json", cwd=tmp_path), RUN)
+        assert [run["status"] for run in history.json()] == ["interrupted", "interrupted"]
         sent_before = receiver.requests()
         second = start_cli(*RUN, cwd=tmp_path)
         kill_when(second, lambda: receiver.requests() >= sent_before + 25)

@@ -233,3 +233,62 @@ def test_hashed_identities_applied_without_an_answer_are_settled_by_the_next_run
             assert set(MemoryDestination.audiences.get("A", {})) == expected
         finally:
             runner.close()
+
+
+def reject_some(seed: int, rejected: set[str]) -> None:
+    """With `seed`, the destination refuses the adds and updates of one key in five (noted in
+    `rejected`); removals are never refused."""
+
+    def reject(member: Any) -> str | None:
+        if seed and (int(member.key[1:]) + seed) % 5 == 0:
+            rejected.add(member.key)
+            return "injected refusal"
+        return None
+
+    MemoryDestination.reject = staticmethod(reject)
+
+
+@pytest.mark.parametrize("warehouse", WAREHOUSES)
+@pytest.mark.parametrize("adapter", ["memory", "memory_hashed"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    states=st.lists(
+        st.tuples(segment_state, st.integers(0, 2), st.integers(0, 3)), min_size=2, max_size=5
+    )
+)
+def test_refusals_and_unanswered_batches_never_leave_a_ghost(
+    adapter: str, warehouse: str, states: list[Any]
+) -> None:
+    """Refused rows and batches applied without an answer, run after run while the segment
+    changes (mirror mode): once a run goes through, the destination holds nobody who is not
+    in the segment, with the segment's values; only refused rows may be missing."""
+    MemoryDestination.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        runner = make_runner(folder, mode="mirror", adapter=adapter, warehouse=warehouse)
+        refused: set[str] = set()
+        try:
+            for state, lose, reject in states:
+                write_warehouse(runner, warehouse, state)
+                lose_answers(lose)
+                reject_some(reject, refused)
+                runner.run("s", RunOptions(force=True))
+            lose_answers(0)
+            reject_some(0, refused)
+            result = runner.run("s", RunOptions(force=True))
+            assert result.status == "success", result.error
+            expected = valid(states[-1][0])
+            audience = MemoryDestination.audiences.get("A", {})
+            if adapter == "memory_hashed":
+                assert set(audience) <= {f"email={e}" for e, _ in expected.values()}
+                return
+            got = {
+                k: (v["identifiers"]["email"], v["fields"]["score"]) for k, v in audience.items()
+            }
+            assert set(got) <= set(expected)
+            assert set(expected) - set(got) <= refused
+            assert {k: expected[k] for k in got if k not in refused} == {
+                k: v for k, v in got.items() if k not in refused
+            }
+        finally:
+            runner.close()
