@@ -321,13 +321,21 @@ class SyncRunner:
         streamed.send(delivery, batch_size=batch_size)
         result.status = "partial" if result.rejected else "success"
 
-    @staticmethod
-    def _settle_unconfirmed(connection: sa.Connection, sync_name: str, *, dry_run: bool) -> None:
+    def _settle_unconfirmed(
+        self, connection: sa.Connection, sync_name: str, *, dry_run: bool
+    ) -> None:
         """What an earlier run sent without seeing the answer becomes unconfirmed snapshot
         rows; a dry run writes nothing and only says they are not in its counts."""
         if dry_run:
             pending = StateStore.unconfirmed_in_flight(connection, sync_name)
-            if pending:
+            if pending and self.store.lock_holder(sync_name, live_only=True) is not None:
+                log.warning(
+                    "%s: a run of this sync is in progress; this plan does not count its %s "
+                    "in flight",
+                    sync_name,
+                    counted(pending, "row"),
+                )
+            elif pending:
                 log.warning(
                     "%s: %s sent by an earlier run that stopped before the destination "
                     "answered are not counted here; the real run adds them again if still "

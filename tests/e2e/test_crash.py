@@ -346,7 +346,12 @@ def test_a_batch_applied_without_an_answer_is_settled_whatever_the_segment_does_
         hold.set()
         try:
             process = start_cli(*RUN, cwd=tmp_path)
-            kill_when(process, lambda: len(server.requests) >= (2 if action == "remove" else 1))
+            held = 2 if action == "remove" else 1
+            wait_until(lambda: len(server.requests) >= held or process.poll() is not None)
+            time.sleep(0.2)  # the receiver holds the batch, the run waits for the answer
+            live = finish(start_cli("sync", "plan", cwd=tmp_path), ("sync", "plan"))
+            assert "a run of this sync is in progress" in live.stderr, live
+            kill_when(process, lambda: True)
         finally:
             released.set()
         lapsed = "false" if action == "add" else "true"
