@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,18 @@ def make_runner(folder: Path, *, mode: str, adapter: str, warehouse: str) -> Syn
     return SyncRunner(config)
 
 
+@contextmanager
+def fresh_runner(*, mode: str, adapter: str, warehouse: str) -> Iterator[SyncRunner]:
+    """A runner over a new warehouse and state store, and an empty in-memory destination."""
+    MemoryDestination.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = make_runner(Path(tmp), mode=mode, adapter=adapter, warehouse=warehouse)
+        try:
+            yield runner
+        finally:
+            runner.close()
+
+
 def valid(state: dict[str, tuple[str | None, int]]) -> dict[str, tuple[str, int]]:
     out = {}
     for key, (email, score) in state.items():
@@ -120,26 +134,20 @@ def inject(kind: str | None, seed: int) -> None:
     states=st.lists(st.tuples(segment_state, failure, st.integers(0, 1)), min_size=1, max_size=4)
 )
 def test_audience_follows_segment(mode: str, warehouse: str, states: list[Any]) -> None:
-    MemoryDestination.reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        runner = make_runner(folder, mode=mode, adapter="memory", warehouse=warehouse)
+    with fresh_runner(mode=mode, adapter="memory", warehouse=warehouse) as runner:
         seen: set[str] = set()
-        try:
-            for state, kind, seed in states:
-                write_warehouse(runner, warehouse, state)
-                seen |= set(valid(state))
-                inject(kind, seed)
-                runner.run("s", RunOptions(force=True))  # may fail: injected
-                inject(None, 0)
-                result = runner.run("s", RunOptions(force=True))
-                assert result.status == "success", result.error
-                got = assert_audience_follows(mode, valid(state), seen)
-                assert runner.store.audience_size(None, "s") == len(got)
-                rerun = runner.run("s", RunOptions(force=True))
-                assert rerun.batches == 0, "an unchanged segment must send nothing"
-        finally:
-            runner.close()
+        for state, kind, seed in states:
+            write_warehouse(runner, warehouse, state)
+            seen |= set(valid(state))
+            inject(kind, seed)
+            runner.run("s", RunOptions(force=True))  # may fail: injected
+            inject(None, 0)
+            result = runner.run("s", RunOptions(force=True))
+            assert result.status == "success", result.error
+            got = assert_audience_follows(mode, valid(state), seen)
+            assert runner.store.audience_size(None, "s") == len(got)
+            rerun = runner.run("s", RunOptions(force=True))
+            assert rerun.batches == 0, "an unchanged segment must send nothing"
 
 
 @pytest.mark.parametrize("warehouse", WAREHOUSES)
@@ -153,22 +161,16 @@ def test_audience_follows_segment(mode: str, warehouse: str, states: list[Any]) 
 def test_hashed_audience_holds_exactly_the_current_identities(
     warehouse: str, states: list[Any]
 ) -> None:
-    MemoryDestination.reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        runner = make_runner(folder, mode="mirror", adapter="memory_hashed", warehouse=warehouse)
-        try:
-            for state, kind, seed in states:
-                write_warehouse(runner, warehouse, state)
-                inject(kind, seed)
-                runner.run("s", RunOptions(force=True))
-                inject(None, 0)
-                result = runner.run("s", RunOptions(force=True))
-                assert result.status == "success", result.error
-                expected = {f"email={e}" for e, _ in valid(state).values()}
-                assert set(MemoryDestination.audiences.get("A", {})) == expected
-        finally:
-            runner.close()
+    with fresh_runner(mode="mirror", adapter="memory_hashed", warehouse=warehouse) as runner:
+        for state, kind, seed in states:
+            write_warehouse(runner, warehouse, state)
+            inject(kind, seed)
+            runner.run("s", RunOptions(force=True))
+            inject(None, 0)
+            result = runner.run("s", RunOptions(force=True))
+            assert result.status == "success", result.error
+            expected = {f"email={e}" for e, _ in valid(state).values()}
+            assert set(MemoryDestination.audiences.get("A", {})) == expected
 
 
 def lose_answers(seed: int) -> None:
@@ -189,24 +191,18 @@ def test_batches_applied_without_an_answer_are_settled_by_the_next_run(
     the segment keeps changing: the next run without lost answers leaves the audience right
     (a member added unseen who left meanwhile is removed, one removed unseen who came back is
     added again), and the run after it sends nothing."""
-    MemoryDestination.reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        runner = make_runner(folder, mode=mode, adapter="memory", warehouse=warehouse)
+    with fresh_runner(mode=mode, adapter="memory", warehouse=warehouse) as runner:
         seen: set[str] = set()
-        try:
-            for state, seed in states:
-                write_warehouse(runner, warehouse, state)
-                seen |= set(valid(state))
-                lose_answers(seed)
-                runner.run("s", RunOptions(force=True))  # may fail: answers lost
-            lose_answers(0)
-            result = runner.run("s", RunOptions(force=True))
-            assert result.status == "success", result.error
-            assert_audience_follows(mode, valid(states[-1][0]), seen)
-            assert runner.run("s", RunOptions(force=True)).batches == 0
-        finally:
-            runner.close()
+        for state, seed in states:
+            write_warehouse(runner, warehouse, state)
+            seen |= set(valid(state))
+            lose_answers(seed)
+            runner.run("s", RunOptions(force=True))  # may fail: answers lost
+        lose_answers(0)
+        result = runner.run("s", RunOptions(force=True))
+        assert result.status == "success", result.error
+        assert_audience_follows(mode, valid(states[-1][0]), seen)
+        assert runner.run("s", RunOptions(force=True)).batches == 0
 
 
 @pytest.mark.parametrize("warehouse", WAREHOUSES)
@@ -217,22 +213,16 @@ def test_hashed_identities_applied_without_an_answer_are_settled_by_the_next_run
 ) -> None:
     """The same on a destination matching on identities: no identity sent unseen stays
     behind, even when the member's email changed meanwhile."""
-    MemoryDestination.reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        runner = make_runner(folder, mode="mirror", adapter="memory_hashed", warehouse=warehouse)
-        try:
-            for state, seed in states:
-                write_warehouse(runner, warehouse, state)
-                lose_answers(seed)
-                runner.run("s", RunOptions(force=True))
-            lose_answers(0)
-            result = runner.run("s", RunOptions(force=True))
-            assert result.status == "success", result.error
-            expected = {f"email={e}" for e, _ in valid(states[-1][0]).values()}
-            assert set(MemoryDestination.audiences.get("A", {})) == expected
-        finally:
-            runner.close()
+    with fresh_runner(mode="mirror", adapter="memory_hashed", warehouse=warehouse) as runner:
+        for state, seed in states:
+            write_warehouse(runner, warehouse, state)
+            lose_answers(seed)
+            runner.run("s", RunOptions(force=True))
+        lose_answers(0)
+        result = runner.run("s", RunOptions(force=True))
+        assert result.status == "success", result.error
+        expected = {f"email={e}" for e, _ in valid(states[-1][0]).values()}
+        assert set(MemoryDestination.audiences.get("A", {})) == expected
 
 
 def reject_some(seed: int, rejected: set[str]) -> None:
@@ -262,33 +252,25 @@ def test_refusals_and_unanswered_batches_never_leave_a_ghost(
     """Refused rows and batches applied without an answer, run after run while the segment
     changes (mirror mode): once a run goes through, the destination holds nobody who is not
     in the segment, with the segment's values; only refused rows may be missing."""
-    MemoryDestination.reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        runner = make_runner(folder, mode="mirror", adapter=adapter, warehouse=warehouse)
+    with fresh_runner(mode="mirror", adapter=adapter, warehouse=warehouse) as runner:
         refused: set[str] = set()
-        try:
-            for state, lose, reject in states:
-                write_warehouse(runner, warehouse, state)
-                lose_answers(lose)
-                reject_some(reject, refused)
-                runner.run("s", RunOptions(force=True))
-            lose_answers(0)
-            reject_some(0, refused)
-            result = runner.run("s", RunOptions(force=True))
-            assert result.status == "success", result.error
-            expected = valid(states[-1][0])
-            audience = MemoryDestination.audiences.get("A", {})
-            if adapter == "memory_hashed":
-                assert set(audience) <= {f"email={e}" for e, _ in expected.values()}
-                return
-            got = {
-                k: (v["identifiers"]["email"], v["fields"]["score"]) for k, v in audience.items()
-            }
-            assert set(got) <= set(expected)
-            assert set(expected) - set(got) <= refused
-            assert {k: expected[k] for k in got if k not in refused} == {
-                k: v for k, v in got.items() if k not in refused
-            }
-        finally:
-            runner.close()
+        for state, lose, reject in states:
+            write_warehouse(runner, warehouse, state)
+            lose_answers(lose)
+            reject_some(reject, refused)
+            runner.run("s", RunOptions(force=True))
+        lose_answers(0)
+        reject_some(0, refused)
+        result = runner.run("s", RunOptions(force=True))
+        assert result.status == "success", result.error
+        expected = valid(states[-1][0])
+        audience = MemoryDestination.audiences.get("A", {})
+        if adapter == "memory_hashed":
+            assert set(audience) <= {f"email={e}" for e, _ in expected.values()}
+            return
+        got = {k: (v["identifiers"]["email"], v["fields"]["score"]) for k, v in audience.items()}
+        assert set(got) <= set(expected)
+        assert set(expected) - set(got) <= refused
+        assert {k: expected[k] for k in got if k not in refused} == {
+            k: v for k, v in got.items() if k not in refused
+        }
