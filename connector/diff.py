@@ -387,16 +387,19 @@ class ChangePlanner:
         return issues
 
     def _keep_shared_identities(self) -> None:
-        """Turn removals into `forget` when another member still needs the same identity.
+        """Turn removals into `forget` when another member staying in the audience still
+        needs the same identity.
 
         On platforms that match on hashes, two keys with the same identifiers are one audience
-        member: removing the identity for one key would drop the other one too.
+        member: removing the identity for one key would drop the other one too. An identity
+        only this run's adds need is removed anyway: removals go first and the add puts it
+        back, and should that add be refused or fail, the identity is not left behind with
+        no key holding it.
         """
         plan, snap = self.plan, snapshot
         other = plan.alias("other_plan")
         removing_keys = sa.select(other.c.key).where(other.c.action == "remove")
         removing_identities = sa.select(other.c.identity_fp).where(other.c.action == "remove")
-        added_identities = sa.select(other.c.identity_fp).where(other.c.action == "add")
         # Set-based, computed once: the identities of this run's removals that a member staying
         # in the audience still has. (One lookup per removal would scan the snapshot each time.)
         still_needed = sa.select(snap.c.identity_fp).where(
@@ -407,8 +410,7 @@ class ChangePlanner:
             snap.c.key.not_in(removing_keys),
         )
         shared = plan.update().where(
-            plan.c.action == "remove",
-            sa.or_(plan.c.identity_fp.in_(still_needed), plan.c.identity_fp.in_(added_identities)),
+            plan.c.action == "remove", plan.c.identity_fp.in_(still_needed)
         )
         kept = self.connection.execute(shared.values(action="forget")).rowcount or 0
         self.summary.remove -= kept

@@ -246,6 +246,19 @@ def reject_some(seed: int, rejected: set[str]) -> None:
         st.tuples(segment_state, st.integers(0, 2), st.integers(0, 3)), min_size=2, max_size=5
     )
 )
+# An email change whose old identity another key was about to take over, and that key's add
+# refused: the old identity's removal had been skipped, so it stayed with no key holding it.
+@example(
+    states=[
+        ({"k0": ("u1@example.com", 0)}, 0, 2),
+        (
+            {"k0": ("u0@example.com", 0), "k2": ("u0@example.com", 0), "k7": ("u1@example.com", 0)},
+            0,
+            3,
+        ),
+        ({}, 0, 0),
+    ]
+)
 def test_refusals_and_unanswered_batches_never_leave_a_ghost(
     adapter: str, warehouse: str, states: list[Any]
 ) -> None:
