@@ -22,7 +22,15 @@ import sqlalchemy as sa
 from connector.diff import SENT_ACTIONS, Action, ChangePlanner, PlannedChange
 from connector.errors import BatchFailedError, PayloadTooLargeError
 from connector.run_result import RunResult
-from connector.state import MEMBER_STATUSES, RowIssue, StateStore, insert_rows, snapshot, utcnow
+from connector.state import (
+    MEMBER_STATUSES,
+    RowIssue,
+    StateStore,
+    in_lists,
+    insert_rows,
+    snapshot,
+    utcnow,
+)
 from destinations.base import Batch, BatchResult, Destination, Member, Rejection
 
 log = logging.getLogger("winback.delivery")
@@ -391,26 +399,23 @@ class Delivery:
         and the next run plans the removal."""
         keys = [c.key for c in page]
         seen: dict[str, tuple[str, str, str]] = {}
-        for start in range(0, len(keys), 500):
+        for some in in_lists(keys):
             for key, status, raw_fp, identity_fp in self.connection.execute(
                 sa.select(
                     snapshot.c.key, snapshot.c.status, snapshot.c.raw_fp, snapshot.c.identity_fp
-                ).where(
-                    snapshot.c.sync == self.result.sync,
-                    snapshot.c.key.in_(keys[start : start + 500]),
-                )
+                ).where(snapshot.c.sync == self.result.sync, snapshot.c.key.in_(some))
             ):
                 seen[key] = (status, raw_fp, identity_fp)
         current = [c for c in page if c.key in seen and seen[c.key][1] == c.raw_fp]
         shared = {seen[c.key][2] for c in current if seen[c.key][0] in MEMBER_STATUSES}
         identities = sorted(shared)
         holders: dict[str, set[str]] = {}
-        for start in range(0, len(identities), 500):
+        for some in in_lists(identities):
             for key, identity_fp in self.connection.execute(
                 sa.select(snapshot.c.key, snapshot.c.identity_fp).where(
                     snapshot.c.sync == self.result.sync,
                     snapshot.c.status == "member",
-                    snapshot.c.identity_fp.in_(identities[start : start + 500]),
+                    snapshot.c.identity_fp.in_(some),
                 )
             ):
                 holders.setdefault(identity_fp, set()).add(key)
@@ -423,20 +428,12 @@ class Delivery:
     def _possibly_held(self, changes: Sequence[PlannedChange]) -> list[PlannedChange]:
         """Those of `changes` whose snapshot row says the destination has or may have the key
         (`member`, `unconfirmed`)."""
-        in_snapshot = [c.key for c in changes if c.in_snapshot]
-        if not in_snapshot:
-            return []
-        held: set[str] = set()
-        for start in range(0, len(in_snapshot), 500):
-            held.update(
-                self.connection.execute(
-                    sa.select(snapshot.c.key).where(
-                        snapshot.c.sync == self.result.sync,
-                        snapshot.c.key.in_(in_snapshot[start : start + 500]),
-                        snapshot.c.status.in_(MEMBER_STATUSES),
-                    )
-                ).scalars()
-            )
+        held = StateStore.snapshot_keys_among(
+            self.connection,
+            self.result.sync,
+            [c.key for c in changes if c.in_snapshot],
+            MEMBER_STATUSES,
+        )
         return [c for c in changes if c.key in held]
 
     def _keep_refused_change(self, changes: Sequence[PlannedChange]) -> None:

@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -51,6 +51,7 @@ from connector.warehouse import (
 )
 
 log = logging.getLogger("winback.state")
+T = TypeVar("T")
 
 SCHEMA_VERSION = 3
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
@@ -172,6 +173,16 @@ RUN_COUNT_COLUMNS = (
     "batches",
     "retries",
 )
+
+
+IN_LIST_SIZE = 500
+"""Values per `IN (...)` list: under every database's bind-parameter limit."""
+
+
+def in_lists(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`values` in slices of IN_LIST_SIZE, one `IN (...)` list each."""
+    for start in range(0, len(values), IN_LIST_SIZE):
+        yield values[start : start + IN_LIST_SIZE]
 
 
 def utcnow() -> dt.datetime:
@@ -729,8 +740,7 @@ class StateStore:
                 .scalars()
                 .all()
             )
-            for start in range(0, len(old), 500):
-                chunk = old[start : start + 500]
+            for chunk in in_lists(old):
                 connection.execute(row_issues.delete().where(row_issues.c.run_id.in_(chunk)))
                 connection.execute(runs.delete().where(runs.c.run_id.in_(chunk)))
 
@@ -889,16 +899,7 @@ class StateStore:
                 sent[key] = (identity_fp, identifiers, platform_id)  # the last sending counts
         if not sent:
             return 0
-        keys = list(sent)
-        present: set[str] = set()
-        for start in range(0, len(keys), 500):
-            present.update(
-                connection.execute(
-                    sa.select(snapshot.c.key).where(
-                        snapshot.c.sync == sync, snapshot.c.key.in_(keys[start : start + 500])
-                    )
-                ).scalars()
-            )
+        present = StateStore.snapshot_keys_among(connection, sync, list(sent))
         changed = [
             {
                 "b_key": key,
@@ -957,9 +958,25 @@ class StateStore:
 
     @staticmethod
     def delete_snapshot_keys(connection: sa.Connection, sync: str, keys: Sequence[str]) -> None:
-        for start in range(0, len(keys), 500):
+        for some in in_lists(keys):
             connection.execute(
-                snapshot.delete().where(
-                    snapshot.c.sync == sync, snapshot.c.key.in_(keys[start : start + 500])
-                )
+                snapshot.delete().where(snapshot.c.sync == sync, snapshot.c.key.in_(some))
             )
+
+    @staticmethod
+    def snapshot_keys_among(
+        connection: sa.Connection,
+        sync: str,
+        keys: Sequence[str],
+        statuses: Sequence[str] | None = None,
+    ) -> set[str]:
+        """Those of `keys` the sync's snapshot holds (with one of `statuses`, when given)."""
+        found: set[str] = set()
+        for some in in_lists(keys):
+            query = sa.select(snapshot.c.key).where(
+                snapshot.c.sync == sync, snapshot.c.key.in_(some)
+            )
+            if statuses is not None:
+                query = query.where(snapshot.c.status.in_(statuses))
+            found.update(connection.execute(query).scalars())
+        return found
