@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import orjson
 import requests
@@ -388,6 +388,9 @@ class Redactor:
 
 _PROCESS_SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
+_CREDENTIAL_NAME = re.compile(
+    r"token|key|secret|sig|pass|pwd|auth|code|session|credential", re.IGNORECASE
+)
 _QUERY_VALUE = re.compile(
     r"(?<=[?&])([\w.\-\[\]%]*(?:token|key|secret|sig|pass|pwd|auth|code|session|credential)"
     r"[\w.\-\[\]%]*)=[^&\s\"'<>#`]+?(?=[&\s\"'<>#`]|[:;,.)\]]*(?:\s|$))",
@@ -402,6 +405,21 @@ does in a message: at a backtick or quote, or before the punctuation ending a se
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^\s/`]+@", re.IGNORECASE)
 """The password of a URL's user info, up to the last `@` before the host: a password holding an
 unencoded `@` is masked whole."""
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """What a configured URL may carry as credentials, to redact wherever it shows up (echoed
+    in a response body too): its whole query string, the value of each query parameter named
+    like a credential (as written and decoded) and its user info's password."""
+    if not url:
+        return []
+    parts = urlsplit(url)
+    secrets = [parts.query, parts.password or "", unquote(parts.password or "")]
+    for pair in parts.query.split("&"):
+        name, _, raw_value = pair.partition("=")
+        if _CREDENTIAL_NAME.search(unquote(name)):
+            secrets += [raw_value, unquote(raw_value.replace("+", " "))]
+    return [secret for secret in secrets if secret]
 
 
 def redact_query_values(text: str) -> str:
@@ -780,7 +798,10 @@ class HttpDestination(Destination):
             retry=retry,
             auth=self.auth_headers,
             refresh=self.refresh_credentials,
-            secrets=self.secrets(),
+            secrets=[
+                *self.secrets(),
+                *url_secrets(http_options.base_url if http_options else None),
+            ],
             verdict=self.verdict,
             retry_after=self.retry_after,
             requests_per_second=http_options.requests_per_second if http_options else None,

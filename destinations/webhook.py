@@ -66,6 +66,7 @@ from destinations.base import (
     Verdict,
     default_verdict,
     json_bytes,
+    url_secrets,
 )
 
 Action = Literal["add", "remove", "update"]
@@ -170,8 +171,7 @@ class WebhookDestination(HttpDestination):
 
     def secrets(self) -> Iterable[str | SecretStr | None]:
         # The URL's query string and user info may carry credentials too.
-        parts = urlsplit(self.options.url)
-        return [self.options.secret, parts.query or None, parts.password]
+        return [self.options.secret, *url_secrets(self.options.url)]
 
     def verdict(self, response: requests.Response) -> Verdict:
         if response.request.method == "HEAD":

@@ -333,6 +333,22 @@ def test_reprs_hide_the_secret_and_url_credentials() -> None:
     assert adapter.batch_size == 1000 and make(batch_size=50).batch_size == 50
 
 
+@pytest.mark.parametrize("status", [400, 401, 500])
+def test_credentials_of_the_url_are_redacted_when_the_receiver_echoes_them(status: int) -> None:
+    # Only the whole query string was a secret: a receiver quoting the token alone (or the
+    # decoded password) put it in the error, hence on stderr and in the state store.
+    with FakeHttpServer() as server:
+        echo = "bad token s3cr3t-t0k3n/x, user pa$$w0rd@x, page 2, format json"
+        server.enqueue(*[ScriptedResponse(status, {"error": echo})] * 2)
+        url = server.url.replace("//", "//user:pa%24%24w0rd%40x@") + "/hook"
+        adapter = make(f"{url}?token=s3cr3t-t0k3n%2Fx&page=2&format=json", attempts=2)
+        with pytest.raises((BatchFailedError, FatalDestinationError, TransientError)) as caught:
+            adapter.add(Batch(1, [member("k1")]))
+    message = str(caught.value)
+    assert "s3cr3t-t0k3n" not in message and "pa$$w0rd" not in message, message
+    assert "json" in message or status == 500  # other parameters' values stay readable
+
+
 @pytest.mark.parametrize(
     ("status", "reachable"),
     [(200, True), (404, True), (405, True), (401, False), (403, False), (500, False)],
