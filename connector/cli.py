@@ -81,6 +81,8 @@ class RowsFormat(StrEnum):
 class Settings:
     config_path: Path | None = None
     verbosity: int = 0
+    document_written: bool = False
+    """Set once the command printed its JSON document on stdout."""
     leave_at_once: bool = False
     """Set once a stopped run is recorded: exit without waiting for requests still in flight."""
 
@@ -133,7 +135,8 @@ def global_options(
         ),
     ] = None,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More logs; -vv debug, tracebacks.")
+        int,
+        typer.Option("--verbose", "-v", count=True, help="More logs and tracebacks; -vv debug."),
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     version: Annotated[
@@ -519,6 +522,7 @@ def _run_syncs(
             results.append(stopped)  # recorded as failed by the runner
         if output is TextOrJson.json:
             stdout.file.write(runs_json(results, code, message) + "\n")
+            settings.document_written = True
         else:  # the syncs that finished before it too
             print_runs(stdout, results)
         stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
@@ -531,6 +535,7 @@ def _run_syncs(
     code = combined_exit_code(results)
     if output is TextOrJson.json:
         stdout.file.write(runs_json(results, code) + "\n")
+        settings.document_written = True
     else:
         print_runs(stdout, results)
     # Results go to stdout; the reason a sync did not succeed goes to stderr, in both formats.
@@ -553,6 +558,7 @@ def _nothing_ran(output: TextOrJson, error: WinbackError | CommandRefused) -> No
 
         code = error.code if isinstance(error, CommandRefused) else exit_code_for(error)
         stdout.file.write(runs_json([], code, redact_text(str(error))) + "\n")
+        settings.document_written = True
 
 
 SyncNames = Annotated[list[str] | None, typer.Argument(help="Sync names (default: all).")]
@@ -827,14 +833,16 @@ def sync_reset(
 def main() -> None:
     """Console entry point: runs the app and maps winback errors to exit codes.
 
-    Click handles usage errors (exit 2), `--help` and `typer.Exit`; everything winback raises
-    is printed as one paragraph (traceback with -vv) with its documented exit code.
+    Usage errors are printed as click prints them (exit 2); everything winback raises is
+    printed as one paragraph (traceback with -v) with its documented exit code.
     """
     tune_garbage_collector()
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         app()
     except SystemExit as leaving:
+        if leaving.code == 2 and not settings.document_written:
+            _usage_error_document(sys.argv[1:])
         if settings.leave_at_once:
             _leave_at_once(leaving.code)
         raise
@@ -850,7 +858,7 @@ def main() -> None:
     except Exception as error:
         _print_traceback_if_asked()
         stderr.print(
-            f"error: unexpected {type(error).__name__}: {redact_text(str(error))}. Rerun with -vv for the "
+            f"error: unexpected {type(error).__name__}: {redact_text(str(error))}. Rerun with -v for the "
             "traceback and report it.",
             style="red",
             highlight=False,
@@ -859,10 +867,34 @@ def main() -> None:
         sys.exit(1)
 
 
+def _usage_error_document(args: list[str]) -> None:
+    """Click refused the command line (exit 2, its message on stderr): `sync run|plan
+    --output json` still prints the JSON document a caller parses, with `runs` empty."""
+    if _asks_for_runs_document(args):
+        from connector.report import runs_json
+
+        message = "usage error: the command line is not valid; see the message on stderr and --help"
+        stdout.file.write(runs_json([], 2, message) + "\n")
+
+
+def _asks_for_runs_document(args: list[str]) -> bool:
+    """Whether the command line is `sync run` or `sync plan` with JSON output (read from the
+    words themselves: click stopped before it could parse them)."""
+    words = [arg for arg in args if not arg.startswith("-")]
+    command = any(
+        words[i : i + 2] in (["sync", "run"], ["sync", "plan"]) for i in range(len(words))
+    )
+    json_output = any(
+        arg in ("--output=json", "-ojson") or (arg in ("--output", "-o") and following == "json")
+        for arg, following in zip(args, [*args[1:], ""], strict=True)
+    )
+    return command and json_output
+
+
 def _print_traceback_if_asked() -> None:
-    """With -vv: the traceback of the error being handled, without secrets (an exception from
+    """With -v: the traceback of the error being handled, without secrets (an exception from
     requests quotes the URL, query string included)."""
-    if settings.verbosity > 1:
+    if settings.verbosity > 0:
         sys.stderr.write(redact_text(traceback.format_exc()))
 
 

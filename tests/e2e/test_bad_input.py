@@ -155,9 +155,9 @@ def test_config_errors(project: Project, case: str) -> None:
     assert database_dump(state_db(project.folder)) == before  # nothing ran, nothing recorded
 
 
-def test_config_error_traceback_only_with_vv(project: Project) -> None:
+def test_config_error_traceback_only_with_v(project: Project) -> None:
     text = project.bad_config('audience = "winback-e2e"', 'audience = "winback-e2e"\nmodee = 1')
-    result = run_bad(project, text, "-vv", "sync", "run")
+    result = run_bad(project, text, "-v", "sync", "run")
     assert result.returncode == 2, result
     assert "Traceback" in result.stderr
     assert "syncs.s.modee" in result.stderr
@@ -175,6 +175,14 @@ def test_usage_errors(project: Project) -> None:
         "exit_code": 2,
         "error": "unknown sync `nosuch`; defined: s",
     }
+    # Click refuses the command line itself: its message on stderr, the document on stdout.
+    for option in (["--output", "json"], ["-o", "json"], ["--output=json"]):
+        bad_option = run_bad(project, project.config, "sync", "plan", "--bogus", *option)
+        assert bad_option.returncode == 2 and "No such option: --bogus" in bad_option.stderr
+        assert bad_option.json()["runs"] == [] and bad_option.json()["exit_code"] == 2
+        assert bad_option.json()["error"].startswith("usage error:")
+    text_output = run_bad(project, project.config, "sync", "run", "--bogus")
+    assert text_output.returncode == 2 and text_output.stdout == ""
     assert database_dump(state_db(project.folder)) == before
 
 

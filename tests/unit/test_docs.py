@@ -315,7 +315,8 @@ def test_help_exits_0_and_the_readme_shows_it(path: tuple[str, ...]) -> None:
     block = f"$ {command} --help\n{result.stdout}```"
     assert block in readme(), (
         f"README.md's help block for `{command}` is out of date; paste the output of "
-        f"`TYPER_USE_RICH=0 COLUMNS=80 {command} --help` into the CLI reference:\n{result.stdout}"
+        f"`TYPER_USE_RICH=0 COLUMNS=80 {command} --help` into the CLI reference (or run "
+        f"`python tests/update_readme_help.py`):\n{result.stdout}"
     )
 
 
