@@ -211,7 +211,7 @@ def _winback_for(config: Path) -> str:
 def config_validate() -> None:
     """Parse the config, resolve env vars, check that every segment compiles and runs."""
     from connector.report import counted
-    from connector.segments import effective_as_of, probe_columns
+    from connector.segments import column_problems, effective_as_of, probe_columns
     from connector.warehouse import create_warehouse_engine
 
     config = open_config()
@@ -237,19 +237,8 @@ def config_validate() -> None:
             columns = columns_of.get(sync.segment)
             if columns is None:
                 continue  # the segment's problem is already reported
-            mapped = {
-                **{f"identifiers.{k}": v for k, v in sync.identifiers.items()},
-                **{f"fields.{k}": v for k, v in sync.fields.items()},
-            }
-            for option, column in mapped.items():
-                if column not in columns:
-                    problems.append(
-                        ConfigProblem(
-                            f"syncs.{name}.{option}",
-                            f"column `{column}` is not returned by segment `{sync.segment}` "
-                            f"(it returns {', '.join(columns)})",
-                        )
-                    )
+            segment, mapping = config.segments[sync.segment], sync.mapped_options()
+            problems += column_problems(sync.segment, segment, columns, sync=name, mapping=mapping)
     finally:
         engine.dispose()
     if problems:

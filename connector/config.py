@@ -101,6 +101,13 @@ class SyncConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1, description="Override the destination's batch size.")
     options: dict[str, Any] = Field(default_factory=dict)
 
+    def mapped_options(self) -> dict[str, str]:
+        """Option path under the sync (``identifiers.email``) → the segment column it reads."""
+        return {
+            **{f"identifiers.{name}": column for name, column in self.identifiers.items()},
+            **{f"fields.{name}": column for name, column in self.fields.items()},
+        }
+
     @field_validator("identifiers")
     @classmethod
     def _known_identifiers(cls, value: dict[str, str]) -> dict[str, str]:

@@ -38,9 +38,13 @@ class RunResult:
     error: str | None = None
     samples: dict[str, list[str]] = field(default_factory=dict)
     audience_size: int | None = None
+    config_error: bool = False
+    """The run failed before sending anything because of the configuration (exit 2)."""
 
     @property
     def exit_code(self) -> int:
+        if self.status == "failed" and self.config_error:
+            return 2
         return EXIT_CODES.get(self.status, 1)
 
     def to_json(self) -> dict[str, Any]:
@@ -79,9 +83,10 @@ class RunResult:
 
 
 def combined_exit_code(results: Sequence[RunResult]) -> int:
-    """1 if any failed, else 4, else 5, else 3, else 0."""
+    """1 if any failed, else 2 (a run stopped by its configuration), else 4, else 5, else 3,
+    else 0."""
     codes = {result.exit_code for result in results}
-    for code in (1, 4, 5, 3):
+    for code in (1, 2, 4, 5, 3):
         if code in codes:
             return code
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from connector.config import QuerySegment, Segment
-from connector.errors import WarehouseError
+from connector.errors import ConfigError, ConfigProblem, WarehouseError
 from connector.rules import (
     RulesSegment,
     compile_rules,
@@ -96,12 +96,7 @@ def probe_columns(
                 f"the query failed: {query_problem(error)}; {where_to_fix(name, segment)}",
                 segment=name,
             ) from None
-    if segment.key not in columns:
-        raise WarehouseError(
-            f"the query returns no key column `{segment.key}` (it returns "
-            f"{', '.join(columns) or 'nothing'}); {where_to_fix(name, segment)}",
-            segment=name,
-        )
+    check_columns(name, segment, columns)
     return columns
 
 
@@ -194,11 +189,13 @@ def read_segment(
     engine: sa.Engine,
     as_of: dt.date,
     chunk_size: int,
-    required_columns: Sequence[str] = (),
+    sync: str | None = None,
+    mapping: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Sequence[str], Iterator[Sequence[sa.Row[Any]]]]]:
     """Open the segment and yield its column names and a chunk iterator.
 
-    Raises WarehouseError naming the segment when the query fails or a needed column is absent.
+    Raises WarehouseError naming the segment when the query fails, ConfigError when the key or
+    a column the sync maps (`mapping`, see `column_problems`) is absent.
     """
     query = segment_query(name, segment, as_of=as_of, engine=engine)
     with warehouse_connection(engine) as connection:
@@ -207,7 +204,7 @@ def read_segment(
         except sa.exc.DBAPIError as error:
             connection.rollback()
             raise run_failure(name, segment, error, engine=engine, as_of=as_of) from None
-        check_columns(name, segment, columns, required_columns)
+        check_columns(name, segment, columns, sync=sync, mapping=mapping)
         yield columns, _guarded(name, segment, chunks, connection=connection, as_of=as_of)
 
 
@@ -233,18 +230,49 @@ def run_failure(
     return WarehouseError(f"{what}: {problem}; {where_to_fix(name, segment)}", segment=name)
 
 
-def check_columns(
-    name: str, segment: Segment, columns: Sequence[str], required_columns: Sequence[str]
-) -> None:
-    """WarehouseError naming the key or mapped columns the query does not return."""
-    missing = [c for c in (segment.key, *required_columns) if c not in columns]
-    if missing:
-        raise WarehouseError(
-            f"the query returns no column {', '.join(f'`{c}`' for c in missing)} "
-            f"(it returns {', '.join(columns) or 'nothing'}); "
-            f"{where_to_fix(name, segment)} or the sync's identifiers/fields mapping",
-            segment=name,
+def column_problems(
+    name: str,
+    segment: Segment,
+    columns: Sequence[str],
+    *,
+    sync: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+) -> list[ConfigProblem]:
+    """Configuration problems of a segment whose query does not return its key column or a
+    column the sync maps (`mapping`: option such as ``identifiers.email`` → column)."""
+    returned = ", ".join(columns) or "nothing"
+    problems = []
+    if segment.key not in columns:
+        problems.append(
+            ConfigProblem(
+                f"segments.{name}.key",
+                f"the query returns no column `{segment.key}` (it returns {returned}); "
+                f"{where_to_fix(name, segment)} or the key",
+            )
         )
+    for option, column in (mapping or {}).items():
+        if column not in columns:
+            problems.append(
+                ConfigProblem(
+                    f"syncs.{sync}.{option}",
+                    f"column `{column}` is not returned by segment `{name}` (it returns {returned})",
+                )
+            )
+    return problems
+
+
+def check_columns(
+    name: str,
+    segment: Segment,
+    columns: Sequence[str],
+    *,
+    sync: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+) -> None:
+    """ConfigError listing `column_problems`, if any."""
+    problems = column_problems(name, segment, columns, sync=sync, mapping=mapping)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _guarded(

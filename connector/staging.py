@@ -63,10 +63,8 @@ class SegmentSource:
     """Field name → segment column."""
     as_of: dt.date
     chunk_size: int
-
-    @property
-    def needed_columns(self) -> list[str]:
-        return sorted({*self.identifiers.values(), *self.fields.values()})
+    mapped_options: dict[str, str]
+    """Option path under the sync (``identifiers.email``) → segment column (for errors)."""
 
     def mapping(self) -> list[tuple[str, str, str]]:
         """(kind, name, column) in payload order: identifiers then fields, by name."""
@@ -140,7 +138,7 @@ def checked_query(source: SegmentSource, engine: sa.Engine) -> tuple[sa.Executab
     name, segment = source.segment_name, source.segment
     query = segment_query(name, segment, as_of=source.as_of, engine=engine)
     columns = probe_columns(name, segment, engine=engine, as_of=source.as_of, query=query)
-    check_columns(name, segment, columns, source.needed_columns)
+    check_columns(name, segment, columns, sync=source.sync, mapping=source.mapped_options)
     return query, columns
 
 
@@ -159,7 +157,8 @@ def read_payloads(source: SegmentSource, engine: sa.Engine) -> Iterator[Iterator
         engine=engine,
         as_of=source.as_of,
         chunk_size=source.chunk_size,
-        required_columns=source.needed_columns,
+        sync=source.sync,
+        mapping=source.mapped_options,
     ) as (columns, chunks):
         yield _payload_chunks(source, columns, chunks)
 

@@ -151,7 +151,11 @@ class SyncRunner:
             result.status, result.error = "locked", str(error)
         except GuardError as error:
             result.status, result.error = "aborted", redact_text(str(error))
-        except WinbackError as error:  # warehouse, state, destination, config at run time
+        except ConfigError as error:  # found at run time (a column, a changed target...)
+            located = ConfigError(error.problems, source=error.source or str(self.config.path))
+            result.status, result.error = "failed", redact_text(str(located))
+            result.config_error = True
+        except WinbackError as error:  # warehouse, state, destination
             result.status, result.error = "failed", redact_text(str(error))
         except KeyboardInterrupt as interrupt:
             # Raised again below, once the run is recorded: the frames it interrupted (and any
@@ -375,7 +379,6 @@ class SyncRunner:
                         "otherwise put back the old destination or audience",
                     )
                 ],
-                source=str(self.config.path),
             )
         if record:
             connection.commit()
@@ -391,6 +394,7 @@ class SyncRunner:
             fields=dict(sync.fields),
             as_of=effective_as_of(segment, options.as_of),
             chunk_size=self.config.warehouse.chunk_size,
+            mapped_options=sync.mapped_options(),
         )
 
     def _normaliser(self, sync_name: str, adapter: Destination) -> RowNormaliser:

@@ -205,14 +205,6 @@ WAREHOUSE_CASES = {
         ("FROM customers WHERE", "FROM customerz WHERE"),
         ["segment `lapsed`", "customerz", "segments.lapsed.sql"],
     ),
-    "no-key-column": (
-        ("SELECT customer_id, email", "SELECT email"),
-        ["segment `lapsed`", "`customer_id`", "segments.lapsed.sql"],
-    ),
-    "unmapped-column": (
-        ('FNAME = "first_name"', 'FNAME = "firstname"'),
-        ["segment `lapsed`", "`firstname`", "it returns customer_id, email"],
-    ),
 }
 
 
@@ -238,6 +230,35 @@ def test_warehouse_errors(project: Project, case: str) -> None:
     # `config validate` reports the same problem as a configuration error.
     validate = run_bad(project, text, "config", "validate")
     assert_one_paragraph(validate, 2, "bad.toml", fragments[1])
+
+
+CONFIG_FOUND_AT_RUN_TIME = {
+    "no-key-column": (
+        ("SELECT customer_id, email", "SELECT email"),
+        ["segments.lapsed.key", "`customer_id`", "segments.lapsed.sql"],
+    ),
+    "unmapped-column": (
+        ('FNAME = "first_name"', 'FNAME = "firstname"'),
+        ["syncs.s.fields.FNAME", "`firstname`", "it returns customer_id, email"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FOUND_AT_RUN_TIME))
+@pytest.mark.usefixtures("unchanged_state")
+def test_configuration_problems_found_at_run_time_exit_2(project: Project, case: str) -> None:
+    """A query that does not return the key or a mapped column is a configuration problem:
+    the run fails before reading a row, the error names the file and the option (as `config
+    validate` does), and the command exits 2."""
+    (old, new), fragments = CONFIG_FOUND_AT_RUN_TIME[case]
+    text = project.bad_config(old, new)
+    result = run_bad(project, text, "sync", "run", "--output", "json")
+    message = assert_one_paragraph(result, 2, "invalid configuration in", "bad.toml", *fragments)
+    run = result.run()
+    assert (run["status"], result.json()["exit_code"]) == ("failed", 2)
+    assert all(fragment in run["error"] for fragment in fragments)
+    validate = run_bad(project, text, "config", "validate")
+    assert_one_paragraph(validate, 2, "bad.toml", *fragments[:2])
 
 
 # -- rows the sync cannot send: skipped with a reason, the run succeeds -------------------------
