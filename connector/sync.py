@@ -248,8 +248,8 @@ class SyncRunner:
                     planner,
                     adapter,
                     result,
-                    batch_size,
-                    options.dry_run,
+                    batch_size=batch_size,
+                    dry_run=options.dry_run,
                 )
                 clock.done("streamed the segment (first sync)", f"{result.segment_rows:,} rows")
                 return
@@ -302,6 +302,7 @@ class SyncRunner:
         planner: ChangePlanner,
         adapter: Destination,
         result: RunResult,
+        *,
         batch_size: int,
         dry_run: bool,
     ) -> None:
