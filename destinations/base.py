@@ -495,6 +495,10 @@ def connection_problem(error: requests.ConnectionError) -> str:
     return "could not connect"
 
 
+_ABSOLUTE_URL = re.compile(r"^\s*[a-z][a-z0-9+.\-]*://", re.IGNORECASE)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def describe_request(method: str, url: str) -> str:
     """`POST /v1/path` — never the host's query string, which may carry tokens."""
     return f"{method} {urlsplit(url).path or '/'}"
@@ -517,13 +521,20 @@ class HttpClient:
         retry_after: Callable[[requests.Response], float | None] | None = None,
         auth: Callable[[], Mapping[str, str]] | None = None,
         refresh: Callable[[], bool] | None = None,
+        allowed_hosts: Iterable[str] = (),
     ):
         """`retry_after` reads how long a throttled response asks to wait (default: the
         `Retry-After` header); `auth` gives the credential headers before every attempt, and
         `refresh`, called once when a request is refused with 401, renews them (True: the
-        request is sent again); `sleep` replaces the waits (tests)."""
+        request is sent again); `sleep` replaces the waits (tests).
+
+        Requests go to `base_url`'s origin (scheme, host and port) only: an absolute URL
+        elsewhere (a pagination link, a job's status URL) is refused before anything is sent,
+        unless its host is one of `allowed_hosts` (an upload URL on a CDN), which then gets
+        the request without the credential headers of `auth`."""
         self.destination = destination
         self.base_url = base_url.rstrip("/")
+        self.allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
         self.retry = retry
         self.redact = Redactor(secrets)
         self.verdict = verdict
@@ -541,9 +552,46 @@ class HttpClient:
         self.retries = 0
 
     def url(self, path: str) -> str:
-        if path.startswith(("http://", "https://")):
-            return path
+        """The URL a request for `path` goes to: `path` under `base_url`, or `path` itself
+        when it is an absolute URL on `base_url`'s origin or an allowed host; any other
+        absolute URL is refused (BatchFailedError, nothing sent)."""
+        if _ABSOLUTE_URL.match(path):
+            if self._origin(path) != self._origin(self.base_url) and not self._allowed(path):
+                raise BatchFailedError(
+                    f"refused to send a request to `{self._shown(path)}`: winback only sends "
+                    f"to the destination's own address (`{self._shown(self.base_url)}`), "
+                    "so its credentials never go to another host; nothing was sent",
+                    destination=self.destination,
+                )
+            return path.strip()
         return f"{self.base_url}/{path.lstrip('/')}"
+
+    def sends_credentials(self, url: str) -> bool:
+        """Whether a request to `url` carries the credential headers: only on `base_url`'s
+        origin, never on an allowed foreign host."""
+        return not _ABSOLUTE_URL.match(url) or self._origin(url) == self._origin(self.base_url)
+
+    @staticmethod
+    def _origin(url: str) -> tuple[str, str, int | None]:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(scheme)
+        except ValueError:  # a port that is not a number: matches nothing
+            return (scheme, "\0", None)
+        return (scheme, (parts.hostname or "").lower(), port)
+
+    def _allowed(self, url: str) -> bool:
+        scheme, host, _ = self._origin(url)
+        return scheme in _DEFAULT_PORTS and host in self.allowed_hosts
+
+    def _shown(self, url: str) -> str:
+        """Scheme, host, port and path of `url`, redacted: never user info or a query."""
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        shown = f"{parts.scheme}://{host}{parts.path or '/'}"
+        shown = "".join(c if c.isprintable() and not c.isspace() else "?" for c in shown)
+        return self.redact(shown)[:200]
 
     def request(
         self,
@@ -565,7 +613,8 @@ class HttpClient:
         def attempt() -> requests.Response:
             if self._stopping.is_set():
                 raise self._stopped()
-            extra = dict(self._auth()) if self._auth is not None else {}
+            with_credentials = self._auth is not None and self.sends_credentials(url)
+            extra = dict(self._auth()) if with_credentials and self._auth is not None else {}
             extra.update(headers or {})
             if headers_factory is not None:
                 extra.update(headers_factory())
@@ -787,6 +836,10 @@ class HttpDestination(Destination):
     """Base for HTTP adapters: builds the shared client from the common options."""
 
     default_base_url: ClassVar[str]
+    allowed_hosts: ClassVar[frozenset[str]] = frozenset()
+    """Hosts besides the base URL's that absolute URLs from the platform may point to (an
+    upload URL on a CDN); requests there never carry `auth_headers()`. Any other host is
+    refused before anything is sent, so credentials never leave the platform's origin."""
 
     def __init__(self, options: DestinationOptions, context: SyncContext):
         super().__init__(options, context)
@@ -805,6 +858,7 @@ class HttpDestination(Destination):
             verdict=self.verdict,
             retry_after=self.retry_after,
             requests_per_second=http_options.requests_per_second if http_options else None,
+            allowed_hosts=self.allowed_hosts,
         )
 
     def auth_headers(self) -> Mapping[str, str]:

@@ -308,3 +308,59 @@ def test_a_token_obtained_at_run_time_is_redacted() -> None:
     redact = Redactor(["static-secret"])
     redact.add("ya29.runtime-token")
     assert redact("static-secret and ya29.runtime-token") == "*** and ***"
+
+
+def test_an_absolute_url_on_another_origin_is_refused_and_never_sent() -> None:
+    token = "secret-token-abcdef"
+    with FakeHttpServer() as api, FakeHttpServer() as elsewhere:
+        client = make_client(api.url, [], auth=lambda: {"Authorization": f"Bearer {token}"})
+        # A pagination link to another host (a different port is another origin too).
+        next_link = f"{elsewhere.url}/v1/members?page=2&access_token={token}"
+        with pytest.raises(BatchFailedError, match="refused to send a request to") as refused:
+            client.request("GET", next_link)
+        client.request("GET", f"{api.url}/v1/members?page=2")  # its own origin: sent
+    assert elsewhere.requests == []
+    assert [r.path for r in api.requests] == ["/v1/members?page=2"]
+    assert api.requests[0].headers["authorization"] == f"Bearer {token}"
+    message = str(refused.value)
+    assert token not in message and "page=2" not in message
+    assert f"`{elsewhere.url}/v1/members`" in message
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "http://api.example.com/v1/x",  # https downgraded to http
+        "https://api.example.com:8443/v1/x",  # another port
+        "https://api.example.com.evil.test/v1/x",
+        "https://evil.test/v1/x",
+        "HTTPS://EVIL.TEST/v1/x",
+        " https://evil.test/v1/x",
+        "ftp://api.example.com/v1/x",
+    ],
+)
+def test_only_the_base_urls_origin_counts_as_its_own(link: str) -> None:
+    client = make_client("https://api.example.com/v2", [])
+    with pytest.raises(BatchFailedError, match="nothing was sent"):
+        client.url(link)
+    assert client.url("https://API.example.com:443/v1/x") == "https://API.example.com:443/v1/x"
+    assert client.url("v1/x") == "https://api.example.com/v2/v1/x"
+    assert client.url("//evil.test/x") == "https://api.example.com/v2/evil.test/x"
+
+
+def test_an_allowed_host_gets_the_request_without_credentials() -> None:
+    token = "secret-token-abcdef"
+    with FakeHttpServer() as api, FakeHttpServer() as cdn:
+        cdn_url = cdn.url.replace("127.0.0.1", "localhost")  # another host, same machine
+        client = make_client(
+            api.url,
+            [],
+            auth=lambda: {"Authorization": f"Bearer {token}"},
+            allowed_hosts=["LOCALHOST"],
+        )
+        client.request("PUT", f"{cdn_url}/upload/abc", data=b"rows")
+        client.request("GET", "jobs/1")
+    assert [r.path for r in cdn.requests] == ["/upload/abc"]
+    assert "authorization" not in cdn.requests[0].headers
+    assert cdn.requests[0].body == b"rows"
+    assert api.requests[0].headers["authorization"] == f"Bearer {token}"
