@@ -600,25 +600,37 @@ class HttpClient:
         *,
         json: Any = None,
         data: bytes | str | None = None,
+        content_type: str | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         headers_factory: Callable[[], Mapping[str, str]] | None = None,
     ) -> requests.Response:
         """Send with retries; return the response once its verdict is OK, else raise.
 
-        ``headers_factory`` is called before every attempt (for signatures with timestamps).
+        ``json`` is written with `json_bytes` (warehouse values such as Decimal and dates
+        included) and sent as ``content_type`` (default ``application/json``; e.g.
+        ``application/vnd.api+json``); ``data`` is sent as it is, with ``content_type`` when
+        given. ``headers_factory`` is called before every attempt (for signatures with
+        timestamps).
         """
         url = self.url(path)
+        if json is not None and data is not None:
+            raise TypeError("HttpClient.request takes `json` or `data`, not both")
+        body = json_bytes(json) if json is not None else data
+        if json is not None:
+            content_type = content_type or "application/json"
 
         def attempt() -> requests.Response:
             if self._stopping.is_set():
                 raise self._stopped()
             with_credentials = self._auth is not None and self.sends_credentials(url)
             extra = dict(self._auth()) if with_credentials and self._auth is not None else {}
+            if content_type is not None:
+                extra["Content-Type"] = content_type
             extra.update(headers or {})
             if headers_factory is not None:
                 extra.update(headers_factory())
-            return self._send_once(method, url, json=json, data=data, params=params, headers=extra)
+            return self._send_once(method, url, data=body, params=params, headers=extra)
 
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -708,7 +720,6 @@ class HttpClient:
         method: str,
         url: str,
         *,
-        json: Any,
         data: bytes | str | None,
         params: Mapping[str, Any] | None,
         headers: Mapping[str, str],
@@ -720,7 +731,6 @@ class HttpClient:
             response = self.session.request(
                 method,
                 url,
-                json=json,
                 data=data,
                 params=params,
                 headers=headers,

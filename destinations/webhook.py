@@ -238,7 +238,7 @@ class WebhookDestination(HttpDestination):
             "POST",
             self._path,
             data=body,
-            headers={"Content-Type": "application/json"},
+            content_type="application/json",
             headers_factory=signed_headers,
         )
         return BatchResult.from_rejections(batch, _rejections(response, batch))

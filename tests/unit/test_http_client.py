@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import datetime
+import decimal
 import logging
 import sys
 import threading
@@ -21,6 +23,7 @@ from destinations.base import (
     Redactor,
     Rejection,
     RetrySettings,
+    json_bytes,
     parse_retry_after,
     redact_text,
     rejections_by_identifier,
@@ -364,3 +367,37 @@ def test_an_allowed_host_gets_the_request_without_credentials() -> None:
     assert "authorization" not in cdn.requests[0].headers
     assert cdn.requests[0].body == b"rows"
     assert api.requests[0].headers["authorization"] == f"Bearer {token}"
+
+
+def test_json_bodies_carry_warehouse_values_and_the_chosen_content_type() -> None:
+    document = {
+        "ltv": decimal.Decimal("12.50"),
+        "orders": decimal.Decimal("3"),
+        "last_order": datetime.date(2026, 11, 2),
+        "seen_at": datetime.datetime(2026, 11, 2, 8, 30),
+        "name": "Zoë",
+    }
+    with FakeHttpServer() as server:
+        client = make_client(server.url, [])
+        client.request("POST", "/import", json=document)
+        client.request("POST", "/import", json=document, content_type="application/vnd.api+json")
+        client.request("POST", "/raw", data=b"a,b\n", content_type="text/csv")
+    first, second, raw = server.requests
+    assert first.body == json_bytes(document)
+    assert first.json() == {
+        "ltv": 12.5,
+        "orders": 3,
+        "last_order": "2026-11-02",
+        "seen_at": "2026-11-02T08:30:00",
+        "name": "Zoë",
+    }
+    assert first.headers["content-type"] == "application/json"
+    assert second.headers["content-type"] == "application/vnd.api+json"
+    assert second.body == first.body
+    assert (raw.headers["content-type"], raw.body) == ("text/csv", b"a,b\n")
+
+
+def test_json_and_data_together_are_a_programming_error() -> None:
+    client = make_client("https://api.example.com", [])
+    with pytest.raises(TypeError, match="not both"):
+        client.request("POST", "/x", json={}, data=b"{}")
