@@ -523,7 +523,8 @@ class HttpClient:
         refresh: Callable[[], bool] | None = None,
         allowed_hosts: Iterable[str] = (),
     ):
-        """`retry_after` reads how long a throttled response asks to wait (default: the
+        """`headers` are sent with every request to `base_url` (an API revision, Accept);
+        `retry_after` reads how long a throttled response asks to wait (default: the
         `Retry-After` header); `auth` gives the credential headers before every attempt, and
         `refresh`, called once when a request is refused with 401, renews them (True: the
         request is sent again); `sleep` replaces the waits (tests).
@@ -540,8 +541,8 @@ class HttpClient:
         self.verdict = verdict
         self.session = requests.Session()
         self.session.headers.update({"User-Agent": "winback/0.1 (+reverse-etl)"})
-        if headers:
-            self.session.headers.update(headers)
+        self.headers = dict(headers or {})
+        """Fixed headers of every request to `base_url`'s origin (not to allowed hosts)."""
         self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
         self._stopping = threading.Event()
         self._sleep = sleep or self._sleep_unless_stopped
@@ -623,8 +624,10 @@ class HttpClient:
         def attempt() -> requests.Response:
             if self._stopping.is_set():
                 raise self._stopped()
-            with_credentials = self._auth is not None and self.sends_credentials(url)
-            extra = dict(self._auth()) if with_credentials and self._auth is not None else {}
+            own_origin = self.sends_credentials(url)
+            extra = dict(self.headers) if own_origin else {}
+            if own_origin and self._auth is not None:
+                extra.update(self._auth())
             if content_type is not None:
                 extra["Content-Type"] = content_type
             extra.update(headers or {})
@@ -857,7 +860,8 @@ class HttpDestination(Destination):
         retry = (http_options.retry if http_options else None) or context.retry
         self.http = HttpClient(
             destination=self.display_name,
-            base_url=(http_options.base_url if http_options else None) or self.default_base_url,
+            base_url=self.base_url(),
+            headers=self.default_headers(),
             retry=retry,
             auth=self.auth_headers,
             refresh=self.refresh_credentials,
@@ -870,6 +874,20 @@ class HttpDestination(Destination):
             requests_per_second=http_options.requests_per_second if http_options else None,
             allowed_hosts=self.allowed_hosts,
         )
+
+    def base_url(self) -> str:
+        """The API root every path is joined to: the `base_url` option (tests, proxies), else
+        `default_base_url`. Override when it depends on options (Mailchimp's data centre,
+        Customer.io's region, Meta's API version). Asked once, while the base class builds
+        `self.http`: it may read `self.options` and `self.context`, nothing set later."""
+        configured = getattr(self.options, "base_url", None)
+        return str(configured or self.default_base_url)
+
+    def default_headers(self) -> Mapping[str, str]:
+        """Fixed headers sent with every request to the platform (Klaviyo's `revision`, an
+        `Accept`); asked once, like `base_url()`. Never credentials: those go in
+        `auth_headers()`, which is asked before every attempt and redacted."""
+        return {}
 
     def auth_headers(self) -> Mapping[str, str]:
         """Credential headers, asked for before every attempt (a token may change mid-run)."""

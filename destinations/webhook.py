@@ -142,7 +142,7 @@ class WebhookDestination(HttpDestination):
     supports_update = True
     matches_on_identifiers = False
     default_batch_size = 1000
-    # The receiver URL is per destination; __init__ points the client at it.
+    # The receiver URL is per destination: `base_url()` points the client at it.
     default_base_url: ClassVar[str] = ""
 
     options: WebhookOptions
@@ -154,8 +154,6 @@ class WebhookDestination(HttpDestination):
             )
         super().__init__(options, context)
         parts = urlsplit(options.url)
-        # base_url (proxies, tests) replaces the scheme and host; the path and query stay.
-        self.http.base_url = (options.base_url or f"{parts.scheme}://{parts.netloc}").rstrip("/")
         self._path = parts.path + (f"?{parts.query}" if parts.query else "")
         self._key = signing_key(options.secret.get_secret_value())
         self.clock: Callable[[], float] = time.time
@@ -164,6 +162,11 @@ class WebhookDestination(HttpDestination):
         return (
             f"WebhookDestination(url='{display_url(self.options.url)}', sync='{self.context.sync}')"
         )
+
+    def base_url(self) -> str:
+        # base_url (proxies, tests) replaces the scheme and host; the path and query stay.
+        parts = urlsplit(self.options.url)
+        return self.options.base_url or f"{parts.scheme}://{parts.netloc}"
 
     @property
     def batch_size(self) -> int:

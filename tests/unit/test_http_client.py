@@ -6,8 +6,11 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from typing import ClassVar
 
 import pytest
+from pydantic import SecretStr
 
 from connector.errors import (
     BatchFailedError,
@@ -17,12 +20,17 @@ from connector.errors import (
 )
 from destinations.base import (
     Batch,
+    BatchResult,
     HttpClient,
+    HttpDestination,
+    HttpDestinationOptions,
     Member,
+    NoSyncOptions,
     RedactingLogFilter,
     Redactor,
     Rejection,
     RetrySettings,
+    SyncContext,
     json_bytes,
     parse_retry_after,
     redact_text,
@@ -31,6 +39,8 @@ from destinations.base import (
     seconds_until,
 )
 from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
+
+FAST = RetrySettings(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=5, timeout_s=2)
 
 
 def make_client(url: str, sleeps: list[float], **kwargs: object) -> HttpClient:
@@ -401,3 +411,70 @@ def test_json_and_data_together_are_a_programming_error() -> None:
     client = make_client("https://api.example.com", [])
     with pytest.raises(TypeError, match="not both"):
         client.request("POST", "/x", json={}, data=b"{}")
+
+
+class RegionalOptions(HttpDestinationOptions):
+    api_key: SecretStr
+    region: str = "us"
+    revision: str = "2026-07-15"
+
+
+class RegionalDestination(HttpDestination):
+    """A platform whose API root depends on options and which wants a fixed header."""
+
+    name = "regional"
+    options_model = RegionalOptions
+    default_base_url: ClassVar[str] = "https://api.example.com"
+    options: RegionalOptions
+
+    def base_url(self) -> str:
+        return f"{super().base_url()}/{self.options.region}/v2"
+
+    def default_headers(self) -> Mapping[str, str]:
+        return {"revision": self.options.revision, "Accept": "application/vnd.api+json"}
+
+    def auth_headers(self) -> Mapping[str, str]:
+        return {"Authorization": f"Key {self.options.api_key.get_secret_value()}"}
+
+    def check(self) -> str:
+        return self.http.request("GET", "lists/1").text
+
+    def add(self, batch: Batch) -> BatchResult:
+        return BatchResult.all_acknowledged(batch)
+
+    def remove(self, batch: Batch) -> BatchResult:
+        return BatchResult.all_acknowledged(batch)
+
+
+def regional_context() -> SyncContext:
+    return SyncContext(sync="s", run_id="r", audience="1", options=NoSyncOptions(), retry=FAST)
+
+
+def test_an_http_destination_builds_its_base_url_and_fixed_headers_from_options() -> None:
+    options = RegionalOptions(type="regional", api_key="key-123456", region="eu")
+    assert RegionalDestination(options, regional_context()).http.url("lists/1") == (
+        "https://api.example.com/eu/v2/lists/1"
+    )
+    with FakeHttpServer() as server:
+        options = RegionalOptions(type="regional", api_key="key-123456", base_url=server.url)
+        destination = RegionalDestination(options, regional_context())
+        destination.check()
+    (request,) = server.requests
+    assert request.path == "/us/v2/lists/1"
+    assert request.headers["revision"] == "2026-07-15"
+    assert request.headers["accept"] == "application/vnd.api+json"
+    assert request.headers["authorization"] == "Key key-123456"
+
+
+def test_fixed_headers_and_credentials_stay_on_the_platforms_origin() -> None:
+    with FakeHttpServer() as api, FakeHttpServer() as cdn:
+        client = make_client(
+            api.url,
+            [],
+            headers={"revision": "2026-07-15"},
+            auth=lambda: {"Authorization": "Key key-123456"},
+            allowed_hosts=["localhost"],
+        )
+        client.request("PUT", cdn.url.replace("127.0.0.1", "localhost") + "/u", data=b"x")
+    assert "revision" not in cdn.requests[0].headers
+    assert "authorization" not in cdn.requests[0].headers
