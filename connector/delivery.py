@@ -42,11 +42,13 @@ every destination winback targets takes 1 MB or more (the batch fails and stays 
 
 
 def _batch_error(batch: Batch, error: BaseException | None) -> BaseException | None:
-    """What a batch's error means for delivery: as raised, except a single small row refused
-    as too large, which is not the row's fault: the batch fails (and stays pending) instead of
-    its row being rejected for good."""
+    """What a batch's error means for delivery: as raised, except a single small row that the
+    destination's answer refused as too large, which is not the row's fault: the batch fails
+    (and stays pending) instead of its row being rejected for good. A row over the adapter's
+    own documented limit (an error without a status, raised before sending) is the row's."""
     if (
         isinstance(error, PayloadTooLargeError)
+        and error.status is not None
         and len(batch) == 1
         and (error.request_bytes or 0) < SMALL_REQUEST_BYTES
     ):

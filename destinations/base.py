@@ -522,6 +522,7 @@ class HttpClient:
         auth: Callable[[], Mapping[str, str]] | None = None,
         refresh: Callable[[], bool] | None = None,
         allowed_hosts: Iterable[str] = (),
+        max_request_bytes: int | None = None,
     ):
         """`headers` are sent with every request to `base_url` (an API revision, Accept);
         `retry_after` reads how long a throttled response asks to wait (default: the
@@ -532,10 +533,14 @@ class HttpClient:
         Requests go to `base_url`'s origin (scheme, host and port) only: an absolute URL
         elsewhere (a pagination link, a job's status URL) is refused before anything is sent,
         unless its host is one of `allowed_hosts` (an upload URL on a CDN), which then gets
-        the request without the credential headers of `auth`."""
+        the request without the credential headers of `auth`.
+
+        A request body over `max_request_bytes` (the platform's limit) is not sent: it raises
+        PayloadTooLargeError, so the engine halves the batch without a round trip."""
         self.destination = destination
         self.base_url = base_url.rstrip("/")
         self.allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
+        self.max_request_bytes = max_request_bytes
         self.retry = retry
         self.redact = Redactor(secrets)
         self.verdict = verdict
@@ -620,6 +625,16 @@ class HttpClient:
         body = json_bytes(json) if json is not None else data
         if json is not None:
             content_type = content_type or "application/json"
+        size = len(body.encode() if isinstance(body, str) else body) if body is not None else 0
+        if self.max_request_bytes is not None and size > self.max_request_bytes:
+            # No status: the limit is the platform's documented one, not a guess from a 413
+            # (a single row over it is rejected as too large, whatever its size).
+            raise PayloadTooLargeError(
+                f"{describe_request(method, url)}: a body of {size:,} bytes is over the "
+                f"platform's limit of {self.max_request_bytes:,} bytes; not sent",
+                destination=self.destination,
+                request_bytes=size,
+            )
 
         def attempt() -> requests.Response:
             if self._stopping.is_set():
@@ -849,6 +864,10 @@ class HttpDestination(Destination):
     """Base for HTTP adapters: builds the shared client from the common options."""
 
     default_base_url: ClassVar[str]
+    max_request_bytes: ClassVar[int | None] = None
+    """The platform's limit on a request body (Klaviyo 5 MB, Customer.io 500 KB): a larger
+    body is not sent; the engine halves the batch instead (a single row over it is rejected
+    as too large)."""
     allowed_hosts: ClassVar[frozenset[str]] = frozenset()
     """Hosts besides the base URL's that absolute URLs from the platform may point to (an
     upload URL on a CDN); requests there never carry `auth_headers()`. Any other host is
@@ -873,6 +892,7 @@ class HttpDestination(Destination):
             retry_after=self.retry_after,
             requests_per_second=http_options.requests_per_second if http_options else None,
             allowed_hosts=self.allowed_hosts,
+            max_request_bytes=self.max_request_bytes,
         )
 
     def base_url(self) -> str:

@@ -478,3 +478,15 @@ def test_fixed_headers_and_credentials_stay_on_the_platforms_origin() -> None:
         client.request("PUT", cdn.url.replace("127.0.0.1", "localhost") + "/u", data=b"x")
     assert "revision" not in cdn.requests[0].headers
     assert "authorization" not in cdn.requests[0].headers
+
+
+def test_a_body_over_the_platforms_limit_is_refused_before_it_is_sent() -> None:
+    with FakeHttpServer() as server:
+        client = make_client(server.url, [], max_request_bytes=100)
+        with pytest.raises(PayloadTooLargeError, match="not sent") as refused:
+            client.request("POST", "/import", json={"x": "y" * 100})
+        with pytest.raises(PayloadTooLargeError):
+            client.request("POST", "/import", data="é" * 51)  # 102 bytes as UTF-8
+        client.request("POST", "/import", data=b"y" * 100)
+    assert (refused.value.request_bytes, refused.value.status) == (108, None)
+    assert [len(r.body) for r in server.requests] == [100]
