@@ -257,7 +257,12 @@ class Delivery:
         log.warning("batch %d failed: %s", batch.number, error)
 
     def _note_in_flight(
-        self, action: Action, batch: Batch, changes: Sequence[PlannedChange]
+        self,
+        action: Action,
+        batch: Batch,
+        changes: Sequence[PlannedChange],
+        *,
+        commit: bool = True,
     ) -> None:
         """Record what this batch sends before it goes (committed): should the run stop before
         its outcome is recorded, the next run knows the destination may have applied it."""
@@ -269,7 +274,40 @@ class Delivery:
             action=action,
             members=[(c.key, c.identity_fp, c.identifiers_text, c.platform_id) for c in changes],
         )
-        self.connection.commit()
+        if commit:
+            self.connection.commit()
+
+    def _unconfirmed(self, action: Action, batch: Batch, outcome: BatchResult) -> list[str]:
+        """Keys of the batch the destination may or may not have applied: those the adapter
+        says it cannot confirm and those it left out of both `acknowledged` and `rejected`
+        (a warning names the adapter: its answer does not account for every row)."""
+        keys = [m.key for m in batch.members]
+        declared = set(outcome.unconfirmed)
+        answered = {a.key for a in outcome.acknowledged} | {r.key for r in outcome.rejected}
+        left_out = [key for key in keys if key not in answered and key not in declared]
+        if left_out:
+            log.warning(
+                "%s: adapter `%s` neither acknowledged nor rejected %d row(s) of batch %d (%s), "
+                "e.g. key `%s`; the destination may have applied them: the next run settles "
+                "them and sends them again",
+                self.result.sync,
+                self.adapter.name,
+                len(left_out),
+                batch.number,
+                action,
+                left_out[0],
+            )
+        in_doubt = [key for key in keys if key in declared]
+        if in_doubt:
+            log.warning(
+                "%s: the destination could not confirm %d row(s) of batch %d (%s); the next "
+                "run settles them and sends them again",
+                self.result.sync,
+                len(in_doubt),
+                batch.number,
+                action,
+            )
+        return [key for key in keys if key in declared or key not in answered]
 
     def _checkpoint(
         self,
@@ -285,8 +323,17 @@ class Delivery:
         StateStore.forget_in_flight(
             connection, sync=self.result.sync, run_id=self.result.run_id, batch=batch.number
         )
-        acknowledged = [a for a in outcome.acknowledged if a.key in by_key]
-        rejected = [r for r in outcome.rejected if r.key in by_key]
+        in_doubt = self._unconfirmed(action, batch, outcome)
+        if in_doubt:
+            # Still in flight: the next run settles these rows as it does a lost answer's.
+            self._note_in_flight(action, batch, [by_key[key] for key in in_doubt], commit=False)
+            if action == "remove":
+                self.unremoved.update(in_doubt)
+        acknowledged = [
+            a for a in outcome.acknowledged if a.key in by_key and a.key not in in_doubt
+        ]
+        rejected = [r for r in outcome.rejected if r.key in by_key and r.key not in in_doubt]
+        unattributed = min(max(outcome.unattributed_rejections, 0), len(by_key))
         if action == "remove":
             StateStore.delete_snapshot_keys(
                 connection, self.result.sync, [a.key for a in acknowledged]
@@ -319,14 +366,23 @@ class Delivery:
                 )
             if rejected:
                 self._keep_refused_change([by_key[r.key] for r in rejected])
+        issues = [RowIssue("rejected", r.key, r.reason, action) for r in rejected]
+        if unattributed:
+            reason = outcome.unattributed_reason.strip() or "no reason given"
+            issues.append(
+                RowIssue(
+                    "rejected",
+                    None,
+                    f"{unattributed} row(s) of batch {batch.number} refused by the destination "
+                    f"without saying which ({reason}); the rows of that batch count as sent",
+                    action,
+                )
+            )
         StateStore.record_issues(
-            connection,
-            run_id=self.result.run_id,
-            sync=self.result.sync,
-            issues=[RowIssue("rejected", r.key, r.reason, action) for r in rejected],
+            connection, run_id=self.result.run_id, sync=self.result.sync, issues=issues
         )
         self.result.sent[action] += len(acknowledged)
-        self.result.rejected += len(rejected)
+        self.result.rejected += len(rejected) + unattributed
         self.result.batches += 1
         # The run's counts so far, with the batch: a run killed later shows what it sent.
         counts = {**self.result.counts(), "retries": self.adapter.retries}

@@ -155,10 +155,25 @@ class Acknowledged(NamedTuple):
 
 @dataclass
 class BatchResult:
-    """What happened to each member of a batch."""
+    """What happened to each member of a batch.
+
+    Every member is acknowledged, rejected or ``unconfirmed``: the platform may or may not have
+    applied it (a job that did not report it, a look-up that found nothing to act on). The
+    engine keeps an unconfirmed row in doubt, as for a batch whose answer was lost: the next
+    run settles it and sends it again (or removes it). A member left out of all three lists is
+    treated the same, with a warning naming the adapter.
+
+    ``unattributed_rejections`` counts rows the platform refused without saying which (Meta's
+    ``num_invalid_entries`` beyond its samples, Google's partial-failure counts), with the
+    platform's ``unattributed_reason``: they count in the run's ``rejected`` and are recorded
+    as one issue of the run, while the members themselves stay acknowledged.
+    """
 
     acknowledged: list[Acknowledged] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    unconfirmed: list[str] = field(default_factory=list)
+    unattributed_rejections: int = 0
+    unattributed_reason: str = ""
 
     @classmethod
     def all_acknowledged(cls, batch: Batch) -> BatchResult:
@@ -166,14 +181,17 @@ class BatchResult:
         return cls(acknowledged=[Acknowledged(m.key, m.platform_id) for m in batch.members])
 
     @classmethod
-    def from_rejections(cls, batch: Batch, rejections: Iterable[Rejection]) -> BatchResult:
-        """Every member accepted except the rejected ones."""
+    def from_rejections(
+        cls, batch: Batch, rejections: Iterable[Rejection], *, unconfirmed: Iterable[str] = ()
+    ) -> BatchResult:
+        """Every member accepted except the rejected and the `unconfirmed` ones."""
         rejected = list(rejections)
-        refused = {r.key for r in rejected}
+        in_doubt = list(unconfirmed)
+        left_out = {r.key for r in rejected} | set(in_doubt)
         acknowledged = [
-            Acknowledged(m.key, m.platform_id) for m in batch.members if m.key not in refused
+            Acknowledged(m.key, m.platform_id) for m in batch.members if m.key not in left_out
         ]
-        return cls(acknowledged=acknowledged, rejected=rejected)
+        return cls(acknowledged=acknowledged, rejected=rejected, unconfirmed=in_doubt)
 
 
 def rejections_by_index(batch: Batch, errors: Iterable[tuple[int, str]]) -> list[Rejection]:
