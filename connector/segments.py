@@ -44,7 +44,23 @@ def segment_query(
     if isinstance(segment, RulesSegment):
         return compile_rules(name, segment, as_of=as_of, engine=engine)
     sql = segment.sql if segment.sql is not None else _read_sql_file(name, segment)
+    where = f"segments.{name}.sql" if segment.sql is not None else f"segments.{name}.file"
+    if all(not line.strip(" \t;") or line.lstrip().startswith("--") for line in sql.splitlines()):
+        raise ConfigError([ConfigProblem(where, "the query is empty; write a SELECT")])
     query = sa.text(query_text(sql))
+    unknown = sorted(set(query._bindparams) - {"as_of"})
+    if unknown:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    where,
+                    f"unknown parameter {', '.join(f'`:{p}`' for p in unknown)}: winback "
+                    "provides only `:as_of`; a colon before a name, even inside a quoted "
+                    r"string, reads as a parameter: write it `\:`"
+                    + (" (`\\\\:` in a TOML basic string)" if segment.sql is not None else ""),
+                )
+            ]
+        )
     if "as_of" in query._bindparams:
         query = query.bindparams(as_of=as_of)
     return query

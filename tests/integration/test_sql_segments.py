@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from connector.config import QuerySegment
+from connector.errors import ConfigError
 from connector.segments import (
     probe_columns,
     read_segment,
@@ -71,3 +72,28 @@ def test_as_of_with_a_postgres_cast(engine: sa.Engine) -> None:
     columns, rows = rows_of(engine, segment)
     assert columns == ["id"]
     assert rows == [(1,)]
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        ("SELECT id FROM people WHERE id > :minimum", "unknown parameter `:minimum`"),
+        ("SELECT id FROM people WHERE 'x :admin' <> ''", "unknown parameter `:admin`"),
+        ("  -- nothing yet\n", "the query is empty"),
+        (";", "the query is empty"),
+    ],
+)
+def test_a_query_winback_cannot_run_as_written_is_a_configuration_error(
+    engine: sa.Engine, sql: str, problem: str
+) -> None:
+    """Before, SQLAlchemy's 'A value is required for bind parameter' escaped as an unexpected
+    error (exit 1, 'report it'), and an empty query as the warehouse's syntax error."""
+    with pytest.raises(ConfigError) as caught:
+        segment_query("people", QuerySegment(key="id", sql=sql), as_of=AS_OF, engine=engine)
+    assert caught.value.problems[0].location == "segments.people.sql"
+    assert problem in caught.value.problems[0].message
+
+
+def test_an_escaped_colon_is_a_colon(engine: sa.Engine) -> None:
+    segment = QuerySegment(key="id", sql=r"SELECT id, '10\:30' AS at FROM people ORDER BY id")
+    assert rows_of(engine, segment)[1] == [(1, "10:30"), (2, "10:30")]
