@@ -114,7 +114,9 @@ class Delivery:
             planned = self.result.planned[action]
             if planned:
                 self.reporter.phase(f"{self.result.sync}: {action}", planned)
-                self._send_action(action, self.planner.changes(action), batch_size)
+                self._send_action(
+                    action, self.planner.changes(action), batch_size, planned_rows=planned
+                )
         self._raise_if_batches_failed()
         self._apply_state_only("forget")
 
@@ -123,7 +125,7 @@ class Delivery:
 
         `changes` is consumed in the calling thread, between checkpoints: it may write to the
         state connection, and what it writes is committed with the next checkpoint."""
-        self._send_action(action, changes, batch_size)
+        self._send_action(action, changes, batch_size, planned_rows=None)
         self._raise_if_batches_failed()
 
     def _raise_if_batches_failed(self) -> None:
@@ -135,11 +137,19 @@ class Delivery:
             )
 
     def _next_batch(
-        self, changes: Sequence[PlannedChange]
+        self,
+        changes: Sequence[PlannedChange],
+        *,
+        sequence: int,
+        last: bool,
+        planned_rows: int | None,
     ) -> tuple[Batch, dict[str, PlannedChange]]:
         self._batch_number += 1
         members = [Member(c.key, c.identifiers, c.fields, c.platform_id) for c in changes]
-        return Batch(self._batch_number, members), {c.key: c for c in changes}
+        batch = Batch(
+            self._batch_number, members, sequence=sequence, last=last, planned_rows=planned_rows
+        )
+        return batch, {c.key: c for c in changes}
 
     def _batches(
         self, action: Action, changes: Iterable[PlannedChange], size: int
@@ -156,21 +166,37 @@ class Delivery:
             yield batch
 
     def _send_action(
-        self, action: Action, changes: Iterable[PlannedChange], batch_size: int
+        self,
+        action: Action,
+        changes: Iterable[PlannedChange],
+        batch_size: int,
+        *,
+        planned_rows: int | None,
     ) -> None:
         call: Callable[[Batch], BatchResult] = getattr(self.adapter, action)
         batch_size = min(batch_size, self.adapter.max_batch_size(action) or batch_size)
         fatal: BaseException | None = None
         in_flight: dict[Future[BatchResult], tuple[Batch, dict[str, PlannedChange]]] = {}
         queue = self._batches(action, changes, batch_size)
+        upcoming = next(queue, None)  # read one batch ahead, to tell the adapter the last one
         retry_queue: list[list[PlannedChange]] = []
+        sequence = 0
         with self._batch_threads() as pool:
             while True:
                 while fatal is None and len(in_flight) < self.adapter.max_concurrency:
-                    next_changes = retry_queue.pop() if retry_queue else next(queue, None)
-                    if next_changes is None:
+                    if retry_queue:
+                        next_changes = retry_queue.pop()
+                    elif upcoming is not None:
+                        next_changes, upcoming = upcoming, next(queue, None)
+                    else:
                         break
-                    batch, by_key = self._next_batch(next_changes)
+                    sequence += 1
+                    batch, by_key = self._next_batch(
+                        next_changes,
+                        sequence=sequence,
+                        last=upcoming is None and not retry_queue,
+                        planned_rows=planned_rows,
+                    )
                     self._note_in_flight(action, batch, next_changes)
                     in_flight[pool.submit(call, batch)] = (batch, by_key)
                 if not in_flight:
@@ -183,6 +209,8 @@ class Delivery:
                         self._checkpoint(action, batch, by_key, future.result())
                     elif isinstance(error, PayloadTooLargeError):
                         retry_queue.extend(self._split(action, batch, by_key, error))
+                        if batch.sequence == sequence:  # refused whole: its first half
+                            sequence -= 1  # takes its number, so the numbers have no gap
                     elif isinstance(error, BatchFailedError):
                         self._batch_failed(batch, error)
                         if action == "remove":

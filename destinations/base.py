@@ -130,10 +130,23 @@ class Member(NamedTuple):
 
 @dataclass(frozen=True)
 class Batch:
-    """Members sent in one call; ``number`` is stable across retries of the same batch."""
+    """Members sent in one call; ``number`` is stable across retries of the same batch.
+
+    For platforms that upload one action as a session of numbered batches (Meta's
+    ``batch_seq``, ``last_batch_flag`` and ``estimated_num_total``): ``sequence`` counts the
+    batches of one action of one run from 1, in the order they are handed to the adapter (a
+    batch refused whole as too large gives its number back to its first half, so with
+    ``max_concurrency = 1`` the numbers have no gaps); ``last`` is True when no other batch
+    of the action was waiting when this one was handed over (exact with ``max_concurrency =
+    1``); ``planned_rows`` is the action's planned row count, None when unknown (a first sync
+    streams its rows).
+    """
 
     number: int
     members: Sequence[Member]
+    sequence: int = 1
+    last: bool = False
+    planned_rows: int | None = None
 
     def __len__(self) -> int:
         return len(self.members)

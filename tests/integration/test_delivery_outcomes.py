@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from connector.errors import PayloadTooLargeError
 from connector.state import StateStore
 from connector.sync import RunOptions
 from destinations.base import Batch, BatchResult, Member, Rejection
@@ -134,3 +135,56 @@ def test_from_rejections_leaves_unconfirmed_keys_unacknowledged() -> None:
     result = BatchResult.from_rejections(batch, [Rejection("a", "bounced")], unconfirmed=["c"])
     assert [a.key for a in result.acknowledged] == ["b"]
     assert (result.rejected, result.unconfirmed) == ([Rejection("a", "bounced")], ["c"])
+
+
+class SessionDestination(MemoryDestination):
+    """Records how each batch is numbered; refuses batches of more than 2 rows as too large."""
+
+    name = "session"
+    seen: ClassVar[list[tuple[str, int, bool, int | None, tuple[str, ...]]]] = []
+
+    def _session(self, action: str, batch: Batch) -> None:
+        keys = tuple(m.key for m in batch.members)
+        self.seen.append((action, batch.sequence, batch.last, batch.planned_rows, keys))
+        if len(batch) > 2:
+            raise PayloadTooLargeError("over the platform's limit", request_bytes=9_000_000)
+
+    def add(self, batch: Batch) -> BatchResult:
+        self._session("add", batch)
+        return super().add(batch)
+
+    def remove(self, batch: Batch) -> BatchResult:
+        self._session("remove", batch)
+        return super().remove(batch)
+
+
+def test_batches_are_numbered_per_action_without_gaps_across_splits(tmp_path: Path) -> None:
+    SessionDestination.reset()
+    SessionDestination.seen = []
+
+    def run_session(rows: list[tuple[Any, ...]]) -> None:
+        runner = memory_runner(
+            tmp_path, write_people(tmp_path, "sqlite", rows), adapter=SessionDestination
+        )
+        try:
+            assert runner.run("s", RunOptions()).status == "success"
+        finally:
+            runner.close()
+
+    run_session(people(1, 2, 3, 4, 5, 6, 7))  # batches of 3: each refused, then halved
+    total = None  # a first sync streams its rows: no total is known before the last one
+    assert SessionDestination.seen == [
+        ("add", 1, False, total, ("1", "2", "3")),
+        ("add", 1, False, total, ("1",)),
+        ("add", 2, False, total, ("2", "3")),
+        ("add", 3, False, total, ("4", "5", "6")),
+        ("add", 3, False, total, ("4",)),
+        ("add", 4, False, total, ("5", "6")),
+        ("add", 5, True, total, ("7",)),
+    ]
+    SessionDestination.seen = []
+    run_session(people(1, 2, 3, 4, 5, 8))  # 6 and 7 leave, 8 joins: each action from 1
+    assert SessionDestination.seen == [
+        ("remove", 1, True, 2, ("6", "7")),
+        ("add", 1, True, 1, ("8",)),
+    ]
