@@ -509,16 +509,18 @@ class StateStore:
             raise
 
     def _ensure_schema(self) -> None:
-        """Create the schema, or migrate an older one, in one transaction. On PostgreSQL the
-        transaction first takes an advisory lock, so that runs starting together against a new
-        database wait for the first to create the tables instead of creating them at the same
-        time (which fails on PostgreSQL's catalog), then see them."""
+        """Create the schema, or migrate an older one, in one transaction. The transaction
+        first takes an advisory lock (PostgreSQL) or the write lock (SQLite), so that runs
+        starting together against a new database wait for the first to create the tables
+        instead of creating them at the same time ("table ... already exists"), then see them."""
         try:
             with self.engine.begin() as connection:
                 if connection.dialect.name == "postgresql" and not self.read_only:
                     connection.execute(
                         sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY))
                     ).all()
+                elif not self.read_only:  # SQLite: the write lock, for the same reason
+                    StateStore.start_writing(connection)
                 version = self._check_existing_schema(connection)
                 if self.read_only:
                     self._check_readable(connection, version)
@@ -721,6 +723,22 @@ class StateStore:
                     **counts,
                 )
             )
+
+    @staticmethod
+    def start_writing(connection: sa.Connection) -> None:
+        """Begin a transaction that will write, on a connection that may have read before.
+
+        SQLite (WAL): a transaction that read, then writes after another process committed,
+        fails at once with "database is locked" (its snapshot is stale; waiting cannot help),
+        which made syncs run in parallel on one state file fail. So the reads' transaction
+        ends here (temporary tables stay) and the write lock is taken now, waiting up to the
+        busy timeout for another run's checkpoint. Other databases: nothing to do."""
+        if connection.dialect.name != "sqlite":
+            return
+        driver = connection.connection.dbapi_connection  # sqlite3 begins on its own, at DML
+        if driver is not None and driver.in_transaction:
+            driver.commit()
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     @staticmethod
     def record_progress(connection: sa.Connection, run_id: str, counts: dict[str, int]) -> None:

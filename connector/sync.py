@@ -261,6 +261,9 @@ class SyncRunner:
                 f"read and compared the segment {staged.compared_in}",
                 f"{result.segment_rows:,} rows",
             )
+            # Planning writes the skipped rows (rolled back by a dry run), then the run records
+            # its row issues, in one transaction that writes from its start (see start_writing).
+            StateStore.start_writing(connection)
             issues += planner.build(self._normaliser(sync_name, adapter))
             result.skipped = sum(1 for issue in issues if issue.kind == "skipped")
             result.planned = planner.summary.planned()
@@ -349,6 +352,7 @@ class SyncRunner:
                     counted(pending, "row"),
                 )
             return
+        StateStore.start_writing(connection)
         settled = StateStore.settle_unconfirmed(connection, sync_name)
         connection.commit()
         if settled:
@@ -367,6 +371,8 @@ class SyncRunner:
         (not in a dry run): keep the target of a sync that has sent nothing yet."""
         audience = self.config.syncs[sync_name].audience
         target = f"{adapter.name} audience {audience!r}" if audience else adapter.name
+        if record:
+            StateStore.start_writing(connection)
         recorded = self.store.check_target(connection, sync_name, target, record=record)
         if recorded is not None:
             raise ConfigError(

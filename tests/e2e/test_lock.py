@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from tests.helpers import (
     finish,
     killed_on_exit,
     run_cli,
+    run_many,
     segment_members,
     snapshot_members,
     start_cli,
@@ -168,3 +170,20 @@ def test_lock_rows_left_behind(
         left = connection.execute(sa.select(locks.c.run_id)).scalars().all()
     engine.dispose()
     assert left == ([] if expected == 0 else ["old-run"])
+
+
+def test_many_syncs_run_in_parallel_on_one_sqlite_state_file(tmp_path: Path) -> None:
+    """A scheduler starting every sync at once: the first runs create the store together, and
+    later runs plan and record side by side. Before, SQLite refused at once ("table already
+    exists", "database is locked": a transaction that read, then wrote after another run's
+    commit) and about one run in five failed."""
+    assert run_cli("init", "--demo", cwd=tmp_path).returncode == 0
+    syncs = ["lapsed_to_csv", "prospects_to_jsonl", "accounts_to_csv", "big_spenders_to_jsonl"]
+    for round_number in range(3):
+        again = ["--full-resync"] if round_number else []
+        commands = [("sync", "run", name, *again) for name in syncs]
+        commands += [("sync", "plan", syncs[round_number])]
+        for result in run_many(*commands, cwd=tmp_path):
+            assert result.returncode == 0, result
+    history = run_cli("sync", "history", "lapsed_to_csv", "--output", "json", cwd=tmp_path)
+    assert [run["status"] for run in json.loads(history.stdout)] == ["success"] * 3
