@@ -30,15 +30,23 @@ The rules it checks:
 - rejections name the right keys, with a reason, and the other rows still land;
 - removal removes exactly the given members (using the ``platform_id`` returned by ``add``), and
   removing someone already gone is not an error;
+- a member without a ``platform_id`` (added by a run whose answer was lost) is removed too, or
+  left rejected or unconfirmed: never acknowledged while the platform keeps it;
+- fields holding warehouse values (``Decimal``, dates, timestamps) are sent, not a TypeError;
+- ``check()`` with credentials the platform refuses stops the sync (``FatalDestinationError``)
+  without showing them;
 - secrets never appear in ``repr``, in options dumps, in ``check()`` output or in error messages;
 - ``check()`` answers one line without changing the audience; ``close()`` may be called twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
@@ -88,11 +96,23 @@ class ContractHarness:
     """Answer the next call with this HTTP status and body."""
     delivery_ids: Callable[[], list[str | None]] | None = None
     """The idempotency key of every call received, in order, when the platform has one."""
+    build_with_bad_credentials: Callable[[SyncContext], Destination] | None = None
+    """Build the adapter with credentials the fake refuses (a wrong key or token)."""
+    typed_fields: Mapping[str, Any] = field(default_factory=lambda: dict(TYPED_FIELDS))
+    """Fields with warehouse types added to a member (empty: the platform stores none)."""
     make_member: Callable[[int], Member] = default_member
     audience: str | None = "contract-audience"
     identifier_names: tuple[str, ...] = ("email",)
     field_names: tuple[str, ...] = ("first_name",)
     sync_options: BaseModel = field(default_factory=NoSyncOptions)
+
+
+TYPED_FIELDS: Mapping[str, Any] = {
+    "lifetime_value": Decimal("1234.50"),
+    "last_order_on": datetime.date(2026, 11, 2),
+    "last_seen_at": datetime.datetime(2026, 11, 2, 8, 30, tzinfo=datetime.UTC),
+}
+"""Values as the warehouse drivers return them, which the standard `json` cannot write."""
 
 
 def contract_context(harness: ContractHarness, *, run_id: str = "run-0001") -> SyncContext:
@@ -210,6 +230,50 @@ class DestinationContract:
         result = adapter.remove(_batch(harness, 2, [9]))
         assert not result.rejected
         assert set(harness.members()) == {"k1"}
+
+    def test_removing_a_member_without_its_platform_id(
+        self, harness: ContractHarness, adapter: Destination
+    ) -> None:
+        """A member whose add was sent but never answered is settled without a platform id:
+        removing it must remove it, or say it did not (rejected or unconfirmed); acknowledged
+        while the platform keeps it, it would stay in the audience for good."""
+        adapter.add(_batch(harness, 1, [1, 2]))
+        unknown = harness.make_member(2)._replace(platform_id=None)
+        result = adapter.remove(Batch(2, [unknown]))
+        acknowledged, rejected = _keys(result)
+        assert acknowledged | rejected | set(result.unconfirmed) == {"k2"}
+        members = set(harness.members())
+        if "k2" in acknowledged:
+            assert "k2" not in members, "acknowledged as removed, but the platform keeps it"
+        assert "k1" in members
+
+    def test_fields_with_warehouse_types_are_sent(self, harness: ContractHarness) -> None:
+        if not harness.typed_fields:
+            pytest.skip("the platform stores no fields")
+        context = contract_context(harness)
+        names = (*context.field_names, *harness.typed_fields)
+        destination = harness.build(dataclasses.replace(context, field_names=names))
+        try:
+            member = harness.make_member(1)
+            typed = member._replace(fields={**member.fields, **harness.typed_fields})
+            result = destination.add(Batch(1, [typed]))
+        finally:
+            destination.close()
+        assert _keys(result) == ({"k1"}, set())
+        assert set(harness.members()) == {"k1"}
+
+    def test_check_with_refused_credentials_stops_the_sync(self, harness: ContractHarness) -> None:
+        build = _hook(harness.build_with_bad_credentials, "refuse credentials")
+        destination = build(contract_context(harness))
+        try:
+            with pytest.raises(FatalDestinationError) as refused:
+                destination.check()
+        finally:
+            destination.close()
+        assert not isinstance(refused.value, TransientError)
+        for secret in harness.secrets:
+            assert secret not in str(refused.value)
+        assert dict(harness.members()) == {}
 
     def test_update_keeps_membership(self, harness: ContractHarness, adapter: Destination) -> None:
         if not adapter.supports_update:
