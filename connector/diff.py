@@ -43,7 +43,14 @@ from connector.row_normaliser import (
     outcome_of,
     second_process_pays,
 )
-from connector.state import MEMBER_STATUSES, RowIssue, StateStore, insert_rows, snapshot
+from connector.state import (
+    MEMBER_STATUSES,
+    RowIssue,
+    StateStore,
+    insert_rows,
+    snapshot,
+    storable_text,
+)
 
 Action = Literal["add", "remove", "update", "refresh", "forget"]
 SENT_ACTIONS: tuple[Action, ...] = ("remove", "update", "add")
@@ -160,7 +167,8 @@ def skipped_snapshot_row(
     """The snapshot row (columns in order) that keeps a row without a usable identifier, so
     later runs report it again without checking it again; identity_fp holds the settings it
     was skipped under."""
-    return (sync, key, "skipped", raw_fp, skip_settings, "", "{}", None, None, None, reason[:2000])
+    reason = storable_text(reason[:2000]) or ""
+    return (sync, key, "skipped", raw_fp, skip_settings, "", "{}", None, None, None, reason)
 
 
 def duplicate_key_issues(key: str, rows: int) -> list[RowIssue]:

@@ -107,6 +107,15 @@ def long_key_issue(source: SegmentSource, key: str, length: int) -> RowIssue:
     )
 
 
+def nul_key_issue(source: SegmentSource, key: str) -> RowIssue:
+    return RowIssue(
+        "skipped",
+        key[:MAX_KEY_LENGTH],
+        f"key holds a NUL character (shown as \\x00), which the state store cannot keep; "
+        f"remove it from `{source.segment.key}` in the segment",
+    )
+
+
 def segment_key(source: SegmentSource, value: Any) -> str | RowIssue:
     """A key as the warehouse driver returned it, as the text the state store keeps (JSON's
     text for what JSON lacks: dates, decimals...), or why the row cannot be synced."""
@@ -115,15 +124,20 @@ def segment_key(source: SegmentSource, value: Any) -> str | RowIssue:
     key = str(value if type(value) in JSON_NATIVE else json_value(value))
     if len(key) > MAX_KEY_LENGTH:
         return long_key_issue(source, key, len(key))
+    if "\x00" in key:
+        return nul_key_issue(source, key)
     return key
 
 
 def warehouse_key_issue(source: SegmentSource, key: str | None) -> RowIssue | None:
-    """Why a key as the warehouse gave it as text cannot be synced (null, blank, too long)."""
+    """Why a key as the warehouse gave it as text cannot be synced (null, blank, too long, a
+    NUL character)."""
     if key is None or not key.strip(KEY_WHITESPACE):
         return null_key_issue(source)
     if len(key) > MAX_KEY_LENGTH:
         return long_key_issue(source, key, len(key))
+    if "\x00" in key:
+        return nul_key_issue(source, key)
     return None
 
 
@@ -316,4 +330,6 @@ class SegmentStager:
     def _bad_key_issue(self, bad: BadKeyRow) -> RowIssue:
         if bad.key is None or not bad.key.strip():
             return null_key_issue(self.source)
+        if bad.length <= MAX_KEY_LENGTH and "\x00" in bad.key:
+            return nul_key_issue(self.source, bad.key)
         return long_key_issue(self.source, bad.key, bad.length)

@@ -308,6 +308,12 @@ def _migrate(connection: sa.Connection, version: int) -> None:
     connection.execute(schema_info.update().values(version=SCHEMA_VERSION))
 
 
+def storable_text(text: str | None) -> str | None:
+    """A key or reason as every state store keeps it: a NUL character (a value quoted from the
+    warehouse) is written `\\x00`, which PostgreSQL's text refuses to hold."""
+    return text.replace("\x00", "\\x00") if text and "\x00" in text else text
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -959,7 +965,10 @@ class StateStore:
     def record_issues(
         connection: sa.Connection, *, run_id: str, sync: str, issues: Iterable[RowIssue]
     ) -> None:
-        rows = [(run_id, sync, i.kind, i.action, i.key, i.reason[:2000]) for i in issues]
+        rows = [
+            (run_id, sync, i.kind, i.action, storable_text(i.key), storable_text(i.reason[:2000]))
+            for i in issues
+        ]
         if not rows:
             return
         if connection.dialect.name == "sqlite":  # the driver's executemany: ~5x less CPU

@@ -222,3 +222,40 @@ def test_a_postgresql_state_store_gives_up_connecting_after_a_timeout() -> None:
         finally:
             sa.event.remove(sa.Engine, "do_connect", driver_arguments)
     assert int(seen["connect_timeout"]) == 15
+
+
+@pytest.mark.parametrize("pushdown", [True, False])
+def test_nul_characters_from_the_warehouse_never_jam_a_postgres_state_store(
+    tmp_path: Path, postgres_url: str, pushdown: bool
+) -> None:
+    """PostgreSQL text cannot hold U+0000: a key or a quoted value holding one made every run
+    of the sync fail at the same statement, for good. Such a key is skipped with a reason; a
+    value quoted in a reason is stored as `\\x00`."""
+    import duckdb
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(warehouse)) as duck:
+        duck.execute("CREATE TABLE lapsed (id VARCHAR, email VARCHAR, phone VARCHAR)")
+        duck.execute(
+            "INSERT INTO lapsed VALUES ('1', 'one@example.com', NULL), "
+            "('k' || chr(0) || 'ey', 'two@example.com', NULL), "
+            "('3', 'nul' || chr(0) || 'byte@example.com', NULL), "
+            "('4', 'four@example.com', '06 12 34' || chr(0) || ' 56 78')"
+        )
+    MemoryDestination.reset()
+    runner = runner_for(tmp_path, f"duckdb:///{warehouse}", postgres_url)
+    runner.config.warehouse.pushdown = pushdown
+    try:
+        for options in (RunOptions(), RunOptions(), RunOptions(full_resync=True)):
+            result = runner.run("to_mem", options)
+            assert result.status == "success", result.error
+            assert result.skipped == 2  # the NUL key; 3 has no usable identifier
+        assert sorted(MemoryDestination.audiences["pg"]) == ["1", "4"]
+        issues = {
+            (issue.key, issue.reason)
+            for issue in StateStore(postgres_url).issues(result.run_id, limit=None)
+        }
+        assert any(key == "k\\x00ey" and "NUL character" in reason for key, reason in issues)
+        assert any(key == "3" and "nul\\x00byte@example.com" in reason for key, reason in issues)
+    finally:
+        runner.close()
