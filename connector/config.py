@@ -64,6 +64,21 @@ class StateConfig(StrictModel):
     )
     keep_runs: int = Field(100, ge=1, description="Runs kept in history per sync (older pruned).")
 
+    @field_validator("url")
+    @classmethod
+    def _kept_between_runs(cls, value: str) -> str:
+        try:
+            parsed = parse_database_url(value)
+        except ValueError:
+            return value  # the state store says what is wrong with it when it opens
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            raise ValueError(
+                "an in-memory SQLite database forgets every snapshot when winback exits: each "
+                "run would send everyone again and never remove anyone; name a file, e.g. "
+                "sqlite:///.winback/state.db"
+            )
+        return value
+
 
 class QuerySegment(StrictModel):
     """A segment defined by SQL, inline (`sql`) or in a file (`file`)."""

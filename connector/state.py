@@ -333,7 +333,10 @@ def _prepare_sqlite_file(database: Path, *, create_folder: bool = True) -> None:
     folder = database.parent
     try:
         if create_folder:
+            new_folder = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
+            if new_folder:  # the store holds customers' emails and phones: owner only
+                folder.chmod(0o700)
         elif _file_in_the_way(folder) is not None:
             raise NotADirectoryError
     except (FileExistsError, NotADirectoryError):
@@ -359,6 +362,9 @@ def _prepare_sqlite_file(database: Path, *, create_folder: bool = True) -> None:
             f"the state database `{database}` ([state] url) is a folder; name a file in it "
             f"instead, e.g. sqlite:///{database / 'state.db'}"
         )
+    if create_folder:  # a new file readable by its owner only (SQLite gives its -wal the same)
+        with contextlib.suppress(FileExistsError, PermissionError):
+            os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def _file_in_the_way(folder: Path) -> Path | None:
@@ -399,10 +405,28 @@ def state_failure(url: str, error: BaseException, *, opening: bool = False) -> S
     lost = getattr(error, "connection_invalidated", False) or any(
         kind.__name__ == "OperationalError" for kind in type(original).__mro__
     )
+    sqlite = url.startswith("sqlite")
     if sqlstate == "42501" or "permission denied" in lowered:
         hint = PERMISSION_HINT
     elif "readonly database" in lowered or "read-only" in lowered:
         hint = "make the state database writable by the user running winback"
+    elif sqlite and "database is locked" in lowered:
+        hint = (
+            "another process kept the state file locked longer than 30 seconds (a long "
+            "`--full-resync` plan, or a tool holding the file open); retry, and for many large "
+            "syncs in parallel use a PostgreSQL state store"
+        )
+        if not opening:
+            hint += "; the next run sends what this one could not record"
+    elif sqlite and ("disk is full" in lowered or "disk i/o" in lowered):
+        hint = "free space on the disk of the state file (or move it with [state] url)"
+        if not opening:
+            hint += "; the next run sends what this one could not record"
+    elif sqlite and "unable to open database file" in lowered:
+        hint = (
+            "check [state] url: its folder must exist or be creatable, and be readable and "
+            "writable by the user running winback"
+        )
     elif lost:
         hint = "check [state] url and that the database server is up and reachable"
         if not opening:  # batches in doubt are settled by the next run (`settle_unconfirmed`)

@@ -122,3 +122,27 @@ def test_reading_an_older_store_does_not_migrate_it(empty_database_url: str) -> 
     with pytest.raises(StateError, match=r"schema version 1, older .*`winback sync run` upgrades"):
         StateStore.for_reading(empty_database_url)
     assert table_names(empty_database_url) == {"winback_schema", "snapshot"}
+
+
+def test_a_new_sqlite_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It holds customers' emails and phones: a new folder is 0700, a new file 0600 (and so
+    are SQLite's -wal and -shm files, which take the database file's permissions)."""
+    database = tmp_path / "new" / ".winback" / "state.db"
+    store = StateStore(f"sqlite:///{database}")
+    try:
+        with store.engine.begin() as connection:  # a write: the -wal file exists meanwhile
+            connection.execute(schema_info.update().values(version=SCHEMA_VERSION))
+            for path in database.parent.iterdir():
+                assert path.stat().st_mode & 0o777 == 0o600, path
+    finally:
+        store.dispose()
+    assert database.parent.stat().st_mode & 0o777 == 0o700
+    assert database.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_existing_folder_keeps_its_permissions(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    StateStore(f"sqlite:///{shared / 'state.db'}").dispose()
+    assert shared.stat().st_mode & 0o777 == 0o755

@@ -309,3 +309,12 @@ def test_file_paths_resolve_against_the_config_folder(
     config = load_config(write(folder, text))
     options = config.destinations["export"].options
     assert options.path == expected.format(config=folder, home=tmp_path / "home")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://"])
+def test_an_in_memory_state_store_is_refused(tmp_path: Path, url: str) -> None:
+    """It validated and ran, but forgot every snapshot on exit: each run sent everyone again
+    (duplicate adds to a file destination) and removals never happened."""
+    path = write(tmp_path, VALID + f'\n[state]\nurl = "{url}"\n')
+    [(location, message)] = problems_of(path)
+    assert location == "state.url" and "in-memory" in message and "sqlite:///" in message
