@@ -178,12 +178,24 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
 ) -> None:
     """Write winback.toml (with --demo: a demo warehouse and syncs to local files)."""
-    from connector.demo import DEMO_WAREHOUSE, build_demo_warehouse, demo_config_text
-    from connector.starter import STARTER_CONFIG
-
     path = resolve_config_path(settings.config_path)
     if path.exists() and not force:
         fail(f"`{path}` already exists; pass --force to overwrite it", 2)
+    try:
+        _write_starter_files(path, demo=demo)
+    except OSError as error:
+        where = error.filename or path
+        fail(
+            f"cannot write `{where}`: {error.strerror or error}; run `winback init` in a folder "
+            "you may write to, or pass --config with such a path",
+            1,
+        )
+
+
+def _write_starter_files(path: Path, *, demo: bool) -> None:
+    from connector.demo import DEMO_WAREHOUSE, build_demo_warehouse, demo_config_text
+    from connector.starter import STARTER_CONFIG
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if demo:
         counts = build_demo_warehouse(path.parent / DEMO_WAREHOUSE)
@@ -453,7 +465,7 @@ def _selected_syncs(config: WinbackConfig, names: list[str] | None) -> list[str]
             f"{', '.join(config.syncs) or 'none'}",
             2,
         )
-    return names
+    return list(dict.fromkeys(names))  # a name given twice runs once
 
 
 def _run_syncs(

@@ -102,6 +102,13 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
     assert explain.stdout.lstrip().upper().startswith(("SELECT", "WITH")), explain.stdout[:200]
     assert "qualifying people:" in explain.stdout
 
+    twice = run_cli("sync", "plan", "lapsed_to_csv", "lapsed_to_csv", "-o", "json", cwd=tmp_path)
+    assert [run["sync"] for run in twice.json()["runs"]] == ["lapsed_to_csv"]  # runs once
+
+    unwritable = run_cli("--config", "/proc/winback-test/winback.toml", "init", cwd=tmp_path)
+    assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr
+    assert "error: cannot write `/proc/winback-test`" in unwritable.stderr
+
     plan = run_cli("sync", "plan", "--output", "json", cwd=tmp_path)
     assert plan.returncode == 0, plan
     assert {r["status"] for r in plan.json()["runs"]} == {"dry_run"}
