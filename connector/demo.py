@@ -60,15 +60,15 @@ LAST_NAMES = [
     "Moreau",
     "Costa",
 ]
-PHONE_PREFIX = {
+PHONE_PREFIX = {  # + 4 digits: a number phonenumbers finds valid for that country
     "US": "+1415555",
     "CA": "+1604555",
-    "GB": "+4479460",
-    "FR": "+336120",
-    "DE": "+4915123",
-    "ES": "+346123",
-    "IT": "+393123",
-    "NL": "+316123",
+    "GB": "+44740012",
+    "FR": "+3361230",
+    "DE": "+491512345",
+    "ES": "+3461230",
+    "IT": "+3934712",
+    "NL": "+3161230",
 }
 
 DEMO_CONFIG = """\
