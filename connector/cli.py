@@ -638,7 +638,7 @@ def sync_status(names: SyncNames = None) -> None:
                 name,
                 sync.destination,
                 sync.audience or "-",
-                str(store.audience_size(None, name)),
+                _members(store, name),
                 f"{last[0].started_at:%Y-%m-%d %H:%M:%S}" if last else "never",
                 status,
                 _pending(last[0], status) if last and not store.starts_over(name) else "full sync",
@@ -647,6 +647,13 @@ def sync_status(names: SyncNames = None) -> None:
     finally:
         store.dispose()
     stdout.print(table)
+
+
+def _members(store: Any, sync: str) -> str:
+    """Members the destination acknowledged, then those in doubt: sent by a run that stopped
+    (or is still running) before the destination answered; the next run settles them."""
+    members, in_doubt = store.member_counts(sync)
+    return f"{members} (+{in_doubt} unconfirmed)" if in_doubt else str(members)
 
 
 def _pending(run: Any, status: str) -> str:

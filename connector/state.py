@@ -831,6 +831,29 @@ class StateStore:
         with self.engine.connect() as own:
             return int(own.execute(query).scalar_one())
 
+    def member_counts(self, sync: str) -> tuple[int, int]:
+        """(members the destination acknowledged, rows it may or may not hold): the latter are
+        settled `unconfirmed` snapshot rows and the keys of batches still noted in flight (a
+        stopped run's, or the running run's), a member being removed among them."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(snapshot.c.status, sa.func.count())
+                .where(snapshot.c.sync == sync, snapshot.c.status.in_(MEMBER_STATUSES))
+                .group_by(snapshot.c.status)
+            ).all()
+            counts: dict[str, int] = {status: int(n) for status, n in rows}
+            noted = connection.execute(
+                sa.select(in_flight.c.members).where(in_flight.c.sync == sync)
+            ).scalars()
+            in_flight_keys = sorted(
+                {member[0] for batch in noted for member in orjson.loads(batch)}
+            )
+            being_removed = StateStore.snapshot_keys_among(
+                connection, sync, in_flight_keys, statuses=("member",)
+            )
+        members = counts.get("member", 0) - len(being_removed)
+        return members, counts.get("unconfirmed", 0) + len(in_flight_keys)
+
     def reset(self, sync: str) -> int:
         """Forget a sync's snapshot (and the batches a stopped run left unconfirmed); returns
         how many snapshot rows were forgotten."""

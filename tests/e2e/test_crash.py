@@ -365,6 +365,9 @@ def test_a_batch_applied_without_an_answer_is_settled_whatever_the_segment_does_
             state_before
         )
         assert sqlite_rows(state_db(tmp_path), "SELECT count(*) FROM in_flight") != [(0,)]
+        status = finish(start_cli("sync", "status", cwd=tmp_path), ("sync", "status"))
+        shown = "0 (+10 unconfirmed)" if action == "add" else "9 (+1 unconfirmed)"
+        assert shown in status.stdout, status.stdout
 
         run = complete_run(tmp_path)
 
