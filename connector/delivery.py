@@ -357,10 +357,9 @@ class Delivery:
             self._note_in_flight(action, batch, [by_key[key] for key in in_doubt], commit=False)
             if action == "remove":
                 self.unremoved.update(in_doubt)
-        acknowledged = [
-            a for a in outcome.acknowledged if a.key in by_key and a.key not in in_doubt
-        ]
-        rejected = [r for r in outcome.rejected if r.key in by_key and r.key not in in_doubt]
+        doubted = set(in_doubt)
+        acknowledged = [a for a in outcome.acknowledged if a.key in by_key and a.key not in doubted]
+        rejected = [r for r in outcome.rejected if r.key in by_key and r.key not in doubted]
         unattributed = min(max(outcome.unattributed_rejections, 0), len(by_key))
         if action == "remove":
             StateStore.delete_snapshot_keys(
