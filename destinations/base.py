@@ -526,6 +526,16 @@ def connection_problem(error: requests.ConnectionError) -> str:
     return "could not connect"
 
 
+def broken_answer_problem(error: BaseException) -> str:
+    """Why an answer ended early, in a few words: a reset, or a close before the end."""
+    text = str(error).lower()
+    if "reset by peer" in text:
+        return "connection reset"
+    if "incompleteread" in text or "incomplete" in text:
+        return "closed before the end of the answer"
+    return "connection broken"
+
+
 _ABSOLUTE_URL = re.compile(r"^\s*[a-z][a-z0-9+.\-]*://", re.IGNORECASE)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -791,6 +801,15 @@ class HttpClient:
         except requests.Timeout as error:
             raise TransientError(
                 f"{what} timed out after {self.retry.timeout_s:g}s", destination=self.destination
+            ) from error
+        except requests.exceptions.ChunkedEncodingError as error:
+            # The status line and headers arrived, then the connection broke (reset, or closed
+            # before the announced length): the destination may have applied the request, and
+            # it is sent again like any lost answer.
+            raise TransientError(
+                f"{what}: the connection broke while reading the answer "
+                f"({broken_answer_problem(error)}) from {urlsplit(url).netloc.rpartition('@')[2]}",
+                destination=self.destination,
             ) from error
         except requests.ConnectionError as error:
             raise TransientError(

@@ -1,8 +1,9 @@
-"""A real HTTP server on 127.0.0.1 for tests, scripted per request.
+"""Real servers on 127.0.0.1 for tests, scripted per request.
 
-Tests queue responses (status, body, headers, delay) or install a handler function; every
-request received is recorded with its method, path, headers and raw body, so tests can assert the
-exact request shape and count retries.
+`FakeHttpServer` is an HTTP server: tests queue responses (status, body, headers, delay) or
+install a handler function; every request received is recorded with its method, path, headers
+and raw body, so tests can assert the exact request shape and count retries.
+`RawSocketServer` answers raw bytes on the socket, for broken answers no HTTP server sends.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -128,3 +131,119 @@ class FakeHttpServer:
     def bodies(self) -> Iterator[Any]:
         for request in list(self.requests):
             yield request.json()
+
+
+@dataclass
+class RawAnswer:
+    """What a `RawSocketServer` sends on one connection once it has read the request:
+    `data` as it is (headers, a truncated body, bytes that are not HTTP), then it closes the
+    connection, with a reset (RST) when `reset` is true, else a normal close."""
+
+    data: bytes = b""
+    reset: bool = False
+
+
+OK_ANSWER = RawAnswer(
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+    b"Connection: close\r\n\r\n{}"
+)
+
+
+class RawSocketServer:
+    """A TCP server on 127.0.0.1 that answers each connection with raw bytes, for what a
+    well-behaved HTTP server cannot do: break the connection in the middle of an answer,
+    answer something that is not HTTP, close without answering.
+
+    Every request is read whole (headers and a `Content-Length` body) and recorded, then the
+    next queued `RawAnswer` is sent (``OK_ANSWER``, a 200 with ``{}``, once the queue is empty)
+    and the connection is closed::
+
+        with RawSocketServer() as server:
+            head = b"HTTP/1.1 200 OK\\r\\nContent-Length: 100\\r\\n\\r\\n"
+            server.enqueue(RawAnswer(head + b"{", reset=True))  # 1 byte of 100, then RST
+            ...  # point the adapter at server.url
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.queue: deque[RawAnswer] = deque()
+        self._lock = threading.Lock()
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(16)
+        self._socket.settimeout(0.05)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        host, port = self._socket.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        """Its base URL, valid after it stopped too (for messages that name it)."""
+
+    def enqueue(self, *answers: RawAnswer) -> None:
+        """Answer the next connections with these, in order; then with ``OK_ANSWER``."""
+        with self._lock:
+            self.queue.extend(answers)
+
+    def __enter__(self) -> RawSocketServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with contextlib.closing(connection):
+            connection.settimeout(10)
+            request = _read_request(connection)
+            if request is None:
+                return
+            with self._lock:
+                self.requests.append(request)
+                answer = self.queue.popleft() if self.queue else OK_ANSWER
+            with contextlib.suppress(OSError):
+                connection.sendall(answer.data)
+                if answer.reset:
+                    # Linger 0: close() sends a RST instead of a FIN.
+                    connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                else:
+                    # Let the client read everything before the connection goes.
+                    connection.shutdown(socket.SHUT_WR)
+                    time.sleep(0.05)
+
+
+def _read_request(connection: socket.socket) -> RecordedRequest | None:
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path = [*lines[0].split(" "), "", ""][:2]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length") or 0)
+        while len(body) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return RecordedRequest(method=method, path=path, headers=headers, body=body)
+    return None

@@ -38,7 +38,13 @@ from destinations.base import (
     rejections_by_index,
     seconds_until,
 )
-from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
+from destinations.testing.http_server import (
+    FakeHttpServer,
+    RawAnswer,
+    RawSocketServer,
+    RecordedRequest,
+    ScriptedResponse,
+)
 
 FAST = RetrySettings(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=5, timeout_s=2)
 
@@ -156,6 +162,28 @@ def test_connection_refused_is_transient() -> None:
     assert str(caught.value) == (
         "destination `test`: GET /x: connection refused talking to 127.0.0.1:9; check "
         "the destination's URL and that it accepts connections from here"
+    )
+
+
+HEAD_OF_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("reset", "problem"),
+    [(True, "connection reset"), (False, "closed before the end of the answer")],
+)
+def test_an_answer_broken_while_its_body_is_read_is_retried(reset: bool, problem: str) -> None:
+    with RawSocketServer() as server:
+        server.enqueue(RawAnswer(HEAD_OF_200 + b'{"rejected": [', reset=reset))
+        client = make_client(server.url, [])
+        assert client.request("POST", "/hook", json={"a": 1}).json() == {}
+        assert client.retries == 1 and len(server.requests) == 2
+        server.enqueue(*[RawAnswer(HEAD_OF_200 + b"{", reset=reset)] * 3)
+        with pytest.raises(TransientError) as caught:
+            client.request("POST", "/hook?token=t0k3n", json={"a": 1})
+    assert str(caught.value) == (
+        "destination `test`: POST /hook: the connection broke while reading the answer "
+        f"({problem}) from {server.url.removeprefix('http://')}"
     )
 
 

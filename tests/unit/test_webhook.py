@@ -28,7 +28,12 @@ from connector.errors import (
 )
 from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
 from destinations.testing.contract import ContractHarness, DestinationContract
-from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
+from destinations.testing.http_server import (
+    FakeHttpServer,
+    RawAnswer,
+    RawSocketServer,
+    ScriptedResponse,
+)
 from destinations.webhook import WebhookDestination, WebhookOptions, signature, signing_key
 from tests.fakes.webhook_receiver import WebhookReceiver, read_state
 
@@ -295,6 +300,40 @@ def test_receiver_that_stays_slow_ends_in_a_timeout_but_applies_once() -> None:
             adapter.add(Batch(1, [member("k1")]))
     assert list(receiver.members) == ["k1"]
     assert [d.duplicate for d in receiver.deliveries] == [False, True]
+
+
+BROKEN_200 = RawAnswer(
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    b'{"rejected": [{"key"',
+    reset=True,
+)
+
+
+def test_an_answer_broken_mid_body_is_retried_with_the_same_id() -> None:
+    # The receiver may have applied the batch before its answer broke: it is sent again under
+    # the same webhook-id, so the receiver can de-duplicate.
+    with RawSocketServer() as server:
+        server.enqueue(BROKEN_200)
+        adapter = make(server.url + "/hook")
+        result = adapter.add(Batch(3, [member("k1")]))
+    assert [a.key for a in result.acknowledged] == ["k1"] and adapter.retries == 1
+    first, second = server.requests
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == "run-42-3"
+    assert first.body == second.body
+
+
+def test_an_answer_that_keeps_breaking_ends_as_a_transient_error() -> None:
+    with RawSocketServer() as server:
+        server.enqueue(*[BROKEN_200] * 3)
+        adapter = make(server.url + "/hook", attempts=3)
+        with pytest.raises(TransientError) as caught:
+            adapter.add(Batch(1, [member("k1")]))
+    host = server.url.removeprefix("http://")
+    assert str(caught.value) == (
+        "destination `webhook`: POST /hook: the connection broke while reading the answer "
+        f"(connection reset) from {host}"
+    )
+    assert len(server.requests) == 3 and adapter.retries == 2
 
 
 def test_unreachable_receiver_is_transient() -> None:

@@ -1,0 +1,32 @@
+"""Receivers that answer badly, driven through the CLI: broken or non-HTTP answers, secret URLs.
+
+The receivers are real sockets on 127.0.0.1 (`RawSocketServer` for what no HTTP server sends).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from destinations.testing.http_server import RawAnswer, RawSocketServer
+from tests.helpers import run_cli, webhook_project
+
+BROKEN_200 = RawAnswer(
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    reset=True,
+)
+
+
+def test_a_batch_whose_answer_keeps_breaking_counts_as_possibly_applied(tmp_path: Path) -> None:
+    with RawSocketServer() as server:
+        webhook_project(tmp_path, server.url + "/hook", customers=20)
+        server.enqueue(*[BROKEN_200] * 3)  # every attempt of the first run (max_attempts 3)
+        failed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        run = failed.run()
+        assert (failed.returncode, run["status"], run["retries"]) == (1, "failed", 2), failed
+        assert "POST /hook: the connection broke while reading the answer" in run["error"]
+        assert len({r.headers["webhook-id"] for r in server.requests}) == 1
+        # The receiver may have applied the batch: its rows are in doubt, not pending as new.
+        status = run_cli("sync", "status", cwd=tmp_path)
+        assert "0 (+20 unconfirmed)" in status.stdout, status
+        again = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert (again.returncode, again.run()["sent"]["add"]) == (0, 20), again
