@@ -253,7 +253,7 @@ def test_configuration_problems_found_at_run_time_exit_2(project: Project, case:
     (old, new), fragments = CONFIG_FOUND_AT_RUN_TIME[case]
     text = project.bad_config(old, new)
     result = run_bad(project, text, "sync", "run", "--output", "json")
-    message = assert_one_paragraph(result, 2, "invalid configuration in", "bad.toml", *fragments)
+    assert_one_paragraph(result, 2, "invalid configuration in", "bad.toml", *fragments)
     run = result.run()
     assert (run["status"], result.json()["exit_code"]) == ("failed", 2)
     assert all(fragment in run["error"] for fragment in fragments)
