@@ -838,7 +838,10 @@ def test_a_sync_pointed_at_another_audience_must_start_over(
         assert refused.returncode == 2, refused  # a configuration problem, found at run time
         assert refused.json()["exit_code"] == 2 and refused.run()["status"] == "failed"
         error = refused.run()["error"]
-        assert f"invalid configuration in {tmp_path / 'winback.toml'}: syncs.s: it sent its members to webhook audience 'winback-e2e'" in error
+        assert (
+            f"invalid configuration in {tmp_path / 'winback.toml'}: syncs.s: it sent its members to webhook audience 'winback-e2e'"
+            in error
+        )
         assert "now points to webhook audience 'spring-relaunch'" in error
         assert "winback sync reset s --yes" in error
     assert len(receiver.requests) == requests
