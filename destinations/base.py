@@ -20,6 +20,7 @@ import datetime
 import decimal
 import email.utils
 import enum
+import http.client
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
@@ -526,6 +527,37 @@ def connection_problem(error: requests.ConnectionError) -> str:
     return "could not connect"
 
 
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and what it wraps: requests and urllib3 nest the socket's or http.client's
+    exception in `args`, `reason` or the exception chain."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        nested = [*current.args, getattr(current, "reason", None)]
+        nested += [current.__cause__, current.__context__]
+        pending.extend(item for item in nested if isinstance(item, BaseException))
+
+
+def answer_problem(error: requests.ConnectionError) -> str | None:
+    """What was wrong with the answer when the connection worked but no HTTP answer came back
+    (`the answer was not HTTP (it began `...`)`); None when the connection itself failed."""
+    for cause in _causes(error):
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return "it closed the connection without an answer"
+        if isinstance(cause, http.client.BadStatusLine):
+            line = str(cause.args[0]) if cause.args else ""
+            shown = "".join(c if c.isprintable() else "?" for c in line.strip())[:40]
+            return "the answer was not HTTP" + (f" (it began `{shown}`)" if shown else "")
+        if isinstance(cause, http.client.HTTPException):  # a status line too long, ...
+            return "the answer was not HTTP"
+    return None
+
+
 def broken_answer_problem(error: BaseException) -> str:
     """Why an answer ended early, in a few words: a reset, or a close before the end."""
     text = str(error).lower()
@@ -812,8 +844,18 @@ class HttpClient:
                 destination=self.destination,
             ) from error
         except requests.ConnectionError as error:
+            host = urlsplit(url).netloc.rpartition("@")[2]
+            answered = answer_problem(error)
+            if answered is not None:
+                # Connected, but what came back is no HTTP answer: a wrong port or scheme, or
+                # another service. Retried like a lost answer (the request may have arrived).
+                raise TransientError(
+                    f"{what}: connected to {host}, but {self.redact(answered)}; check that the "
+                    "destination's URL points to its HTTP receiver (host, port, http or https)",
+                    destination=self.destination,
+                ) from error
             raise TransientError(
-                f"{what}: {connection_problem(error)} talking to {urlsplit(url).netloc.rpartition('@')[2]}"
+                f"{what}: {connection_problem(error)} talking to {host}"
                 "; check the destination's URL and that it accepts connections from here",
                 destination=self.destination,
             ) from error

@@ -187,6 +187,37 @@ def test_an_answer_broken_while_its_body_is_read_is_retried(reset: bool, problem
     )
 
 
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (RawAnswer(b"garbage\r\n\r\n"), "the answer was not HTTP (it began `garbage`)"),
+        (
+            RawAnswer(b"\x00\x01garbage\r\n\r\n", reset=True),
+            "the answer was not HTTP (it began `??garbage`)",
+        ),
+        (
+            RawAnswer(b"SSH-2.0-OpenSSH_9.6\r\n"),
+            "the answer was not HTTP (it began `SSH-2.0-OpenSSH_9.6`)",
+        ),
+        (RawAnswer(b""), "it closed the connection without an answer"),
+    ],
+)
+def test_an_answer_that_is_not_http_says_so_and_is_retried(answer: RawAnswer, problem: str) -> None:
+    with RawSocketServer() as server:
+        server.enqueue(answer)
+        client = make_client(server.url, [])
+        assert client.request("POST", "/hook", json={"a": 1}).json() == {}
+        assert client.retries == 1
+        server.enqueue(*[answer] * 3)
+        with pytest.raises(TransientError) as caught:
+            client.request("POST", "/hook")
+    assert str(caught.value) == (
+        f"destination `test`: POST /hook: connected to {server.url.removeprefix('http://')}, "
+        f"but {problem}; check that the destination's URL points to its HTTP receiver (host, "
+        "port, http or https)"
+    )
+
+
 def test_secrets_never_appear_in_errors() -> None:
     with FakeHttpServer(lambda r: ScriptedResponse(400, "bad token sk_live_abcdef")) as server:
         client = make_client(server.url, [], secrets=["sk_live_abcdef"])

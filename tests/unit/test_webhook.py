@@ -336,6 +336,18 @@ def test_an_answer_that_keeps_breaking_ends_as_a_transient_error() -> None:
     assert len(server.requests) == 3 and adapter.retries == 2
 
 
+def test_a_receiver_answering_something_else_than_http_is_told_apart_from_unreachable() -> None:
+    with RawSocketServer() as server:
+        server.enqueue(*[RawAnswer(b"garbage\r\n\r\n")] * 2)
+        adapter = make(server.url + "/hook", attempts=2)
+        with pytest.raises(TransientError) as caught:
+            adapter.add(Batch(1, [member("k1")]))
+    message = str(caught.value)
+    assert "connected to 127.0.0.1:" in message and "could not connect" not in message
+    assert "the answer was not HTTP (it began `garbage`)" in message
+    assert len(server.requests) == 2
+
+
 def test_unreachable_receiver_is_transient() -> None:
     with pytest.raises(TransientError, match=r"connection refused talking to 127\.0\.0\.1:9;"):
         make("http://127.0.0.1:9/hook?token=t0k3n", attempts=1).add(Batch(1, [member("k1")]))
