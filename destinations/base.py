@@ -11,7 +11,8 @@ checkpoints and the run record; adapters only talk to their platform.
 All HTTP goes through ``HttpClient``: one ``requests.Session``, one classifier mapping a response
 to a ``Verdict`` (ok, retry, too large, fail the batch, fail the sync), one tenacity retry policy
 that honours ``Retry-After``, an optional rate limit, and redaction of secrets in every message.
-Redirects are never followed: any 3xx answer fails the batch, naming where it points.
+Redirects are never followed: any 3xx answer fails the batch, naming where it points. Of an
+answer's body, at most ``MAX_ANSWER_BYTES`` (10 MB) are read.
 """
 
 from __future__ import annotations
@@ -558,6 +559,25 @@ def answer_problem(error: requests.ConnectionError) -> str | None:
     return None
 
 
+MAX_ANSWER_BYTES = 10 * 1024 * 1024
+"""How much of an answer's body is read (10 MB): verdicts, error excerpts, per-row rejections
+and job statuses fit many times over. A longer body is cut (`answer_too_long`), so an endpoint
+answering hundreds of megabytes cannot take the process's memory."""
+
+_ANSWER_CHUNK_BYTES = 64 * 1024
+_TOO_LONG = "_winback_answer_too_long"
+
+
+def answer_too_long(response: requests.Response) -> bool:
+    """Whether the answer's body was longer than the client's `max_answer_bytes`: then
+    `response.content` holds only its start (not valid JSON, in general)."""
+    return bool(getattr(response, _TOO_LONG, False))
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MB" if size >= 1024 * 1024 else f"{size:,} bytes"
+
+
 def broken_answer_problem(error: BaseException) -> str:
     """Why an answer ended early, in a few words: a reset, or a close before the end."""
     text = str(error).lower()
@@ -596,6 +616,7 @@ class HttpClient:
         refresh: Callable[[], bool] | None = None,
         allowed_hosts: Iterable[str] = (),
         max_request_bytes: int | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ):
         """`headers` are sent with every request to `base_url` (an API revision, Accept);
         `retry_after` reads how long a throttled response asks to wait (default: the
@@ -609,11 +630,17 @@ class HttpClient:
         the request without the credential headers of `auth`.
 
         A request body over `max_request_bytes` (the platform's limit) is not sent: it raises
-        PayloadTooLargeError, so the engine halves the batch without a round trip."""
+        PayloadTooLargeError, so the engine halves the batch without a round trip.
+
+        Of each answer, at most `max_answer_bytes` of the body are read (`MAX_ANSWER_BYTES`,
+        10 MB): a longer one is cut, with a warning (once per client), and `answer_too_long`
+        says so; its status still decides."""
         self.destination = destination
         self.base_url = base_url.rstrip("/")
         self.allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
         self.max_request_bytes = max_request_bytes
+        self.max_answer_bytes = max_answer_bytes
+        self._warned_too_long = False
         self.retry = retry
         self.redact = Redactor(secrets)
         self.verdict = verdict
@@ -829,19 +856,12 @@ class HttpClient:
                 # Followed, a 301/302/303 turns the POST into a bodiless GET whose 2xx would
                 # acknowledge a batch nobody received: a redirect is an answer of its own.
                 allow_redirects=False,
+                # The body is read here, up to `max_answer_bytes` (`_read_answer`).
+                stream=True,
             )
         except requests.Timeout as error:
             raise TransientError(
                 f"{what} timed out after {self.retry.timeout_s:g}s", destination=self.destination
-            ) from error
-        except requests.exceptions.ChunkedEncodingError as error:
-            # The status line and headers arrived, then the connection broke (reset, or closed
-            # before the announced length): the destination may have applied the request, and
-            # it is sent again like any lost answer.
-            raise TransientError(
-                f"{what}: the connection broke while reading the answer "
-                f"({broken_answer_problem(error)}) from {urlsplit(url).netloc.rpartition('@')[2]}",
-                destination=self.destination,
             ) from error
         except requests.ConnectionError as error:
             host = urlsplit(url).netloc.rpartition("@")[2]
@@ -863,12 +883,74 @@ class HttpClient:
             raise BatchFailedError(
                 f"{what} failed: {self.redact(str(error))}", destination=self.destination
             ) from error
+        self._read_answer(response, what, url)
         if 300 <= response.status_code < 400:
             raise self.redirect_error(response, what)
         verdict = self.verdict(response)
         if verdict is Verdict.OK:
             return response
         raise self.error_for(verdict, response, what)
+
+    def _read_answer(self, response: requests.Response, what: str, url: str) -> None:
+        """Read the body of `response` into `response.content`, at most `max_answer_bytes`
+        of it: a longer body is cut there (`answer_too_long`) and its connection closed, so a
+        huge answer cannot take the process's memory; verdicts, errors and rejections never
+        need more. A connection that breaks or stalls while the body is read is a lost answer:
+        TransientError, retried (the destination may have applied the request)."""
+        host = urlsplit(url).netloc.rpartition("@")[2]
+        limit = self.max_answer_bytes
+        chunks: list[bytes] = []
+        size = 0
+        too_long = False
+        try:
+            for chunk in response.iter_content(chunk_size=_ANSWER_CHUNK_BYTES):
+                if size + len(chunk) > limit:
+                    chunks.append(chunk[: limit - size])
+                    too_long = True
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except requests.exceptions.ChunkedEncodingError as error:
+            # The status line and headers arrived, then the connection broke (reset, or closed
+            # before the announced length).
+            response.close()
+            raise TransientError(
+                f"{what}: the connection broke while reading the answer "
+                f"({broken_answer_problem(error)}) from {host}",
+                destination=self.destination,
+            ) from error
+        except requests.ConnectionError as error:  # a read timeout, as requests reports it
+            response.close()
+            raise TransientError(
+                f"{what} answered {response.status_code}, then timed out after "
+                f"{self.retry.timeout_s:g}s while its body was read",
+                destination=self.destination,
+            ) from error
+        except requests.RequestException as error:  # a body that cannot be decoded (gzip)
+            response.close()
+            raise BatchFailedError(
+                f"{what} answered {response.status_code} with a body that could not be read: "
+                f"{self.redact(str(error))[:200]}",
+                destination=self.destination,
+                status=response.status_code,
+            ) from error
+        # What requests does itself without `stream=True`: the body becomes `content`.
+        response._content = b"".join(chunks)
+        setattr(response, "_content_consumed", True)  # noqa: B010 - not in the type stubs
+        if too_long:
+            response.close()  # the rest is not read: this connection cannot be reused
+            setattr(response, _TOO_LONG, True)
+            if not self._warned_too_long:
+                self._warned_too_long = True
+                log.warning(
+                    "%s: %s answered %d with a body longer than %s; only its first %s were "
+                    "read (answers that long are not expected; reported once per run)",
+                    self.destination,
+                    what,
+                    response.status_code,
+                    _megabytes(limit),
+                    _megabytes(limit),
+                )
 
     def redirect_error(self, response: requests.Response, what: str) -> BatchFailedError:
         """A 3xx answer fails the batch (it stays pending): redirects are never followed, as
@@ -939,11 +1021,19 @@ class HttpClient:
 
 
 def json_body(response: requests.Response, *, destination: str) -> Any:
-    """The response's JSON, or a BatchFailedError naming the request when it is not JSON."""
+    """The response's JSON, or a BatchFailedError naming the request when it is not JSON (or
+    too long to read: over the client's `max_answer_bytes`)."""
+    what = describe_request(response.request.method or "?", response.request.url or "")
+    if answer_too_long(response):
+        raise BatchFailedError(
+            f"{what} answered {response.status_code} with a body too long to read (over "
+            f"{_megabytes(len(response.content))}); base_url may point to the wrong service",
+            destination=destination,
+            status=response.status_code,
+        )
     try:
         return response.json()
     except ValueError as error:
-        what = describe_request(response.request.method or "?", response.request.url or "")
         raise BatchFailedError(
             f"{what} answered {response.status_code} with a body that is not JSON; the platform "
             "may be down or base_url may point to the wrong service",

@@ -136,11 +136,13 @@ class FakeHttpServer:
 @dataclass
 class RawAnswer:
     """What a `RawSocketServer` sends on one connection once it has read the request:
-    `data` as it is (headers, a truncated body, bytes that are not HTTP), then it closes the
-    connection, with a reset (RST) when `reset` is true, else a normal close."""
+    `data` as it is (headers, a truncated body, bytes that are not HTTP), then it waits
+    `hold_s` seconds (an answer that stalls) and closes the connection, with a reset (RST) when
+    `reset` is true, else a normal close."""
 
     data: bytes = b""
     reset: bool = False
+    hold_s: float = 0.0
 
 
 OK_ANSWER = RawAnswer(
@@ -213,6 +215,8 @@ class RawSocketServer:
                 answer = self.queue.popleft() if self.queue else OK_ANSWER
             with contextlib.suppress(OSError):
                 connection.sendall(answer.data)
+                if answer.hold_s:
+                    self._stopping.wait(answer.hold_s)
                 if answer.reset:
                     # Linger 0: close() sends a RST instead of a FIN.
                     connection.setsockopt(

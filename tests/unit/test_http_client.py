@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -19,6 +20,7 @@ from connector.errors import (
     TransientError,
 )
 from destinations.base import (
+    MAX_ANSWER_BYTES,
     Batch,
     BatchResult,
     HttpClient,
@@ -31,6 +33,8 @@ from destinations.base import (
     Rejection,
     RetrySettings,
     SyncContext,
+    answer_too_long,
+    json_body,
     json_bytes,
     parse_retry_after,
     redact_text,
@@ -215,6 +219,64 @@ def test_an_answer_that_is_not_http_says_so_and_is_retried(answer: RawAnswer, pr
         f"destination `test`: POST /hook: connected to {server.url.removeprefix('http://')}, "
         f"but {problem}; check that the destination's URL points to its HTTP receiver (host, "
         "port, http or https)"
+    )
+
+
+# -- answers are read up to a cap ---------------------------------------------------------------
+
+
+def test_a_huge_answer_is_read_only_up_to_the_cap(caplog: pytest.LogCaptureFixture) -> None:
+    # 60 MB made before measuring: the server sends these bytes without copying them.
+    huge = b'{"x": "' + b"A" * (60 * 1024 * 1024) + b'"}'
+    with FakeHttpServer(lambda r: ScriptedResponse(200, huge)) as server:
+        client = make_client(server.url, [])
+        tracemalloc.start()
+        try:
+            response = client.request("POST", "/hook", json={"a": 1})
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2.5 * MAX_ANSWER_BYTES, peak  # the whole body took > 60 MB
+        assert response.status_code == 200 and answer_too_long(response)
+        assert response.content == huge[:MAX_ANSWER_BYTES] and MAX_ANSWER_BYTES == 10 * 2**20
+        with pytest.raises(BatchFailedError, match=r"POST /hook answered 200 with a body too "):
+            json_body(response, destination="test")
+        client.request("POST", "/hook")  # the connection cut short is not reused
+    warnings = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert warnings == [
+        "test: POST /hook answered 200 with a body longer than 10 MB; only its first 10 MB were "
+        "read (answers that long are not expected; reported once per run)"
+    ]
+
+
+def test_capped_answers_still_give_verdicts_errors_and_job_statuses() -> None:
+    long_error = "overloaded " + "x" * 5000
+    with FakeHttpServer() as server:
+        client = make_client(server.url, [], max_answer_bytes=1024)
+        server.enqueue(ScriptedResponse(503, long_error), ScriptedResponse(200, {"ok": True}))
+        response = client.request("POST", "/x")
+        assert response.json() == {"ok": True} and not answer_too_long(response)
+        assert client.retries == 1
+        server.enqueue(*[ScriptedResponse(400, long_error)])
+        with pytest.raises(BatchFailedError, match="POST /x answered 400: overloaded xxx"):
+            client.request("POST", "/x")
+    with job_server(pending_checks=2) as server:
+        client = make_client(server.url, [], max_answer_bytes=1024)
+        assert client.poll("/jobs/1", done=finished, interval_s=0).json()["status"] == "complete"
+
+
+def test_an_answer_that_stalls_while_its_body_is_read_times_out_and_is_retried() -> None:
+    retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.3)
+    stalled = RawAnswer(HEAD_OF_200 + b"{", hold_s=1.0)
+    with RawSocketServer() as server:
+        client = HttpClient(destination="t", base_url=server.url, retry=retry, sleep=lambda s: None)
+        server.enqueue(stalled)
+        assert client.request("GET", "/").json() == {} and client.retries == 1
+        server.enqueue(stalled, stalled)
+        with pytest.raises(TransientError) as caught:
+            client.request("GET", "/")
+    assert str(caught.value) == (
+        "destination `t`: GET / answered 200, then timed out after 0.3s while its body was read"
     )
 
 

@@ -244,6 +244,15 @@ def test_other_2xx_bodies_acknowledge_everything(body: str) -> None:
     assert [a.key for a in result.acknowledged] == ["k1", "k2"] and not result.rejected
 
 
+def test_a_2xx_answer_too_long_to_read_still_acknowledges_the_batch() -> None:
+    entries = [{"key": f"x{i}", "reason": "r" * 100} for i in range(120_000)]  # ~14 MB
+    huge = json.dumps({"rejected": [{"key": "k1"}, *entries]}).encode()
+    with FakeHttpServer(lambda r: ScriptedResponse(200, huge)) as server:
+        adapter = make(server.url + "/hook")
+        result = adapter.add(Batch(1, [member("k1"), member("k2")]))
+    assert [a.key for a in result.acknowledged] == ["k1", "k2"] and not result.rejected
+
+
 @responses.activate
 def test_row_rejections_are_attributed_to_their_keys() -> None:
     rejected = [{"key": "k2", "reason": "unknown customer"}, {"key": "k3"}, {"key": "k2"}]
