@@ -23,7 +23,9 @@ which stays pending; configure the final URL.
 
 Per-row rejections (winback's extension): a 2xx answer whose JSON body is
 ``{"rejected": [{"key": "42", "reason": "unknown customer"}]}`` rejects those rows (they are
-recorded, not retried); the other rows are acknowledged. Any other 2xx body is ignored.
+recorded, not retried); the other rows are acknowledged. Any other 2xx body acknowledges the
+whole batch; when it is not JSON or its ``rejected`` is malformed (not a list, entries without
+``key``, keys not in the batch), a warning names the sync and the problem, once per run.
 
 Config example::
 
@@ -46,9 +48,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -64,7 +68,9 @@ from destinations.base import (
     Rejection,
     SyncContext,
     Verdict,
+    answer_too_long,
     default_verdict,
+    describe_request,
     json_bytes,
     url_secrets,
 )
@@ -72,6 +78,8 @@ from destinations.base import (
 Action = Literal["add", "remove", "update"]
 
 SECRET_PREFIX = "whsec_"
+
+log = logging.getLogger("winback.webhook")
 
 
 class WebhookOptions(HttpDestinationOptions):
@@ -157,6 +165,8 @@ class WebhookDestination(HttpDestination):
         self._path = parts.path + (f"?{parts.query}" if parts.query else "")
         self._key = signing_key(options.secret.get_secret_value())
         self.clock: Callable[[], float] = time.time
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -244,7 +254,30 @@ class WebhookDestination(HttpDestination):
             content_type="application/json",
             headers_factory=signed_headers,
         )
-        return BatchResult.from_rejections(batch, _rejections(response, batch))
+        rejections, problems = _rejections(response, batch)
+        for problem in problems:
+            self._warn_once(problem, response.status_code, batch)
+        return BatchResult.from_rejections(batch, rejections)
+
+    def _warn_once(self, problem: AnswerProblem, status: int, batch: Batch) -> None:
+        """A 2xx answer the receiver meant as an acknowledgement, but not as documented: say so
+        (a proxy's login page answers 200 too), once per run for each kind of problem."""
+        with self._warned_lock:
+            if problem.kind in self._warned:
+                return
+            self._warned.add(problem.kind)
+        log.warning(
+            "sync `%s`: webhook `%s` answered %d to batch %d (%s) but %s: its rows count as "
+            "delivered, none rejected. Check that the URL reaches your receiver (a proxy or a "
+            'login page may be answering) and that it answers {"rejected": [{"key": "...", '
+            '"reason": "..."}]} (reported once per run)',
+            self.context.sync,
+            self.display_name,
+            status,
+            batch.number,
+            self.http.redact(describe_request("POST", self._path)),
+            self.http.redact(problem.text),
+        )
 
 
 def _probe_verdict(status: int) -> Verdict:
@@ -257,28 +290,70 @@ def _probe_verdict(status: int) -> Verdict:
     return Verdict.OK
 
 
-def _rejections(response: requests.Response, batch: Batch) -> list[Rejection]:
-    """Rows the receiver refused in a 2xx ``{"rejected": [...]}`` body; anything else is ignored."""
+class AnswerProblem(NamedTuple):
+    """What was wrong with a 2xx answer's body: `kind` (reported once per run) and the text."""
+
+    kind: str
+    text: str
+
+
+def _rejections(
+    response: requests.Response, batch: Batch
+) -> tuple[list[Rejection], list[AnswerProblem]]:
+    """Rows the receiver refused in a 2xx ``{"rejected": [...]}`` body, and what was wrong with
+    the body when it could not be read as such (no JSON, a malformed `rejected`): the rows it
+    does not name are acknowledged all the same. An empty body, or JSON without `rejected`, is
+    a plain acknowledgement."""
     if not response.content:
-        return []
+        return [], []
+    if answer_too_long(response):  # the client has warned already
+        return [], []
     try:
         document = response.json()
     except ValueError:
-        return []
+        content_type = response.headers.get("Content-Type") or "none"
+        shown = "".join(c if c.isprintable() else "?" for c in content_type)[:60]
+        text = f"its body is not JSON (Content-Type `{shown}`, {len(response.content):,} bytes)"
+        return [], [AnswerProblem("not_json", text)]
     entries = document.get("rejected") if isinstance(document, dict) else None
+    if entries is None:
+        return [], []
     if not isinstance(entries, list):
-        return []
+        return [], [AnswerProblem("not_list", "its `rejected` is not a list")]
     keys = {member.key for member in batch.members}
     rejected: dict[str, Rejection] = {}
+    keyless = 0
+    strangers: list[str] = []
     for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        key = entry.get("key")
+        key = entry.get("key") if isinstance(entry, dict) else None
         key = str(key) if isinstance(key, str | int) and not isinstance(key, bool) else None
+        if key is None:
+            keyless += 1
+            continue
         # Keys the batch does not contain cannot be attributed; the first reason wins.
-        if key is None or key not in keys or key in rejected:
+        if key not in keys:
+            strangers.append(key)
+            continue
+        if key in rejected:
             continue
         reason = entry.get("reason")
         text = str(reason)[:500] if reason not in (None, "") else "rejected by the receiver"
         rejected[key] = Rejection(key, text)
-    return list(rejected.values())
+    problems = []
+    if keyless:
+        problems.append(
+            AnswerProblem(
+                "no_key",
+                f"{keyless} of its `rejected` entries have no `key` (an object with a text key "
+                "is expected)",
+            )
+        )
+    if strangers:
+        example = "".join(c if c.isprintable() else "?" for c in strangers[0])[:40]
+        problems.append(
+            AnswerProblem(
+                "unknown_key",
+                f"{len(strangers)} of its `rejected` keys are not in the batch (e.g. `{example}`)",
+            )
+        )
+    return list(rejected.values()), problems

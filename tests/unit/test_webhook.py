@@ -244,6 +244,61 @@ def test_other_2xx_bodies_acknowledge_everything(body: str) -> None:
     assert [a.key for a in result.acknowledged] == ["k1", "k2"] and not result.rejected
 
 
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"", None),
+        (b'{"ok": true}', None),
+        (b"[1, 2]", None),
+        (b'{"rejected": []}', None),
+        (
+            b"<html><body>Please log in</body></html>",
+            "its body is not JSON (Content-Type `text/html`, 39 bytes)",
+        ),
+        (b'{"rejected": [', "its body is not JSON (Content-Type `application/json`, 14 bytes)"),
+        (b'{"rejected": "all"}', "its `rejected` is not a list"),
+        (b'{"rejected": [{"id": "k1"}, "k2", null]}', "3 of its `rejected` entries have no `key`"),
+        (
+            b'{"rejected": [{"key": "stranger"}]}',
+            "1 of its `rejected` keys are not in the batch (e.g. `stranger`)",
+        ),
+    ],
+)
+def test_a_2xx_body_that_is_not_as_documented_is_accepted_with_one_warning_per_run(
+    body: bytes, problem: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    content_type = "text/html" if body.startswith(b"<") else "application/json"
+    answer = ScriptedResponse(200, body, {"Content-Type": content_type})
+    with FakeHttpServer(lambda r: answer) as server:
+        adapter = make(server.url + "/hook/in?token=t0k3n-in-query")
+        for number in (1, 2, 3):
+            result = adapter.add(Batch(number, [member("k1"), member("k2")]))
+            assert [a.key for a in result.acknowledged] == ["k1", "k2"] and not result.rejected
+    warnings = [r.getMessage() for r in caplog.records if r.name == "winback.webhook"]
+    if problem is None:
+        assert warnings == []
+        return
+    (warning,) = warnings  # once per run, not per batch
+    assert warning.startswith(
+        f"sync `lapsed`: webhook `webhook` answered 200 to batch 1 (POST /hook/in) but {problem}"
+    )
+    assert "count as delivered" in warning and "t0k3n" not in warning
+
+
+def test_each_kind_of_problem_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    answers = [b"<html>login</html>", b'{"rejected": "all"}', b"<html>again</html>"]
+    with FakeHttpServer() as server:
+        server.enqueue(*[ScriptedResponse(200, body) for body in answers])
+        adapter = make(server.url + "/hook")
+        for number in range(1, 4):
+            adapter.add(Batch(number, [member("k1")]))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "winback.webhook"]
+    assert [w.split(" but ")[1].split(":")[0] for w in warnings] == [
+        "its body is not JSON (Content-Type `application/json`, 18 bytes)",
+        "its `rejected` is not a list",
+    ]
+
+
 def test_a_2xx_answer_too_long_to_read_still_acknowledges_the_batch() -> None:
     entries = [{"key": f"x{i}", "reason": "r" * 100} for i in range(120_000)]  # ~14 MB
     huge = json.dumps({"rejected": [{"key": "k1"}, *entries]}).encode()
