@@ -34,7 +34,7 @@ from connector.errors import (
     WarehouseError,
     WinbackError,
 )
-from connector.interrupts import stop_on_sigterm
+from connector.interrupts import redeliver_dropped_stops, stop_on_sigterm
 from destinations.base import RedactingLogFilter, SyncContext, redact_text
 from destinations.registry import load_registry
 
@@ -846,6 +846,7 @@ def main() -> None:
     """
     tune_garbage_collector()
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    sys.unraisablehook = redeliver_dropped_stops  # a stop raised in a weakref callback
     try:
         app()
     except SystemExit as leaving:

@@ -13,6 +13,7 @@ core per process).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ import orjson
 from connector.collector import tune_garbage_collector
 from connector.errors import WinbackError
 from connector.identity import normalise_identifiers
+from connector.interrupts import STOPPING_SIGNALS, interrupts_held
 from connector.json_text import fingerprinted_text, loads_text
 
 log = logging.getLogger("winback.normalise")
@@ -257,6 +259,7 @@ class NormalisingPool:
         self.share_when_behind = share_when_behind
         self._waiting: deque[Future[SentOutcomes]] = deque()
         self._executor: ProcessPoolExecutor | None = None
+        self._started = False
         if parallel:
             try:
                 self._executor = ProcessPoolExecutor(
@@ -275,7 +278,9 @@ class NormalisingPool:
     def submit(self, rows: Sequence[Any]) -> Future[SentOutcomes]:
         if self._executor is not None and not self._behind():
             try:
-                future = self._executor.submit(self.normalise.encoded, rows)
+                with contextlib.nullcontext() if self._started else _worker_starting():
+                    future = self._executor.submit(self.normalise.encoded, rows)
+                    self._started = True
                 self._waiting.append(future)
                 return future
             except BrokenProcessPool as error:
@@ -336,6 +341,31 @@ class NormalisingPool:
         self.close()
 
 
+@contextlib.contextmanager
+def _worker_starting() -> Iterator[None]:
+    """Around the job that starts the worker (and the executor's thread): Ctrl-C and SIGTERM
+    wait until both are started, and the worker starts with them blocked.
+
+    Both signals reach the worker too (a terminal sends Ctrl-C to the whole foreground
+    process group, a scheduler SIGTERM to a process group or cgroup), but winback handles them
+    and closes the pool, which stops the worker. A new process inherits the signal mask of
+    the thread that starts it (the executor starts it in `submit`), so they stay blocked
+    until `_exit_with_parent` ignores them: they cannot cut the worker's start short (a
+    KeyboardInterrupt traceback from `import phonenumbers`, or "Fatal Python error:
+    init_import_site" in Python's own start). multiprocessing starts its resource tracker
+    the same way. Here, a stop raised in the middle of `submit` would leave the executor a
+    thread it cannot join when the pool is closed (an unexpected RuntimeError, not exit 130)."""
+    with interrupts_held():
+        if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+            yield
+            return
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _worker_stopped(error: BrokenProcessPool) -> WinbackError:
     return WinbackError(
         f"the process normalising identifiers stopped unexpectedly ({error}); what was "
@@ -349,12 +379,15 @@ def _exit_with_parent(parent_pid: int) -> None:
     pool, as after any run that is not killed).
 
     Ctrl-C, and the SIGTERM a scheduler sends to a whole process group or cgroup, reach this
-    process too: winback handles them and closes the pool, so the worker ignores both. Dying
-    from one while writing a result would leave half a message in the pipe, on which Python
+    process too: winback handles them and closes the pool, so the worker ignores both (blocked
+    since it started, `_worker_starting`: one that came meanwhile is dropped). Dying from one
+    while writing a result would leave half a message in the pipe, on which Python
     3.11's executor waits forever when the pool is closed. The cycle collector is tuned as in
     winback itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOPPING_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING_SIGNALS)
     tune_garbage_collector()
 
     def watch() -> None:

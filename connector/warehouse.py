@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from connector.errors import WarehouseError
+from connector.interrupts import statement_interruptible
 from destinations.base import redact_query_values
 
 URL_ENCODING_HINT = (
@@ -141,12 +142,73 @@ def create_warehouse_engine(url: str) -> sa.Engine:
     connect_args.update(connect_timeout_args(parsed))
     try:
         # Statement parameters (customer data) never go into an error's text.
-        return sa.create_engine(parsed, connect_args=connect_args, hide_parameters=True)
+        engine = sa.create_engine(parsed, connect_args=connect_args, hide_parameters=True)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
         raise WarehouseError(
             f"cannot use warehouse URL `{redact_url(url)}`: {first_line(error)}; install the "
             "driver for this database (e.g. pip install 'winback[postgres]')"
         ) from None
+    if backend == "duckdb":
+        sa.event.listen(engine, "do_connect", _connect_interruptible_duckdb)
+    return engine
+
+
+def _connect_interruptible_duckdb(
+    dialect: sa.Dialect, _record: Any, cargs: list[Any], cparams: dict[str, Any]
+) -> InterruptibleConnection:
+    """The `do_connect` hook of a DuckDB warehouse: duckdb-engine's connection, wrapped."""
+    return InterruptibleConnection(dialect.connect(*cargs, **cparams))
+
+
+class InterruptibleConnection:
+    """A DBAPI connection (DuckDB's, through duckdb-engine) whose statements Ctrl-C and
+    SIGTERM interrupt at once (`statement_interruptible`), as psycopg's are: DuckDB otherwise
+    holds the signal until the query ends, then fails it with its own "Query interrupted".
+    Everything else is the wrapped connection's."""
+
+    def __init__(self, connection: Any) -> None:
+        object.__setattr__(self, "_connection", connection)
+
+    def cursor(self) -> InterruptibleCursor:
+        return InterruptibleCursor(self._connection.cursor(), self._connection.interrupt)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._connection, name, value)
+
+
+class InterruptibleCursor:
+    """A cursor of `InterruptibleConnection`: the calls that run a query (executing it,
+    fetching a chunk or all of its rows) are interruptible; `fetchone`, called once per row
+    when a result is iterated, is left as it is."""
+
+    def __init__(self, cursor: Any, interrupt: Callable[[], object]) -> None:
+        object.__setattr__(self, "_cursor", cursor)
+        object.__setattr__(self, "_interrupt", interrupt)
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        with statement_interruptible(self._interrupt):
+            return self._cursor.execute(*args, **kwargs)
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        with statement_interruptible(self._interrupt):
+            return self._cursor.executemany(*args, **kwargs)
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        with statement_interruptible(self._interrupt):
+            return self._cursor.fetchmany(*args, **kwargs)
+
+    def fetchall(self) -> Any:
+        with statement_interruptible(self._interrupt):
+            return self._cursor.fetchall()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cursor, name, value)
 
 
 @contextmanager

@@ -440,14 +440,43 @@ _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^\s/`]+@", re.I
 unencoded `@` is masked whole."""
 
 
+def looks_like_token(segment: str) -> bool:
+    """Whether a URL path segment looks like a credential (the token of a Zapier or Slack hook
+    URL, a webhook.site UUID): 16 characters or more, mixing at least two of lower-case
+    letters, upper-case letters and digits. Words (`customer-events`), short ids (`123456`)
+    and version numbers are not."""
+    if len(segment) < TOKEN_SEGMENT_MIN_LENGTH:
+        return False
+    kinds = (
+        any(c.islower() for c in segment),
+        any(c.isupper() for c in segment),
+        any(c.isdigit() for c in segment),
+    )
+    return sum(kinds) >= 2
+
+
+TOKEN_SEGMENT_MIN_LENGTH = 16
+
+
+def hide_path_tokens(path: str) -> str:
+    """`path` with each segment that `looks_like_token` as `***`."""
+    return "/".join(
+        "***" if looks_like_token(unquote(segment)) else segment for segment in path.split("/")
+    )
+
+
 def url_secrets(url: str | None) -> list[str]:
     """What a configured URL may carry as credentials, to redact wherever it shows up (echoed
     in a response body too): its whole query string, the value of each query parameter named
-    like a credential (as written and decoded) and its user info's password."""
+    like a credential (as written and decoded), its user info's password and each path
+    segment that `looks_like_token` (as written and decoded)."""
     if not url:
         return []
     parts = urlsplit(url)
     secrets = [parts.query, parts.password or "", unquote(parts.password or "")]
+    for segment in parts.path.split("/"):
+        if looks_like_token(unquote(segment)):
+            secrets += [segment, unquote(segment)]
     for pair in parts.query.split("&"):
         name, _, raw_value = pair.partition("=")
         if _CREDENTIAL_NAME.search(unquote(name)):
@@ -691,6 +720,10 @@ class HttpClient:
         scheme, host, _ = self._origin(url)
         return scheme in _DEFAULT_PORTS and host in self.allowed_hosts
 
+    def describe(self, method: str, url: str) -> str:
+        """`POST /v1/path` for messages: no query string, secrets in the path redacted."""
+        return self.redact(describe_request(method, url))
+
     def _shown(self, url: str) -> str:
         """Scheme, host, port and path of `url`, redacted: never user info or a query."""
         parts = urlsplit(url)
@@ -730,7 +763,7 @@ class HttpClient:
             # No status: the limit is the platform's documented one, not a guess from a 413
             # (a single row over it is rejected as too large, whatever its size).
             raise PayloadTooLargeError(
-                f"{describe_request(method, url)}: a body of {size:,} bytes is over the "
+                f"{self.describe(method, url)}: a body of {size:,} bytes is over the "
                 f"platform's limit of {self.max_request_bytes:,} bytes; not sent",
                 destination=self.destination,
                 request_bytes=size,
@@ -792,7 +825,7 @@ class HttpClient:
             if left <= 0:
                 raise BatchFailedError(
                     f"{what} was not finished after {timeout_s:g}s "
-                    f"({describe_request('GET', self.url(path))}); the batch stays pending",
+                    f"({self.describe('GET', self.url(path))}); the batch stays pending",
                     destination=self.destination,
                 )
             self._sleep(min(interval, left))
@@ -842,7 +875,7 @@ class HttpClient:
         params: Mapping[str, Any] | None,
         headers: Mapping[str, str],
     ) -> requests.Response:
-        what = describe_request(method, url)
+        what = self.describe(method, url)
         if self._limiter is not None:
             self._limiter.wait()
         try:
@@ -1023,7 +1056,7 @@ class HttpClient:
 def json_body(response: requests.Response, *, destination: str) -> Any:
     """The response's JSON, or a BatchFailedError naming the request when it is not JSON (or
     too long to read: over the client's `max_answer_bytes`)."""
-    what = describe_request(response.request.method or "?", response.request.url or "")
+    what = redact_text(describe_request(response.request.method or "?", response.request.url or ""))
     if answer_too_long(response):
         raise BatchFailedError(
             f"{what} answered {response.status_code} with a body too long to read (over "

@@ -70,7 +70,7 @@ from destinations.base import (
     Verdict,
     answer_too_long,
     default_verdict,
-    describe_request,
+    hide_path_tokens,
     json_bytes,
     url_secrets,
 )
@@ -113,10 +113,11 @@ class WebhookOptions(HttpDestinationOptions):
 
 
 def display_url(url: str) -> str:
-    """Scheme, host, port and path: never user info or the query string, which may hold tokens."""
+    """Scheme, host, port and path: never user info or the query string, which may hold tokens,
+    nor path segments that look like tokens (`***`, as in messages: `looks_like_token`)."""
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path or '/'}"
+    return f"{parts.scheme}://{parts.hostname}{port}{hide_path_tokens(parts.path or '/')}"
 
 
 def signing_key(secret: str) -> bytes:
@@ -183,7 +184,8 @@ class WebhookDestination(HttpDestination):
         return self.options.batch_size
 
     def secrets(self) -> Iterable[str | SecretStr | None]:
-        # The URL's query string and user info may carry credentials too.
+        # The URL's query string, user info and token-like path segments (a Zapier or Slack
+        # hook URL's) may carry credentials too.
         return [self.options.secret, *url_secrets(self.options.url)]
 
     def verdict(self, response: requests.Response) -> Verdict:
@@ -195,8 +197,9 @@ class WebhookDestination(HttpDestination):
         """HEAD the URL: any answer below 500 except 401/403 and redirects (3xx, which fail the
         check: batches would not be delivered) proves the receiver is reachable."""
         response = self.http.request("HEAD", self._path)
+        shown = self.http.redact(display_url(self.http.url(self._path)))
         return (
-            f"webhook receiver {display_url(self.http.url(self._path))} is reachable "
+            f"webhook receiver {shown} is reachable "
             f"(HEAD answered {response.status_code}); batches of {self.batch_size}, "
             f"identifiers {'SHA-256 hashed' if self.options.hash else 'plain'}"
         )
@@ -275,7 +278,7 @@ class WebhookDestination(HttpDestination):
             self.display_name,
             status,
             batch.number,
-            self.http.redact(describe_request("POST", self._path)),
+            self.http.describe("POST", self._path),
             self.http.redact(problem.text),
         )
 

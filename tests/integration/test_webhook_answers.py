@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from destinations.testing.http_server import RawAnswer, RawSocketServer
+import pytest
+
+from destinations.testing.http_server import (
+    FakeHttpServer,
+    RawAnswer,
+    RawSocketServer,
+    ScriptedResponse,
+)
 from tests.helpers import run_cli, webhook_project
 
 BROKEN_200 = RawAnswer(
@@ -30,3 +37,26 @@ def test_a_batch_whose_answer_keeps_breaking_counts_as_possibly_applied(tmp_path
         assert "0 (+20 unconfirmed)" in status.stdout, status
         again = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
         assert (again.returncode, again.run()["sent"]["add"]) == (0, 20), again
+
+
+TOKEN = "SECRETPATHTOKEN123"
+
+
+@pytest.mark.parametrize("status", [500, 401])
+def test_a_token_in_the_webhook_path_never_reaches_output_or_history(
+    tmp_path: Path, status: int
+) -> None:
+    # A Zapier-style URL whose path is the credential; the receiver echoes the path it got.
+    answer = lambda request: ScriptedResponse(status, f"nothing at {request.path}")  # noqa: E731
+    with FakeHttpServer(answer) as server:
+        webhook_project(tmp_path, f"{server.url}/hooks/catch/123456/{TOKEN}/", customers=5)
+        failed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        history = run_cli("sync", "history", "s", cwd=tmp_path)
+        check = run_cli("destinations", "check", "hook", cwd=tmp_path)
+    assert server.requests and all(TOKEN in r.path for r in server.requests)
+    assert failed.returncode == 1 and check.returncode == 1, (failed, check)
+    error = failed.run()["error"]
+    assert f"POST /hooks/catch/123456/***/ answered {status}: nothing at" in error, error
+    for result in (failed, history, check):
+        assert TOKEN not in result.stdout + result.stderr, result
+    assert "/hooks/catch/123456/***/" in check.stdout + check.stderr, check

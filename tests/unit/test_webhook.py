@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -26,7 +27,15 @@ from connector.errors import (
     PayloadTooLargeError,
     TransientError,
 )
-from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
+from destinations.base import (
+    Batch,
+    Member,
+    NoSyncOptions,
+    RetrySettings,
+    SyncContext,
+    looks_like_token,
+    url_secrets,
+)
 from destinations.testing.contract import ContractHarness, DestinationContract
 from destinations.testing.http_server import (
     FakeHttpServer,
@@ -462,6 +471,57 @@ def test_credentials_of_the_url_are_redacted_when_the_receiver_echoes_them(statu
     message = str(caught.value)
     assert "s3cr3t-t0k3n" not in message and "pa$$w0rd" not in message, message
     assert "json" in message or status == 500  # other parameters' values stay readable
+
+
+TOKEN = "SECRETPATHTOKEN123"
+TOKEN_PATH = f"/hooks/catch/123456/{TOKEN}/"
+
+
+@pytest.mark.parametrize(
+    ("segment", "token"),
+    [
+        ("SECRETPATHTOKEN123", True),  # Zapier-style
+        ("T00000000", False),  # Slack's workspace id: short
+        ("xoxbWfA7cH2kLmNpQrStUvWx", True),  # Slack's hook token
+        ("3f2c9a4e-1b7d-4c8e-9f00-2a6b5c4d3e21", True),  # webhook.site's UUID
+        ("123456", False),
+        ("customer-sync-events", False),  # words, however long
+        ("CUSTOMERSYNCEVENTS", False),
+        ("SECRETPATHTOKEN12%33", True),
+        ("v1", False),
+    ],
+)
+def test_path_segments_that_look_like_tokens(segment: str, token: bool) -> None:
+    assert looks_like_token(unquote(segment)) is token
+    assert (segment in url_secrets(f"https://h.example/in/{segment}/")) is token
+
+
+@pytest.mark.parametrize("status", [500, 401, 404])
+def test_a_token_in_the_url_path_never_shows(status: int) -> None:
+    # The receiver echoes the path it was called on, as many error pages do.
+    with FakeHttpServer(lambda r: ScriptedResponse(status, f"no route {r.path}")) as server:
+        adapter = make(server.url + TOKEN_PATH, attempts=2)
+        with pytest.raises((TransientError, FatalDestinationError, BatchFailedError)) as caught:
+            adapter.add(Batch(1, [member("k1")]))
+        if status == 404:  # reachable: the check says so
+            checked = make(server.url + TOKEN_PATH, attempts=1).check()
+        else:
+            with pytest.raises((TransientError, FatalDestinationError)) as refused:
+                make(server.url + TOKEN_PATH, attempts=1).check()
+            checked = str(refused.value)
+    for message in (str(caught.value), checked, repr(adapter)):
+        assert TOKEN not in message, message
+    assert f"POST /hooks/catch/123456/***/ answered {status}: no route /hooks/catch/" in str(
+        caught.value
+    )
+    assert repr(adapter).startswith("WebhookDestination(url='http://127.0.0.1:")
+    assert "/hooks/catch/123456/***/'" in repr(adapter)
+
+
+def test_check_shows_a_url_with_a_token_without_it() -> None:
+    with FakeHttpServer() as server:
+        described = make(server.url + TOKEN_PATH).check()
+    assert described.startswith(f"webhook receiver {server.url}/hooks/catch/123456/***/ is ")
 
 
 @pytest.mark.parametrize(
