@@ -523,14 +523,17 @@ class RateLimiter:
         self._next_slot = time.monotonic()
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Wait for this thread's turn with `sleep`: `HttpClient` passes the sleep of its retry
+        waits, which a stopping run interrupts (it raises), so a long wait does not hold up
+        Ctrl-C or SIGTERM."""
         with self._lock:
             now = time.monotonic()
             slot = max(now, self._next_slot)
             self._next_slot = slot + self._interval
         delay = slot - now
         if delay > 0:
-            time.sleep(delay)
+            sleep(delay)
 
 
 _CONNECTION_PROBLEMS = (
@@ -832,8 +835,9 @@ class HttpClient:
             interval = min(interval * 1.5, max_interval_s)
 
     def stop(self) -> None:
-        """Make calls in flight give up: a retry waiting for its turn stops waiting, and no
-        further attempt is made (a request already sent still waits for its answer)."""
+        """Make calls in flight give up: a retry or a rate-limited request waiting for its turn
+        stops waiting, and no further attempt is made (a request already sent still waits for
+        its answer)."""
         self._stopping.set()
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
@@ -877,7 +881,7 @@ class HttpClient:
     ) -> requests.Response:
         what = self.describe(method, url)
         if self._limiter is not None:
-            self._limiter.wait()
+            self._limiter.wait(self._sleep)
         try:
             response = self.session.request(
                 method,

@@ -370,6 +370,30 @@ def test_poll_stops_waiting_when_the_run_is_stopped() -> None:
         assert time.monotonic() - started < 10  # not the 30 s wait
 
 
+def test_the_rate_limit_spaces_requests_with_the_clients_sleep() -> None:
+    sleeps: list[float] = []
+    with FakeHttpServer() as server:
+        client = make_client(server.url, sleeps, requests_per_second=4)
+        for _ in range(3):
+            client.request("GET", "/x")
+    assert len(sleeps) == 2 and all(0.2 < s <= 0.5 for s in sleeps), sleeps
+
+
+def test_a_rate_limit_wait_ends_when_the_run_is_stopped() -> None:
+    with FakeHttpServer() as server:
+        retry = RetrySettings(max_attempts=3, timeout_s=2)
+        client = HttpClient(
+            destination="test", base_url=server.url, retry=retry, requests_per_second=0.01
+        )
+        client.request("GET", "/first")  # the next turn is 100 s away
+        threading.Timer(0.3, client.stop).start()
+        started = time.monotonic()
+        with pytest.raises(FatalDestinationError, match="the run is stopping"):
+            client.request("GET", "/second")
+        assert time.monotonic() - started < 10  # not the 100 s wait
+        assert [r.path for r in server.requests] == ["/first"] and client.retries == 0
+
+
 def test_a_platform_header_can_say_how_long_to_wait() -> None:
     sleeps: list[float] = []
     with FakeHttpServer() as server:
