@@ -1021,7 +1021,7 @@ class HttpClient:
         status = response.status_code
         # Redact before cutting (a secret across the cut would leak its start); control
         # characters (terminal escapes, NULs) from a remote body never reach the terminal.
-        text = self.redact(response.text)[:200] if response.text else ""
+        text = self.redact(_start_of_body(response))[:200]
         excerpt = "".join(c if c.isprintable() else " " for c in text).strip()
         detail = f"{what} answered {status}" + (f": {excerpt}" if excerpt else "")
         if verdict is Verdict.RETRY:
@@ -1055,6 +1055,16 @@ class HttpClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _start_of_body(response: requests.Response, size: int = 4096) -> str:
+    """The first `size` bytes of the body as text, in the answer's charset (UTF-8 when it names
+    none): no charset detection over a body of up to `MAX_ANSWER_BYTES` for an excerpt."""
+    head = response.content[:size]
+    try:
+        return head.decode(response.encoding or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return head.decode("utf-8", errors="replace")
 
 
 def json_body(response: requests.Response, *, destination: str) -> Any:
