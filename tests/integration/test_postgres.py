@@ -251,10 +251,11 @@ def test_nul_characters_from_the_warehouse_never_jam_a_postgres_state_store(
             assert result.status == "success", result.error
             assert result.skipped == 2  # the NUL key; 3 has no usable identifier
         assert sorted(MemoryDestination.audiences["pg"]) == ["1", "4"]
-        issues = {
-            (issue.key, issue.reason)
-            for issue in StateStore(postgres_url).issues(result.run_id, limit=None)
-        }
+        store = StateStore(postgres_url)
+        try:
+            issues = {(i.key, i.reason) for i in store.issues(result.run_id, limit=None)}
+        finally:
+            store.dispose()
         assert any(key == "k\\x00ey" and "NUL character" in reason for key, reason in issues)
         assert any(key == "3" and "nul\\x00byte@example.com" in reason for key, reason in issues)
     finally:
