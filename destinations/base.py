@@ -980,8 +980,9 @@ class HttpClient:
             if not self._warned_too_long:
                 self._warned_too_long = True
                 log.warning(
-                    "%s: %s answered %d with a body longer than %s; only its first %s were "
-                    "read (answers that long are not expected; reported once per run)",
+                    "destination `%s`: %s answered %d with a body longer than %s; only its "
+                    "first %s were read (answers that long are not expected; reported once "
+                    "per run)",
                     self.destination,
                     what,
                     response.status_code,

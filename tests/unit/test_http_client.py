@@ -244,8 +244,8 @@ def test_a_huge_answer_is_read_only_up_to_the_cap(caplog: pytest.LogCaptureFixtu
         client.request("POST", "/hook")  # the connection cut short is not reused
     warnings = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
     assert warnings == [
-        "test: POST /hook answered 200 with a body longer than 10 MB; only its first 10 MB were "
-        "read (answers that long are not expected; reported once per run)"
+        "destination `test`: POST /hook answered 200 with a body longer than 10 MB; only its "
+        "first 10 MB were read (answers that long are not expected; reported once per run)"
     ]
 
 
