@@ -850,6 +850,12 @@ def main() -> None:
     try:
         app()
     except SystemExit as leaving:
+        stop = _stop_behind(leaving) if leaving.code == 130 and not settings.leave_at_once else None
+        if stop is not None:  # typer turns a Ctrl-C outside a run into a silent exit 130
+            terminated = isinstance(stop, Terminated)
+            message = "stopped by SIGTERM" if terminated else "interrupted"
+            stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+            sys.exit(143 if terminated else 130)
         if leaving.code == 2 and not settings.document_written:
             _usage_error_document(sys.argv[1:])
         if settings.leave_at_once:
@@ -874,6 +880,14 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def _stop_behind(leaving: SystemExit) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (`Terminated`) that typer turned into `leaving`, if any."""
+    error: BaseException | None = leaving
+    while error is not None and not isinstance(error, KeyboardInterrupt):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _usage_error_document(args: list[str]) -> None:

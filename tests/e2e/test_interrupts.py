@@ -194,13 +194,6 @@ def test_ctrl_c_interrupts_the_query_of_a_preview(slow_project: Path) -> None:
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="typer turns KeyboardInterrupt (and Terminated, its subclass) into a silent exit 130 "
-    "before connector.cli.main sees it: `segments preview` says nothing, and exits 130 on "
-    "SIGTERM. Needs the change to connector.cli.main given in the message of the commit "
-    "that added this test (remove this marker with it).",
-)
 @STOPS
 def test_a_stopped_preview_says_so_with_its_exit_code(
     slow_project: Path, stop: signal.Signals
