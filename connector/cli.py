@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -37,6 +37,9 @@ from connector.errors import (
 from connector.interrupts import redeliver_dropped_stops, stop_on_sigterm
 from destinations.base import RedactingLogFilter, SyncContext, redact_text
 from destinations.registry import load_registry
+
+if TYPE_CHECKING:
+    from connector.run_result import RunResult
 
 app = typer.Typer(
     help="winback: keep inactive-customer segments from your warehouse in sync with ad "
@@ -477,7 +480,7 @@ def _run_syncs(
     as_of: str | None,
     output: TextOrJson,
 ) -> None:
-    from connector.report import print_runs, runs_json
+    from connector.report import print_runs
     from connector.run_result import combined_exit_code
     from connector.sync import RunOptions, SyncRunner
 
@@ -522,8 +525,7 @@ def _run_syncs(
         if stopped is not None and stopped not in results:
             results.append(stopped)  # recorded as failed by the runner
         if output is TextOrJson.json:
-            stdout.file.write(runs_json(results, code, message) + "\n")
-            settings.document_written = True
+            _print_runs_document(results, code, message)
         else:  # the syncs that finished before it too
             print_runs(stdout, results)
         stderr.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
@@ -535,8 +537,7 @@ def _run_syncs(
         runner.close()
     code = combined_exit_code(results)
     if output is TextOrJson.json:
-        stdout.file.write(runs_json(results, code) + "\n")
-        settings.document_written = True
+        _print_runs_document(results, code)
     else:
         print_runs(stdout, results)
     # Results go to stdout; the reason a sync did not succeed goes to stderr, in both formats.
@@ -555,11 +556,16 @@ def _run_syncs(
 def _nothing_ran(output: TextOrJson, error: WinbackError | CommandRefused) -> None:
     """Before any run: stderr will say why (`main`), and so does the JSON document."""
     if output is TextOrJson.json:
-        from connector.report import runs_json
-
         code = error.code if isinstance(error, CommandRefused) else exit_code_for(error)
-        stdout.file.write(runs_json([], code, redact_text(str(error))) + "\n")
-        settings.document_written = True
+        _print_runs_document([], code, redact_text(str(error)))
+
+
+def _print_runs_document(results: list[RunResult], code: int, error: str | None = None) -> None:
+    """The JSON document of `sync run|plan --output json` on stdout (once per command)."""
+    from connector.report import runs_json
+
+    stdout.file.write(runs_json(results, code, error) + "\n")
+    settings.document_written = True
 
 
 SyncNames = Annotated[list[str] | None, typer.Argument(help="Sync names (default: all).")]
@@ -894,10 +900,8 @@ def _usage_error_document(args: list[str]) -> None:
     """Click refused the command line (exit 2, its message on stderr): `sync run|plan
     --output json` still prints the JSON document a caller parses, with `runs` empty."""
     if _asks_for_runs_document(args):
-        from connector.report import runs_json
-
         message = "usage error: the command line is not valid; see the message on stderr and --help"
-        stdout.file.write(runs_json([], 2, message) + "\n")
+        _print_runs_document([], 2, message)
 
 
 def _asks_for_runs_document(args: list[str]) -> bool:
