@@ -102,6 +102,15 @@ Segment = QuerySegment | RulesSegment
 SyncMode = Literal["mirror", "add_only", "upsert"]
 
 
+def mapped_options(identifiers: Mapping[str, str], fields: Mapping[str, str]) -> dict[str, str]:
+    """Option path under a sync (``identifiers.email``, ``fields.FNAME``) → the segment column
+    it reads (how errors name a mapped column)."""
+    return {
+        **{f"identifiers.{name}": column for name, column in identifiers.items()},
+        **{f"fields.{name}": column for name, column in fields.items()},
+    }
+
+
 class SyncConfig(StrictModel):
     segment: str
     destination: str
@@ -118,10 +127,7 @@ class SyncConfig(StrictModel):
 
     def mapped_options(self) -> dict[str, str]:
         """Option path under the sync (``identifiers.email``) → the segment column it reads."""
-        return {
-            **{f"identifiers.{name}": column for name, column in self.identifiers.items()},
-            **{f"fields.{name}": column for name, column in self.fields.items()},
-        }
+        return mapped_options(self.identifiers, self.fields)
 
     @field_validator("identifiers")
     @classmethod

@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector.config import Segment
+from connector.config import Segment, mapped_options
 from connector.delivery import Reporter
 from connector.diff import ChangePlanner, duplicate_key_issues
 from connector.pushdown import (
@@ -63,14 +63,16 @@ class SegmentSource:
     """Field name → segment column."""
     as_of: dt.date
     chunk_size: int
-    mapped_options: dict[str, str]
-    """Option path under the sync (``identifiers.email``) → segment column (for errors)."""
 
     def mapping(self) -> list[tuple[str, str, str]]:
         """(kind, name, column) in payload order: identifiers then fields, by name."""
         return [("i", n, c) for n, c in sorted(self.identifiers.items())] + [
             ("f", n, c) for n, c in sorted(self.fields.items())
         ]
+
+    def mapped_options(self) -> dict[str, str]:
+        """Option path under the sync (``identifiers.email``) → segment column (for errors)."""
+        return mapped_options(self.identifiers, self.fields)
 
     def mapped_columns(self) -> list[str]:
         """The segment columns the mapping reads, each once, in payload order."""
@@ -119,19 +121,16 @@ def nul_key_issue(source: SegmentSource, key: str) -> RowIssue:
 def segment_key(source: SegmentSource, value: Any) -> str | RowIssue:
     """A key as the warehouse driver returned it, as the text the state store keeps (JSON's
     text for what JSON lacks: dates, decimals...), or why the row cannot be synced."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None:
         return null_key_issue(source)
     key = str(value if type(value) in JSON_NATIVE else json_value(value))
-    if len(key) > MAX_KEY_LENGTH:
-        return long_key_issue(source, key, len(key))
-    if "\x00" in key:
-        return nul_key_issue(source, key)
-    return key
+    return warehouse_key_issue(source, key) or key
 
 
 def warehouse_key_issue(source: SegmentSource, key: str | None) -> RowIssue | None:
-    """Why a key as the warehouse gave it as text cannot be synced (null, blank, too long, a
-    NUL character)."""
+    """Why a key as text cannot be synced (null, blank, too long, a NUL character). Blank is
+    ASCII whitespace only, as the warehouse's own key test (`valid_key_sql`) counts it, so
+    every path keeps or skips the same keys."""
     if key is None or not key.strip(KEY_WHITESPACE):
         return null_key_issue(source)
     if len(key) > MAX_KEY_LENGTH:
@@ -152,7 +151,7 @@ def checked_query(source: SegmentSource, engine: sa.Engine) -> tuple[sa.Executab
     name, segment = source.segment_name, source.segment
     query = segment_query(name, segment, as_of=source.as_of, engine=engine)
     columns = probe_columns(name, segment, engine=engine, as_of=source.as_of, query=query)
-    check_columns(name, segment, columns, sync=source.sync, mapping=source.mapped_options)
+    check_columns(name, segment, columns, sync=source.sync, mapping=source.mapped_options())
     return query, columns
 
 
@@ -172,7 +171,7 @@ def read_payloads(source: SegmentSource, engine: sa.Engine) -> Iterator[Iterator
         as_of=source.as_of,
         chunk_size=source.chunk_size,
         sync=source.sync,
-        mapping=source.mapped_options,
+        mapping=source.mapped_options(),
     ) as (columns, chunks):
         yield _payload_chunks(source, columns, chunks)
 

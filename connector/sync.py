@@ -401,7 +401,6 @@ class SyncRunner:
             fields=dict(sync.fields),
             as_of=effective_as_of(segment, options.as_of),
             chunk_size=self.config.warehouse.chunk_size,
-            mapped_options=sync.mapped_options(),
         )
 
     def _normaliser(self, sync_name: str, adapter: Destination) -> RowNormaliser:

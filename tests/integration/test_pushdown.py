@@ -9,6 +9,7 @@ everything a user sees: counts, skipped rows and their reasons, and the audience
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import uuid
 from pathlib import Path
@@ -20,8 +21,9 @@ import sqlalchemy as sa
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from connector.config import build_config
+from connector.config import QuerySegment, build_config
 from connector.pushdown import KEY_WHITESPACE, valid_key_sql
+from connector.staging import SegmentSource, segment_key, warehouse_key_issue
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult, SyncRunner
 from connector.warehouse import DUCKDB_MEMORY_LIMIT
@@ -318,8 +320,24 @@ def over_keys(test: Any) -> Any:
     return settings(max_examples=300, deadline=None)(given(keys)(test))
 
 
+KEY_SOURCE = SegmentSource(
+    sync="s",
+    segment_name="seg",
+    segment=QuerySegment(key="id", sql="SELECT 1 AS id"),
+    identifiers={"email": "email"},
+    fields={},
+    as_of=dt.date(2026, 1, 1),
+    chunk_size=1000,
+)
+
+
 def valid_in_python(key: str | None) -> bool:
-    return key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
+    """Python's check of a key read row by row (`segment_key`, the streamed first sync and the
+    state-database diff), which must agree with the warehouse's."""
+    valid = key is not None and bool(key.strip(KEY_WHITESPACE)) and len(key) <= 500
+    assert isinstance(segment_key(KEY_SOURCE, key), str) is valid
+    assert (warehouse_key_issue(KEY_SOURCE, key) is None) is valid
+    return valid
 
 
 @over_keys
