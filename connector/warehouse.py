@@ -148,23 +148,25 @@ def create_warehouse_engine(url: str) -> sa.Engine:
             f"cannot use warehouse URL `{redact_url(url)}`: {first_line(error)}; install the "
             "driver for this database (e.g. pip install 'winback[postgres]')"
         ) from None
-    if backend == "duckdb":
-        sa.event.listen(engine, "do_connect", _connect_interruptible_duckdb)
+    if backend in ("duckdb", "sqlite"):
+        sa.event.listen(engine, "do_connect", _connect_interruptible)
     return engine
 
 
-def _connect_interruptible_duckdb(
+def _connect_interruptible(
     dialect: sa.Dialect, _record: Any, cargs: list[Any], cparams: dict[str, Any]
 ) -> InterruptibleConnection:
-    """The `do_connect` hook of a DuckDB warehouse: duckdb-engine's connection, wrapped."""
+    """The `do_connect` hook of a DuckDB or SQLite warehouse: the driver's connection,
+    wrapped."""
     return InterruptibleConnection(dialect.connect(*cargs, **cparams))
 
 
 class InterruptibleConnection:
-    """A DBAPI connection (DuckDB's, through duckdb-engine) whose statements Ctrl-C and
-    SIGTERM interrupt at once (`statement_interruptible`), as psycopg's are: DuckDB otherwise
-    holds the signal until the query ends, then fails it with its own "Query interrupted".
-    Everything else is the wrapped connection's."""
+    """A DBAPI connection (DuckDB's through duckdb-engine, or sqlite3's) whose statements
+    Ctrl-C and SIGTERM interrupt at once (`statement_interruptible`), as psycopg's are: DuckDB
+    otherwise holds the signal until the query ends, then fails it with its own "Query
+    interrupted", and sqlite3 holds it until the query ends. Both drivers' `interrupt()` may be
+    called from another thread. Everything else is the wrapped connection's."""
 
     def __init__(self, connection: Any) -> None:
         object.__setattr__(self, "_connection", connection)

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM stop the real CLI at once, wherever they find it.
 
-In a DuckDB query that would run for minutes (a segment joined to a huge aggregate): `sync run`,
+In a DuckDB (or SQLite) query that would run for minutes (a segment joined to a huge aggregate): `sync run`,
 `sync plan` and `segments preview` exit 130 / 143 within seconds, say so without a traceback,
 and a run is recorded as interrupted with its lock released. While the second process that
 normalises a large first sync is starting: no traceback from it (it ignores both signals), and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -48,6 +49,12 @@ SLOW_SQL = (
     "(SELECT count(*) AS n FROM range(0, 100000000000) AS t(i) WHERE i % 7 = 3) AS slow"
 )
 """Minutes of DuckDB work before the first row, whatever the machine."""
+
+SLOW_SQLITE_SQL = (
+    "SELECT c.customer_id, c.email FROM customers AS c, (WITH RECURSIVE r(i) AS (SELECT 1 "
+    "UNION ALL SELECT i + 1 FROM r WHERE i < 100000000000) SELECT count(*) AS n FROM r) AS slow"
+)
+"""The same for a SQLite warehouse."""
 
 STOP_SECONDS = 10
 """How long a stopped command may take to exit (it takes well under a second; CI is slow)."""
@@ -126,6 +133,24 @@ def slow_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def slow_sqlite_project(tmp_path: Path) -> Path:
+    """`slow_project` with a SQLite warehouse (sqlite3 holds a signal until its query ends)."""
+    warehouse = tmp_path / "warehouse.sqlite"
+    with sqlite3.connect(warehouse) as connection:
+        connection.execute("CREATE TABLE customers (customer_id INTEGER, email TEXT)")
+        connection.execute("INSERT INTO customers VALUES (1, 'a@example.com')")
+    connection.close()
+    write_config(
+        tmp_path,
+        warehouse_url="sqlite:///warehouse.sqlite",
+        segments={"slow": {"key": "customer_id", "sql": SLOW_SQLITE_SQL}},
+        destinations={"out": {"type": "file", "path": "out/{sync}.csv"}},
+        syncs={"s": {"segment": "slow", "destination": "out", "identifiers": {"email": "email"}}},
+    )
+    return tmp_path
+
+
 def opened(process: subprocess.Popen[str], path: Path) -> bool:
     """Whether the process holds `path` open."""
     try:
@@ -144,8 +169,8 @@ def opened(process: subprocess.Popen[str], path: Path) -> bool:
 def stop_in_the_query(
     folder: Path, args: tuple[str, ...], stop: signal.Signals
 ) -> tuple[CliResult, float]:
-    """Run `winback ARGS`, send `stop` once DuckDB is busy with the slow segment."""
-    warehouse = folder / "warehouse.duckdb"
+    """Run `winback ARGS`, send `stop` once the warehouse is busy with the slow segment."""
+    warehouse = next(folder.glob("warehouse.*"))
     with started(folder, *args) as process:
         wait_until(lambda: opened(process, warehouse) or process.poll() is not None, timeout=60)
         time.sleep(0.5)  # into the query: everything before it takes milliseconds
@@ -169,6 +194,20 @@ def test_a_stop_interrupts_the_segment_query_of_a_run(
     (run,) = history.json()
     assert (run["status"], run["error"]) == ("failed", RECORDED[stop])
     assert sqlite_rows(state_db(slow_project), "SELECT sync FROM locks") == []
+
+
+@STOPS
+def test_a_stop_interrupts_the_segment_query_of_a_run_on_sqlite(
+    slow_sqlite_project: Path, stop: signal.Signals
+) -> None:
+    args = ("sync", "run", "s")
+    result, took = stop_in_the_query(slow_sqlite_project, args, stop)
+    assert_stopped_cleanly(result, took, stop)
+    assert SAYS[stop] in result.stderr, result
+    history = run_cli("sync", "history", "s", "--output", "json", cwd=slow_sqlite_project)
+    (run,) = history.json()
+    assert (run["status"], run["error"]) == ("failed", RECORDED[stop])
+    assert sqlite_rows(state_db(slow_sqlite_project), "SELECT sync FROM locks") == []
 
 
 @STOPS
