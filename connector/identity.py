@@ -30,6 +30,7 @@ E.164 form. ``tests/unit/test_identity.py`` checks both claims with hypothesis.
 from __future__ import annotations
 
 import functools
+import gettext
 import hashlib
 import math
 import re
@@ -37,7 +38,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import email_validator
 import phonenumbers
@@ -69,9 +70,14 @@ def _library_version(module: object) -> str:
     return str(getattr(module, "__version__", "?"))
 
 
+NORMALISATION_RULES = 2
+"""Revision of winback's own normalisation rules, raised whenever a change makes a value
+normalise differently (2: country names in other languages, an unknown row country no longer
+replaced by the default one, "00" numbers read in the region too, invisible characters trimmed)."""
+
 NORMALISATION_VERSION = ";".join(
     [
-        f"winback {__version__}",
+        f"winback {__version__} rules {NORMALISATION_RULES}",
         f"phonenumbers {_library_version(phonenumbers)}",
         f"email-validator {_library_version(email_validator)}",
         f"pycountry {_library_version(pycountry)}",
@@ -143,9 +149,25 @@ def _as_text(value: object, field: str) -> str:
 
 def _stripped(value: object, field: str) -> str:
     text = (value if value.__class__ is str else _as_text(value, field)).strip()
+    if text and not (text[0].isprintable() and text[-1].isprintable()):
+        text = _without_invisible_edges(text)
     if not text:
         raise InvalidIdentifier(field, value, "is empty")
     return text
+
+
+def _without_invisible_edges(text: str) -> str:
+    """``text`` without the invisible characters at its ends that `str.strip` keeps: a byte
+    order mark, zero-width spaces and joiners, direction marks (format characters, category
+    Cf), control characters, and whitespace between them. Inside the text they stay."""
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or unicodedata.category(text[start]) in "CfCc"):
+        start += 1
+    while end > start and (
+        text[end - 1].isspace() or unicodedata.category(text[end - 1]) in "CfCc"
+    ):
+        end -= 1
+    return text[start:end]
 
 
 # ---------------------------------------------------------------------------------------- email
@@ -222,6 +244,11 @@ def normalise_email(value: object) -> str:
 
 # ---------------------------------------------------------------------------------------- phone
 
+NO_COUNTRY_CODE = "has no country code (write it as +<code>… or set a default country)"
+NO_COUNTRY_CODE_UNKNOWN_COUNTRY = (
+    "has no country code and the row's country is not recognised (write it as +<code>…)"
+)
+
 _PARSE_PROBLEMS = {
     phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "has no valid country code",
     phonenumbers.NumberParseException.NOT_A_NUMBER: "is not a phone number",
@@ -245,24 +272,37 @@ def _phone_text(text: str, region_code: str | None) -> tuple[str | None, str]:
     Cached: households and companies share numbers. Each reading is first tried on the fast
     path (a few µs); what it does not accept goes to phonenumbers (about 25 µs).
     """
-    international = text.startswith(("+", "00"))
-    if not international and region_code is None:
-        return None, "has no country code (write it as +<code>… or set a default country)"
-    # "00" is the international prefix almost everywhere; where it is not (e.g. "0011" in
-    # Australia), the region's own reading is tried next.
-    attempts: list[tuple[str, str | None]] = []
+    if text.startswith("+"):
+        return _reading(text, None)
     if text.startswith("00"):
-        attempts.append(("+" + text[2:], None))
-    attempts.append((text, None if text.startswith("+") else region_code))
-    problem = "is not a phone number"
-    for attempt_text, attempt_region in attempts:
-        e164 = _fast_phone(attempt_text, attempt_region)
-        if e164 is not None:
-            return e164, ""
-        e164, problem = _library_phone(attempt_text, attempt_region)
-        if e164 is not None:
-            return e164, ""
-    return None, problem
+        # "00" is the international prefix almost everywhere, but not everywhere: "0011" in
+        # Australia, "001"-"008" by carrier in Singapore. The region's own reading and "00"
+        # read as "+" are both tried; where both find a valid number and they differ, the
+        # number is not guessed.
+        abroad = _reading("+" + text[2:], None)
+        at_home = _reading(text, region_code) if region_code is not None else (None, "")
+        if at_home[0] is None:
+            return abroad
+        if abroad[0] is None or abroad[0] == at_home[0]:
+            return at_home
+        return None, (
+            f"is ambiguous: {at_home[0]} as dialled in region {region_code}, {abroad[0]} "
+            "with 00 as the international prefix (write it as +<code>…)"
+        )
+    if region_code is None:
+        # A "+" phonenumbers finds after other characters ("(+44) 20...", "tel:+44...", a
+        # fullwidth plus); without one the number has no country.
+        e164, _ = _library_phone(text, None)
+        return (e164, "") if e164 is not None else (None, NO_COUNTRY_CODE)
+    return _reading(text, region_code)
+
+
+def _reading(text: str, region_code: str | None) -> tuple[str | None, str]:
+    """One reading of ``text``: on the fast path, else by phonenumbers."""
+    e164 = _fast_phone(text, region_code)
+    if e164 is not None:
+        return e164, ""
+    return _library_phone(text, region_code)
 
 
 def _library_phone(text: str, region_code: str | None) -> tuple[str | None, str]:
@@ -548,31 +588,80 @@ _COUNTRY_ALIASES = {
     "democratic republic of the congo": "CD",
     "republic of korea": "KR",
     "micronesia": "FM",
+    "uae": "AE",
+    "burma": "MM",
+    "macau": "MO",
+    "us virgin islands": "VI",
+    "british virgin islands": "VG",
 }
 """Everyday names pycountry does not know (``UK`` is reserved, not assigned, in ISO 3166)."""
 
+# fmt: off
+_NAME_LANGUAGES = (
+    "de", "fr", "es", "it", "pt", "pt_BR", "nl", "pl", "sv", "da", "nn", "fi", "cs", "sk", "ro",
+    "hu", "el", "tr", "ru", "uk", "ca", "hr", "sl", "bg", "sr", "lt", "lv", "et", "is", "ga",
+    "id", "ms", "vi", "ja", "ko", "zh_CN", "zh_TW", "ar", "he", "th", "hi", "eu", "gl", "cy",
+)
+# fmt: on
+"""Languages whose names of the countries are recognised too (pycountry's translations of
+ISO 3166: ``Deutschland``, ``España``, ``Italia``...)."""
+
+_BRACKETED = re.compile(r"\s*\([^)]*\)")
+
 
 def _country_key(text: str) -> str:
-    """Lookup key ignoring case, accents, punctuation and spacing: ``U.S.`` -> ``us``."""
-    folded = unicodedata.normalize("NFKD", text.casefold().replace("-", " "))
+    """Lookup key ignoring case, accents, punctuation and spacing: ``U.S.`` -> ``us``; ``&``
+    reads ``and``, a leading ``St.`` ``Saint``."""
+    folded = unicodedata.normalize("NFKD", text.casefold().replace("-", " ").replace("&", " and "))
     kept = "".join(c for c in folded if unicodedata.category(c)[0] not in "MP")
-    return " ".join(kept.split()).removeprefix("the ")
+    key = " ".join(kept.split()).removeprefix("the ")
+    return "saint " + key[3:] if key.startswith("st ") else key
+
+
+def _country_names(country: Any) -> list[str]:
+    """A country's English names in pycountry, each also without a bracketed part
+    (``Falkland Islands (Malvinas)``)."""
+    names = [country.name] + [
+        getattr(country, a, None) or "" for a in ("official_name", "common_name")
+    ]
+    return [variant for name in names if name for variant in (name, _BRACKETED.sub("", name))]
 
 
 @functools.cache
 def _country_index() -> dict[str, str]:
+    """Lookup key → alpha-2 code, for the codes, English names and everyday names."""
     index: dict[str, str] = {}
     for country in pycountry.countries:
         code: str = country.alpha_2
-        names = [country.alpha_2, country.alpha_3, country.name, country.numeric]
-        names += [getattr(country, a, None) or "" for a in ("official_name", "common_name")]
-        names.append(str(int(country.numeric)))
-        for name in names:
-            if name:
-                index.setdefault(_country_key(name), code)
+        names = [country.alpha_2, country.alpha_3, country.numeric, str(int(country.numeric))]
+        for name in names + _country_names(country):
+            index.setdefault(_country_key(name), code)
     for alias, code in _COUNTRY_ALIASES.items():
         index.setdefault(alias, code)
     return index
+
+
+@functools.cache
+def _translated_country_index() -> dict[str, str]:
+    """Lookup key → alpha-2 code for the country names of `_NAME_LANGUAGES` (built on the first
+    name the English index does not know). A name two countries share in different languages
+    is left out, and one the English index knows keeps its English meaning."""
+    english = _country_index()
+    found: dict[str, str | None] = {}
+    for language in _NAME_LANGUAGES:
+        try:
+            translation = gettext.translation(
+                "iso3166-1", pycountry.LOCALES_DIR, languages=[language]
+            )
+        except OSError:  # a pycountry without this language
+            continue
+        for country in pycountry.countries:
+            code = country.alpha_2
+            for name in _country_names(country):
+                key = _country_key(translation.gettext(name))
+                if key and key not in english:
+                    found[key] = code if found.get(key, code) == code else None
+    return {key: code for key, code in found.items() if code is not None}
 
 
 def _country(value: object, field: str) -> str:
@@ -587,7 +676,11 @@ def _country_code(text: str) -> str | None:
     """The alpha-2 code for stripped ``text``, or None; cached, as a column has few values."""
     index = _country_index()
     # Plain codes and names are keys as they are; only the rest pays for accent folding.
-    return index.get(text.casefold()) or index.get(_country_key(text))
+    code = index.get(text.casefold())
+    if code is None:
+        key = _country_key(text)
+        code = index.get(key) or _translated_country_index().get(key)
+    return code
 
 
 @functools.lru_cache(maxsize=256)
@@ -602,8 +695,10 @@ def normalise_country(value: object) -> str:
     """Return the ISO 3166-1 alpha-2 code, uppercase: ``"germany"``/``"DEU"``/``"de"`` -> ``DE``.
 
     Accepts alpha-2, alpha-3 and numeric codes and the English names pycountry knows (short,
-    official and common), ignoring case, accents and dots, plus a few everyday names such as
-    ``UK`` and ``England`` (both ``GB``). Raises ``InvalidIdentifier`` for anything else.
+    official and common, with or without a bracketed part), ignoring case, accents and dots
+    (``&`` for ``and``, ``St.`` for ``Saint``), plus a few everyday names such as ``UK`` and
+    ``England`` (both ``GB``), and the names in about forty other languages pycountry
+    translates (``Deutschland``, ``España``). Raises ``InvalidIdentifier`` for anything else.
     """
     return _country(value, "country")
 
@@ -718,18 +813,22 @@ def normalise_identifiers(
 
     Absent values (None, NaN, empty or whitespace-only text) are left out silently; invalid ones
     are left out with a message in ``problems``. Phones and postal codes are read in the row's
-    country when it is valid, else in ``default_country``. Names outside ``IDENTIFIER_NAMES``
-    are treated as plain text ids.
+    country, or in ``default_country`` when the row has none; when the row's country is not
+    recognised, in no country (a phone then needs its +<code>). Names outside
+    ``IDENTIFIER_NAMES`` are treated as plain text ids.
     """
     identifiers: dict[str, str] = {}
     problems: list[str] = []
-    region = default_country
+    region, country_unknown = default_country, False
     country = raw.get("country")
     if not _is_absent(country):
         try:
             region = identifiers["country"] = _country(country, "country")
         except InvalidIdentifier as exc:
             problems.append(str(exc))
+            # Not the default country's: the person's country is known to be another one.
+            # A phone without its country code is then left out rather than guessed.
+            region, country_unknown = None, True
     normalisers = _ROW_NORMALISERS
     for name, value in raw.items():
         if name == "country":
@@ -742,6 +841,8 @@ def normalise_identifiers(
         try:
             identifiers[name] = normalisers.get(name, _other)(value, region, name)
         except InvalidIdentifier as exc:
+            if country_unknown and exc.problem == NO_COUNTRY_CODE:
+                exc = InvalidIdentifier(name, value, NO_COUNTRY_CODE_UNKNOWN_COUNTRY)
             problems.append(str(exc))
     return NormalisedIdentifiers(identifiers, problems)
 

@@ -153,6 +153,9 @@ _EXPECTED_EMAILS = [
     (V1, "john.doe@example.com"),
     (V2, "jane.doe+promo@gmail.com"),
     ("\tINFO@Example.org\n", "info@example.org"),
+    ("\ufeffjane@example.com", "jane@example.com"),  # invisible characters at the ends
+    ("jane@example.com\u200b", "jane@example.com"),
+    ("\u200ejane@example.com\u00a0", "jane@example.com"),
     ("a_b-c+d@sub.example.co.uk", "a_b-c+d@sub.example.co.uk"),
     ("x@a.io", "x@a.io"),
     ("o'brien@example.ie", "o'brien@example.ie"),
@@ -469,6 +472,18 @@ def test_normalise_email_is_idempotent(raw: str) -> None:
         ("0011 44 20 7946 0958", "AU", "+442079460958"),
         ("+18005550100", None, "+18005550100"),
         ("+1 800 555 0100 ext. 12", None, "+18005550100"),
+        # a "+" after other characters, with no default country
+        ("(+44) 20 7946 0958", None, "+442079460958"),
+        ("\uff0b44 20 7946 0958", None, "+442079460958"),  # fullwidth plus
+        ("tel:+44-20-7946-0958", None, "+442079460958"),
+        # invisible characters around the number
+        ("\u202a+44 20 7946 0958\u202c", None, "+442079460958"),
+        ("\ufeff+44 20 7946 0958", None, "+442079460958"),
+        ("+44 20 7946 0958\u200b", None, "+442079460958"),
+        # "00" read in the region (its own international prefix) and as "+": they agree
+        ("0033 6 12 34 56 78", "FR", "+33612345678"),
+        ("0044 20 7946 0958", "US", "+442079460958"),
+        ("0044 20 7946 0958", "AU", "+442079460958"),
     ],
 )
 def test_normalise_phone(raw: object, region: str | None, expected: str) -> None:
@@ -490,6 +505,14 @@ def test_normalise_phone(raw: object, region: str | None, expected: str) -> None
         (True, "US", "is a boolean, not an identifier"),
         (float("inf"), "US", "is not a finite number"),
         ("   ", "US", "is empty"),
+        ("\u200b\ufeff", "US", "is empty"),
+        # "00" is a carrier's international prefix in Singapore ("003" + 3...) and the usual
+        # one elsewhere (+33...): two valid numbers, so none is guessed
+        ("0033 6 12 34 56 78", "SG", "is ambiguous: +3612345678 as dialled in region SG, "),
+        ("008 1 201 555 0123", "SG", "+812015550123 with 00 as the international prefix"),
+        ("0055 49 30 123456", "BR", "is ambiguous: +4930123456 as dialled in region BR"),
+        # the message of the "+" reading, not "has no valid country code"
+        ("0044 20 7946 095", "GB", "is not a valid phone number for country code +44"),
     ],
 )
 def test_normalise_phone_rejects(raw: object, region: str | None, problem: str) -> None:
@@ -761,6 +784,28 @@ def test_normalise_phone_is_idempotent(raw: str, region: str | None) -> None:
         ("826", "GB"),
         (826, "GB"),
         (4, "AF"),
+        # in their own (or another) language, from pycountry's translations
+        ("Italia", "IT"),
+        ("Deutschland", "DE"),
+        ("España", "ES"),
+        ("Brasil", "BR"),
+        ("Schweiz", "CH"),
+        ("Nederland", "NL"),
+        ("Polska", "PL"),
+        ("Österreich", "AT"),
+        ("Sverige", "SE"),
+        ("日本", "JP"),
+        # "&", "St." and names pycountry writes with a bracketed part
+        ("Bosnia & Herzegovina", "BA"),
+        ("Trinidad & Tobago", "TT"),
+        ("St. Lucia", "LC"),
+        ("St Kitts and Nevis", "KN"),
+        ("Falkland Islands", "FK"),
+        ("Holy See", "VA"),
+        ("UAE", "AE"),
+        ("Burma", "MM"),
+        ("Macau", "MO"),
+        ("US Virgin Islands", "VI"),
     ],
 )
 def test_normalise_country(raw: object, expected: str) -> None:
@@ -788,6 +833,10 @@ def test_normalise_country_rejects(raw: object) -> None:
         ("李 小龍", "李 小龍"),
         ("J. R. R.", "J. R. R."),
         ("Anne\u00a0Marie", "Anne Marie"),
+        ("\ufeffJane", "Jane"),  # a byte order mark left by a CSV export
+        ("Jane\u200b ", "Jane"),
+        ("\u200eJane\u200f", "Jane"),
+        ("Jo\u200dhn", "Jo\u200dhn"),  # inside the name it stays
     ],
 )
 def test_normalise_name(raw: str, expected: str) -> None:
@@ -1005,9 +1054,27 @@ NAN = float("nan")
         pytest.param(
             {"phone": V3, "country": "Narnia"},
             "us",
-            {"phone": "+18005550100"},
+            {},
+            [
+                "country `Narnia` is not an ISO 3166 country code or country name",
+                "phone `(800) 555-0100` has no country code and the row's country is not "
+                "recognised (write it as +<code>…)",
+            ],
+            id="an unknown country is not replaced by the default: the phone is not guessed",
+        ),
+        pytest.param(
+            {"phone": "06 1234 5678", "country": "Italia"},
+            "FR",
+            {"phone": "+390612345678", "country": "IT"},
+            [],
+            id="a country named in its own language",
+        ),
+        pytest.param(
+            {"phone": "+39 06 1234 5678", "country": "Narnia"},
+            "FR",
+            {"phone": "+390612345678"},
             ["country `Narnia` is not an ISO 3166 country code or country name"],
-            id="invalid country falls back to the default",
+            id="an unknown country keeps an international phone",
         ),
         pytest.param(
             {"phone": "555-0100"},
