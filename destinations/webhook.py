@@ -270,16 +270,16 @@ class WebhookDestination(HttpDestination):
                 return
             self._warned.add(problem.kind)
         log.warning(
-            "sync `%s`: webhook `%s` answered %d to batch %d (%s) but %s: its rows count as "
-            "delivered, none rejected. Check that the URL reaches your receiver (a proxy or a "
-            'login page may be answering) and that it answers {"rejected": [{"key": "...", '
-            '"reason": "..."}]} (reported once per run)',
+            "sync `%s`: webhook `%s` answered %d to batch %d (%s) but %s: %s. Check that the "
+            "URL reaches your receiver (a proxy or a login page may be answering) and that it "
+            'answers {"rejected": [{"key": "...", "reason": "..."}]} (reported once per run)',
             self.context.sync,
             self.display_name,
             status,
             batch.number,
             self.http.describe("POST", self._path),
             self.http.redact(problem.text),
+            problem.consequence,
         )
 
 
@@ -294,10 +294,18 @@ def _probe_verdict(status: int) -> Verdict:
 
 
 class AnswerProblem(NamedTuple):
-    """What was wrong with a 2xx answer's body: `kind` (reported once per run) and the text."""
+    """What was wrong with a 2xx answer's body: `kind` (reported once per run), the text and
+    what winback makes of the answer."""
 
     kind: str
     text: str
+    consequence: str = "its rows count as delivered, none rejected"
+
+
+ENTRIES_IGNORED = (
+    "those entries are ignored; the rows it names with their key are recorded as rejected, "
+    "the others count as delivered"
+)
 
 
 def _rejections(
@@ -349,6 +357,7 @@ def _rejections(
                 "no_key",
                 f"{keyless} of its `rejected` entries have no `key` (an object with a text key "
                 "is expected)",
+                ENTRIES_IGNORED,
             )
         )
     if strangers:
@@ -357,6 +366,7 @@ def _rejections(
             AnswerProblem(
                 "unknown_key",
                 f"{len(strangers)} of its `rejected` keys are not in the batch (e.g. `{example}`)",
+                ENTRIES_IGNORED,
             )
         )
     return list(rejected.values()), problems

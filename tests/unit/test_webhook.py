@@ -294,6 +294,19 @@ def test_a_2xx_body_that_is_not_as_documented_is_accepted_with_one_warning_per_r
     assert "count as delivered" in warning and "t0k3n" not in warning
 
 
+def test_a_warning_about_some_entries_does_not_say_none_was_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = b'{"rejected": [{"id": "k1"}, {"key": "zzz"}, {"key": "k2", "reason": "bad"}]}'
+    with FakeHttpServer(lambda r: ScriptedResponse(200, body)) as server:
+        result = make(server.url + "/hook").add(Batch(1, [member("k1"), member("k2")]))
+    assert [a.key for a in result.acknowledged] == ["k1"]
+    assert [(r.key, r.reason) for r in result.rejected] == [("k2", "bad")]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "winback.webhook"]
+    assert len(warnings) == 2 and all("none rejected" not in w for w in warnings), warnings
+    assert all("the rows it names with their key are recorded as rejected" in w for w in warnings)
+
+
 def test_each_kind_of_problem_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
     answers = [b"<html>login</html>", b'{"rejected": "all"}', b"<html>again</html>"]
     with FakeHttpServer() as server:
