@@ -8,7 +8,16 @@ ISO 8601 and missing values as empty cells (CSV) or ``null`` (JSONL).
 
 The file is opened on the first batch (a run without changes creates no file); each batch is
 appended, flushed and fsync'd before it is acknowledged. A path without ``{run_id}`` collects
-every run: a line left half-written by a crash is cut off first, a different CSV header refused.
+every run (a different CSV header is refused).
+
+Crash repair: before its first write a run leaves a marker beside the file (``.NAME.writing``,
+naming the sync) and removes it when it closes the file whole. A marker left behind means a
+killed run may have torn the file's last record: the sync's next run cuts the file back to its
+last complete record (the rows cut were never acknowledged, so that run sends them again), for
+its own file and for every earlier run's file of the same path pattern (``{run_id}`` as a
+wildcard), then removes the marker. In CSV a line break inside a quoted cell does not end a
+record: a record ends at a ``\n`` preceded by an even number of ``"`` (quotes in cells are
+doubled), so the whole file is counted. JSON lines never hold a raw line break.
 
 Config example::
 
@@ -30,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import decimal
+import glob
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -52,6 +63,8 @@ from destinations.base import (
     json_bytes,
     json_value,
 )
+
+log = logging.getLogger("winback.file")
 
 FileFormat = Literal["csv", "jsonl"]
 Columns = tuple[tuple[str, ...], tuple[str, ...]]
@@ -111,9 +124,28 @@ def render_path(template: str, context: SyncContext) -> Path:
     """The template with its placeholders filled (characters unsafe in file names become `_`)."""
     path = template
     for name in PLACEHOLDERS:
-        value = re.sub(r"[^\w.-]", "_", str(getattr(context, name))).lstrip(".") or "_"
-        path = path.replace(f"{{{name}}}", value)
+        path = path.replace(f"{{{name}}}", _file_name_part(str(getattr(context, name))))
     return Path(path)
+
+
+def _file_name_part(value: str) -> str:
+    """`value` as `{sync}` or `{run_id}` puts it in a path: `eu/lapsed` and `eu lapsed` are
+    both `eu_lapsed`."""
+    return re.sub(r"[^\w.-]", "_", value).lstrip(".") or "_"
+
+
+MARKER_SUFFIX = ".writing"
+
+
+def marker_path(path: Path) -> Path:
+    """The marker a run keeps beside the file it writes until it closes it whole."""
+    return path.with_name(f".{path.name}{MARKER_SUFFIX}")
+
+
+def _marker_pattern(template: str, sync: str) -> str:
+    """A glob matching the marker of every file `template` gives `sync`, whatever the run."""
+    marker = str(marker_path(Path(template.replace("{sync}", _file_name_part(sync)))))
+    return "*".join(glob.escape(part) for part in marker.split("{run_id}"))
 
 
 def csv_cell(value: Any) -> str:
@@ -159,6 +191,14 @@ class FileDestination(Destination):
         self.format: FileFormat = options.format or "csv"
         self._columns: Columns | None = None
         self._file: IO[bytes] | None = None
+        self._marker: Path | None = None
+        """This run's marker, from before its first write until the file is whole again."""
+        self._created = False
+        """This run created the file."""
+        self._written = False
+        """A batch was written whole (and acknowledged)."""
+        self._torn = False
+        """A write failed or was interrupted and was not undone: the last record may be torn."""
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -230,10 +270,19 @@ class FileDestination(Destination):
         return self._write("update", batch)
 
     def close(self) -> None:
+        """Close the file; a file this run created but never wrote a batch to whole is removed
+        (a failed first write left it empty or torn), and the marker goes once the file is
+        whole: a run killed before this keeps it, for the next run to repair the file."""
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            if self._created and not self._written:
+                self._discard()
+            if self._marker is not None and not self._torn:
+                with contextlib.suppress(OSError):
+                    self._marker.unlink(missing_ok=True)
+                    self._marker = None
 
     def _write(self, action: str, batch: Batch) -> BatchResult:
         # An empty batch is a no-op: nothing to write, and no file is created for it.
@@ -243,43 +292,128 @@ class FileDestination(Destination):
             handle, columns = self._open(batch)
             start = handle.seek(0, os.SEEK_END)
             header = self._header(columns) if start == 0 else b""
+            self._torn = True
             try:
-                handle.write(header + self._render(action, batch, columns))
-                handle.flush()
+                _write_all(handle, header + self._render(action, batch, columns))
                 os.fsync(handle.fileno())
             except OSError as error:
                 # Leave no partial batch behind: it is not acknowledged and will be resent.
                 with contextlib.suppress(OSError):
                     handle.truncate(start)
+                    self._torn = False
+                if self._created and not self._written:
+                    self._discard()  # an empty file (no CSV header) is of no use to anyone
                 raise self._error(f"could not write `{self.path}`: {error.strerror}") from error
+            self._torn = False
+            self._written = True
         return BatchResult.all_acknowledged(batch)
 
+    def _discard(self) -> None:
+        """Remove the file this run created (and its marker): nothing of it was acknowledged."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file, self._columns = None, None
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+            self._created = self._torn = False
+            _fsync_folder(self.path.parent)
+
     def _open(self, batch: Batch) -> tuple[IO[bytes], Columns]:
-        """The open file (opened on first use) and the columns chosen for this run."""
+        """The open file (opened on first use) and the columns chosen for this run; before
+        that, the files earlier runs of the sync were killed writing are repaired."""
         if self._file is not None and self._columns is not None:
             return self._file, self._columns
         columns = self._choose_columns(batch)
+        header = self._header(columns)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            created = not self.path.exists()
-            handle = self.path.open("a+b")
         except OSError as error:
             raise self._error(f"could not open `{self.path}`: {error.strerror}") from error
-        if created:
-            _fsync_folder(self.path.parent)
-        header = self._header(columns)
-        if _cut_partial_line(handle) and header:
-            handle.seek(0)
-            first = handle.readline()
-            if first != header:
-                handle.close()
-                raise self._error(
-                    f"`{self.path}` already holds a CSV with other columns "
-                    f"(`{first.decode(errors='replace').strip()}`)",
-                    "put {run_id} in `path` or move the file away",
-                )
+        self._repair_interrupted_runs()
+        if header:
+            self._check_header(header)
+        marker = marker_path(self.path)
+        try:
+            _write_marker(marker, sync=self.context.sync, run_id=self.context.run_id)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                marker.unlink(missing_ok=True)
+            raise self._error(f"could not write `{marker}`: {error.strerror}") from error
+        self._marker = marker
+        try:
+            created = not self.path.exists()
+            handle = self.path.open("a+b", buffering=0)
+        except OSError as error:
+            raise self._error(f"could not open `{self.path}`: {error.strerror}") from error
+        self._created = created
+        _fsync_folder(self.path.parent)  # the marker's directory entry, and a new file's
         self._file, self._columns = handle, columns
         return handle, columns
+
+    def _check_header(self, header: bytes) -> None:
+        """Refuse an existing CSV whose header is not this run's (the sync's mapping changed)."""
+        try:
+            with self.path.open("rb") as existing:
+                first = existing.read(len(header))
+                if not first or first == header:
+                    return
+                first += existing.readline()
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise self._error(f"could not read `{self.path}`: {error.strerror}") from error
+        raise self._error(
+            f"`{self.path}` already holds a CSV with other columns "
+            f"(`{first.decode(errors='replace').strip()}`)",
+            "put {run_id} in `path` or move the file away",
+        )
+
+    def _repair_interrupted_runs(self) -> None:
+        """Cut the torn last record of the files earlier runs of this sync left a marker beside
+        (killed while writing), and of this run's file if it does not end a line."""
+        own = marker_path(self.path)
+        repaired = False
+        for found in sorted(glob.glob(_marker_pattern(self.options.path, self.context.sync))):
+            marker = Path(found)
+            # The pattern may match another sync's files (`{sync}-{run_id}.csv` for syncs `a`
+            # and `a-b`): only this sync's markers are of dead runs (its runs hold a lock).
+            if marker == own or _marker_sync(marker) == self.context.sync:
+                self._repair(marker.with_name(marker.name[1 : -len(MARKER_SUFFIX)]), marker)
+                repaired = repaired or marker == own
+        if not repaired and not _ends_a_line(self.path):
+            self._repair(self.path, None)  # torn with no marker: by an older winback
+
+    def _repair(self, path: Path, marker: Path | None) -> None:
+        """Cut `path` back to its last complete record (removing it when none is left), then
+        remove `marker`."""
+        try:
+            try:
+                with path.open("r+b") as handle:
+                    size = handle.seek(0, os.SEEK_END)
+                    keep = _last_record_end(handle, size, quoted=self.format == "csv")
+                    if keep < size:
+                        handle.truncate(keep)
+                        os.fsync(handle.fileno())
+                        log.warning(
+                            "destination `%s`: cut the last %d bytes of `%s`, a record left "
+                            "half-written by an interrupted run (not acknowledged: sent again)",
+                            self.display_name,
+                            size - keep,
+                            path,
+                        )
+                if keep == 0:
+                    path.unlink()  # an empty file is of no use (a CSV without its header)
+            except FileNotFoundError:
+                pass  # the run was killed before it created the file
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+        except OSError as error:
+            raise self._error(
+                f"could not repair `{path}`, left half-written by an interrupted run: "
+                f"{error.strerror}"
+            ) from error
+        _fsync_folder(path.parent)
 
     def _choose_columns(self, batch: Batch) -> Columns:
         """The sync's mapped names; outside the engine, the names present in the first batch."""
@@ -339,20 +473,82 @@ def _jsonl_line(action: str, member: Member) -> bytes:
     return json_bytes(document) + b"\n"
 
 
-def _cut_partial_line(handle: IO[bytes]) -> int:
-    """Truncate a last line left unfinished by a crash; returns the size kept."""
-    end = keep = handle.seek(0, os.SEEK_END)
-    while keep > 0:
-        start = max(0, keep - 65536)
-        handle.seek(start)
-        newline = handle.read(keep - start).rfind(b"\n")
-        keep = start + newline + 1 if newline >= 0 else start
-        if newline >= 0:
+def _write_all(handle: IO[bytes], data: bytes) -> None:
+    """Write `data` to an unbuffered file (a short write is continued; an error leaves no bytes
+    in a buffer to be written later, after the failed batch was cut off)."""
+    view = memoryview(data)
+    while view:
+        view = view[handle.write(view) or 0 :]
+
+
+CHUNK = 1 << 20
+
+
+def _last_record_end(handle: IO[bytes], size: int, *, quoted: bool) -> int:
+    """Where the last complete record of the first `size` bytes ends (0: none).
+
+    A record ends at a `\n`; in CSV (`quoted`) only at one preceded by an even number of `"`,
+    as a line break inside a quoted cell follows an odd number (the cell's quotes are doubled),
+    so the quotes of the whole file are counted first, then those after each line break from
+    the end."""
+    quotes = position = 0
+    handle.seek(0)
+    while quoted and position < size:
+        block = handle.read(min(CHUNK, size - position))
+        if not block:
             break
-    if keep != end:
-        handle.truncate(keep)
+        quotes += block.count(b'"')
+        position += len(block)
+    end = size
+    while end > 0:
+        start = max(0, end - CHUNK)
+        handle.seek(start)
+        chunk = handle.read(end - start)
+        right = len(chunk)  # quotes counts the quotes before start + right
+        while (newline := chunk.rfind(b"\n", 0, right)) >= 0:
+            if quoted:
+                quotes -= chunk.count(b'"', newline, right)
+            if quotes % 2 == 0:
+                return start + newline + 1
+            right = newline
+        if quoted:
+            quotes -= chunk.count(b'"', 0, right)
+        end = start
+    return 0
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether `path` is missing, empty or ends with a line break (a cheap test for a file
+    torn with no marker)."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return True
+            handle.seek(size - 1)
+            return handle.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True  # opening it to write says what is wrong
+
+
+def _write_marker(marker: Path, *, sync: str, run_id: str) -> None:
+    """Create the marker (durably: a crash must not leave a torn file without it)."""
+    with marker.open("wb") as handle:
+        handle.write(json_bytes({"sync": sync, "run_id": run_id, "pid": os.getpid()}) + b"\n")
+        handle.flush()
         os.fsync(handle.fileno())
-    return keep
+
+
+def _marker_sync(marker: Path) -> str | None:
+    """The sync a marker names (None when it cannot be read)."""
+    try:
+        document = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return None
+    sync = document.get("sync") if isinstance(document, dict) else None
+    return sync if isinstance(sync, str) else None
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import decimal
 import errno
+import io
 import json
 import os
 import threading
@@ -18,22 +19,27 @@ from pydantic import ValidationError
 
 from connector.config import load_config
 from connector.errors import ConfigError, FatalDestinationError
+from destinations import file as file_module
 from destinations.base import Batch, Member, NoSyncOptions, RetrySettings, SyncContext
-from destinations.file import FileDestination, FileOptions, csv_cell
+from destinations.file import FileDestination, FileOptions, csv_cell, marker_path
 from destinations.testing.contract import ContractHarness, DestinationContract
 from tests.helpers import run_cli
 
 
 def context(
-    run_id: str = "run-1", identifiers: tuple[str, ...] = ("email", "phone")
+    run_id: str = "run-1", identifiers: tuple[str, ...] = ("email", "phone"), sync: str = "lapsed"
 ) -> SyncContext:
     return SyncContext(
-        "lapsed", run_id, None, NoSyncOptions(), RetrySettings(), identifiers, ("FNAME", "since")
+        sync, run_id, None, NoSyncOptions(), RetrySettings(), identifiers, ("FNAME", "since")
     )
 
 
-def make(path: Path | str, run_id: str = "run-1", **options: Any) -> FileDestination:
-    return FileDestination(FileOptions(type="file", path=str(path), **options), context(run_id))
+def make(
+    path: Path | str, run_id: str = "run-1", *, sync: str = "lapsed", **options: Any
+) -> FileDestination:
+    return FileDestination(
+        FileOptions(type="file", path=str(path), **options), context(run_id, sync=sync)
+    )
 
 
 def replay(folder: Path) -> dict[str, dict[str, Any]]:
@@ -354,6 +360,172 @@ def test_a_header_cut_by_a_crash_is_rewritten(tmp_path: Path) -> None:
     assert (tmp_path / "log.csv").read_text() == (
         "action,key,email,phone,FNAME,since\nadd,k2,b@example.com,,,\n"
     )
+
+
+# --- crash repair ----------------------------------------------------------------------------
+
+NOTES = [
+    Member(f"n{i}", {"email": f"n{i}@example.com"}, {"FNAME": f'line 1\nline "2", {i}\n'})
+    for i in range(3)
+]
+"""Members whose CSV rows span lines (and hold quotes)."""
+
+
+def kill_after(adapter: FileDestination, tail: bytes) -> None:
+    """Leave the disk as a `kill -9` of the run would while it wrote `tail` after what it wrote
+    whole: the file ends with `tail` and the run's marker stays (close() never ran)."""
+    marker = marker_path(adapter.path)
+    written, note = adapter.path.read_bytes(), marker.read_bytes()
+    adapter.close()
+    adapter.path.write_bytes(written + tail)
+    marker.write_bytes(note)
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle, strict=True))  # an unclosed quote is an error
+
+
+TORN_CSV = [
+    b"",  # killed between two batches: nothing to cut
+    b"add,n9,n9@example.com,,",  # in the middle of a row
+    b'add,n9,n9@example.com,,"line 1\n',  # right after a line break inside a quoted cell
+    b'add,n9,n9@example.com,,"line 1\nline ""2"", 9\n',  # its last byte is a line break too
+    b'add,n9,n9@example.com,,"line 1\nline ""2',  # between the two quotes of a pair
+    b'add,n9,n9@example.com,,"line 1\nline ""2"", 9\n",',  # after its closing quote
+]
+
+
+@pytest.mark.parametrize("tail", TORN_CSV)
+def test_a_csv_torn_by_a_killed_run_is_cut_to_its_last_whole_record(
+    tmp_path: Path, tail: bytes
+) -> None:
+    first = make(tmp_path / "log.csv", run_id="r1")
+    first.add(Batch(1, NOTES[:2]))
+    assert marker_path(first.path).exists()  # from before the first write
+    kill_after(first, tail)
+
+    second = make(tmp_path / "log.csv", run_id="r2")
+    second.add(Batch(1, NOTES[2:]))
+    second.close()
+    header, *rows = read_csv(tmp_path / "log.csv")
+    assert header == ["action", "key", "email", "phone", "FNAME", "since"]
+    assert [(row[1], row[4]) for row in rows] == [(m.key, m.fields["FNAME"]) for m in NOTES]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]  # the marker is gone
+
+
+@pytest.mark.parametrize("tail", [b"", b'{"action": "add", "key": "n9", "ident'])
+def test_a_jsonl_file_torn_by_a_killed_run_is_cut_to_its_last_line(
+    tmp_path: Path, tail: bytes
+) -> None:
+    first = make(tmp_path / "log.jsonl", run_id="r1")
+    first.add(Batch(1, NOTES[:2]))
+    kill_after(first, tail)
+    second = make(tmp_path / "log.jsonl", run_id="r2")
+    second.add(Batch(1, NOTES[2:]))
+    second.close()
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["n0", "n1", "n2"]
+    assert not marker_path(tmp_path / "log.jsonl").exists()
+
+
+def test_files_of_killed_runs_are_repaired_by_the_next_run_of_their_sync(tmp_path: Path) -> None:
+    template = f"{tmp_path}/out/{{sync}}-{{run_id}}.csv"
+    killed = make(template, run_id="r1")
+    killed.add(Batch(1, NOTES[:2]))
+    kill_after(killed, b'add,n9,n9@example.com,,"line 1\n')
+    # Killed before its first byte: an empty file, no use to anyone.
+    empty = make(template, run_id="r2")
+    empty.add(Batch(1, NOTES[:1]))
+    kill_after(empty, b"")
+    empty.path.write_bytes(b"")
+    # `lapsed-b-r7.csv` matches `lapsed-{run_id}.csv` but is another sync's, maybe running.
+    other = make(template, run_id="r7", sync="lapsed-b")
+    other.add(Batch(1, NOTES[:1]))
+    kill_after(other, b"add,n9,")
+    other_bytes = other.path.read_bytes()
+
+    fresh = make(template, run_id="r3")
+    fresh.add(Batch(1, NOTES[2:]))
+    fresh.close()
+    out = tmp_path / "out"
+    assert [row[1] for row in read_csv(out / "lapsed-r1.csv")[1:]] == ["n0", "n1"]
+    assert not (out / "lapsed-r2.csv").exists()
+    assert [row[1] for row in read_csv(out / "lapsed-r3.csv")[1:]] == ["n2"]
+    assert sorted(p.name for p in out.glob(".*")) == [".lapsed-b-r7.csv.writing"]
+    assert (out / "lapsed-b-r7.csv").read_bytes() == other_bytes
+
+
+def test_a_file_closed_whole_is_not_scanned_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make(tmp_path / "log.csv", run_id="r1")
+    first.add(Batch(1, NOTES[:2]))
+    first.close()
+    assert not marker_path(tmp_path / "log.csv").exists()
+
+    def scan(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("a file closed whole was scanned")
+
+    monkeypatch.setattr(file_module, "_last_record_end", scan)
+    second = make(tmp_path / "log.csv", run_id="r2")
+    second.add(Batch(1, NOTES[2:]))
+    second.close()
+    assert len(read_csv(tmp_path / "log.csv")) == 4
+
+
+def test_the_last_record_end_is_found_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    members = [*NOTES, Member('q"', {"email": '"a,b"@example.com'}, {"FNAME": "\n\n"})]
+    adapter = make("unused.csv")
+    columns = (("email", "phone"), ("FNAME", "since"))
+    records = [adapter._header(columns)]
+    records += [adapter._render("add", Batch(1, [m]), columns) for m in members * 3]
+    data = b"".join(records)
+    ends = [sum(len(r) for r in records[: n + 1]) for n in range(len(records))]
+    for chunk in (1, 4, 7, 64, 1 << 20):
+        monkeypatch.setattr(file_module, "CHUNK", chunk)
+        for size in range(len(data) + 1):
+            expected = max([0, *(end for end in ends if end <= size)])
+            found = file_module._last_record_end(io.BytesIO(data), size, quoted=True)
+            assert found == expected, (chunk, size)
+
+
+def fail_writes_after(monkeypatch: pytest.MonkeyPatch, written: int) -> None:
+    """Writes put `written` bytes on disk, then fail as a full disk does."""
+
+    def write_all(handle: Any, data: bytes) -> None:
+        handle.write(data[:written])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_module, "_write_all", write_all)
+
+
+@pytest.mark.parametrize("written", [0, 20])
+def test_a_failed_first_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: int
+) -> None:
+    adapter = make(tmp_path / "out.csv")
+    fail_writes_after(monkeypatch, written)
+    with pytest.raises(FatalDestinationError, match="No space left"):
+        adapter.add(Batch(1, NOTES))
+    adapter.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_to_an_existing_file_keeps_it_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make(tmp_path / "log.csv", run_id="r1")
+    first.add(Batch(1, NOTES[:1]))
+    first.close()
+    before = (tmp_path / "log.csv").read_bytes()
+    fail_writes_after(monkeypatch, 30)
+    second = make(tmp_path / "log.csv", run_id="r2")
+    with pytest.raises(FatalDestinationError, match="No space left"):
+        second.add(Batch(1, NOTES[1:]))
+    second.close()
+    assert (tmp_path / "log.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
 
 
 # --- config validation -----------------------------------------------------------------------
