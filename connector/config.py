@@ -408,6 +408,7 @@ def build_config(
         _unusable_names(document, "destinations", destinations),
     )
     syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, found, invalid=invalid)
+    _check_shared_targets(syncs, destinations, found)
     problems.extend(
         p for p in found if _table_of(p.location) not in uninterpolated or p.message == UNKNOWN_KEY
     )
@@ -653,6 +654,36 @@ def _build_syncs(
         syncs[name] = sync
         sync_options[name] = options
     return syncs, sync_options
+
+
+def _check_shared_targets(
+    syncs: Mapping[str, SyncConfig],
+    destinations: Mapping[str, DestinationConfig],
+    problems: list[ConfigProblem],
+) -> None:
+    """Two syncs writing to a target only one may write (`Destination.exclusive_target`, e.g.
+    a file runs append to): runs of both at the same time would mix their data."""
+    first: dict[str, tuple[str, str]] = {}
+    for name, sync in syncs.items():
+        destination = destinations[sync.destination]
+        exclusive = destination.adapter.exclusive_target(destination.options, sync=name)
+        if exclusive is None:
+            continue
+        other, other_destination = first.setdefault(exclusive.target, (name, sync.destination))
+        if other == name:
+            continue
+        via = (
+            f"destination `{sync.destination}`"
+            if other_destination == sync.destination
+            else f"destinations `{other_destination}` and `{sync.destination}`"
+        )
+        problems.append(
+            ConfigProblem(
+                f"syncs.{name}.destination",
+                f"syncs `{other}` and `{name}` both write to {exclusive.target} ({via}): "
+                f"runs of both would mix their rows in it; {exclusive.hint}",
+            )
+        )
 
 
 def _check_sync(

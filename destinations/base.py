@@ -246,6 +246,15 @@ class SyncContext:
     """The destination's name in the config (`[destinations.NAME]`), which messages show."""
 
 
+class ExclusiveTarget(NamedTuple):
+    """What a sync writes to that no other sync may share (see `Destination.exclusive_target`)."""
+
+    target: str
+    """Compared across syncs and shown in the error: e.g. "the file `/srv/exports/all.csv`"."""
+    hint: str
+    """What to do when two syncs share it: e.g. "put `{sync}` in `path`"."""
+
+
 class Destination(ABC):
     """Base class of every adapter. Subclasses set the class attributes and the four calls."""
 
@@ -276,6 +285,13 @@ class Destination(ABC):
         (exit 2): `(key under the sync's table, e.g. "fields.email", what is wrong and what to
         do)`. `identifiers` and `fields` are the mapped names in config order; none by default."""
         return []
+
+    @classmethod
+    def exclusive_target(cls, options: DestinationOptions, *, sync: str) -> ExclusiveTarget | None:
+        """What the sync named `sync` writes to exclusively (a file it appends to), checked
+        when the config loads: two syncs with the same target are an error (exit 2). None by
+        default: syncs may share a destination's target."""
+        return None
 
     @property
     def display_name(self) -> str:

@@ -8,7 +8,8 @@ ISO 8601 and missing values as empty cells (CSV) or ``null`` (JSONL).
 
 The file is opened on the first batch (a run without changes creates no file); each batch is
 appended, flushed and fsync'd before it is acknowledged. A path without ``{run_id}`` collects
-every run (a different CSV header is refused).
+every run (a different CSV header is refused) and may serve one sync only (the config refuses
+two syncs writing one file, see `exclusive_target`).
 
 Crash repair: before its first write a run leaves a marker beside the file (``.NAME.writing``,
 naming the sync) and removes it when it closes the file whole. A marker left behind means a
@@ -58,6 +59,7 @@ from destinations.base import (
     BatchResult,
     Destination,
     DestinationOptions,
+    ExclusiveTarget,
     Member,
     SyncContext,
     json_bytes,
@@ -229,6 +231,25 @@ class FileDestination(Destination):
                 )
             )
         return problems
+
+    @classmethod
+    def exclusive_target(cls, options: DestinationOptions, *, sync: str) -> ExclusiveTarget | None:
+        """Without `{run_id}` every run of a sync appends to one file, which no other sync may
+        write: two runs at the same time would mix their rows and headers."""
+        if not isinstance(options, FileOptions) or "{run_id}" in options.path:
+            return None  # each run writes a file of its own
+        path = os.path.normpath(options.path.replace("{sync}", _file_name_part(sync)))
+        if "{sync}" in options.path:
+            hint = (
+                f"`{{sync}}` writes both sync names as `{_file_name_part(sync)}`: rename one "
+                "of the syncs, or give each a destination with a different `path`"
+            )
+        else:
+            hint = (
+                "put `{sync}` in `path` (e.g. `exports/{sync}.csv`), or give each sync a "
+                "destination with a different `path`"
+            )
+        return ExclusiveTarget(f"the file `{path}`", hint)
 
     def check(self) -> str:
         """The folder files go to exists (or can be created) and is writable; nothing is written.

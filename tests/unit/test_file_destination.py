@@ -589,3 +589,95 @@ def test_jsonl_and_unmapped_identifier_names_are_accepted(tmp_path: Path) -> Non
     fields = '{ email = "note", key = "rate", action = "name" }'
     assert load_config(file_config(tmp_path, fields, path="out/{run_id}.jsonl")).syncs
     assert load_config(file_config(tmp_path, '{ country = "c", Email = "e" }')).syncs
+
+
+def shared_file_config(folder: Path, *destinations: tuple[str, str], syncs: str) -> Path:
+    """A config with file destinations (name, path) and the given sync tables."""
+    tables = "".join(
+        f'\n[destinations.{n}]\ntype = "file"\npath = "{p}"\n' for n, p in destinations
+    )
+    config = folder / "winback.toml"
+    config.write_text(
+        '[segments.lapsed]\nkey = "customer_id"\n'
+        "sql = \"SELECT 1 AS customer_id, 'a@example.com' AS email\"\n" + tables + syncs,
+        encoding="utf-8",
+    )
+    return config
+
+
+def sync_table(name: str, destination: str) -> str:
+    return (
+        f'\n[syncs."{name}"]\nsegment = "lapsed"\ndestination = "{destination}"\n'
+        'identifiers = { email = "email" }\n'
+    )
+
+
+def test_two_syncs_writing_one_file_is_a_config_error(tmp_path: Path) -> None:
+    # `{sync}` writes both names as `eu_lapsed`: both syncs would append to eu_lapsed.csv.
+    config = shared_file_config(
+        tmp_path,
+        ("export", "exports/{sync}.csv"),
+        syncs=sync_table("eu/lapsed", "export") + sync_table("eu lapsed", "export"),
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    file = tmp_path / "exports" / "eu_lapsed.csv"
+    assert [(p.location, p.message) for p in caught.value.problems] == [
+        (
+            "syncs.eu lapsed.destination",
+            f"syncs `eu/lapsed` and `eu lapsed` both write to the file `{file}` (destination "
+            "`export`): runs of both would mix their rows in it; `{sync}` writes both sync "
+            "names as `eu_lapsed`: rename one of the syncs, or give each a destination with a "
+            "different `path`",
+        )
+    ]
+    result = run_cli("config", "validate", cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "syncs `eu/lapsed` and `eu lapsed` both write to the file" in result.stderr
+    # A run refuses it too, before anything is written.
+    result = run_cli("sync", "run", cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "eu_lapsed.csv" in result.stderr and not (tmp_path / "exports").exists()
+
+
+def test_the_same_fixed_path_in_two_destinations_is_a_config_error(tmp_path: Path) -> None:
+    config = shared_file_config(
+        tmp_path,
+        ("a", "exports/all.csv"),
+        ("b", "./exports/../exports/all.csv"),
+        ("c", "exports/{sync}/{run_id}.csv"),
+        syncs=sync_table("one", "a")
+        + sync_table("two", "b")
+        + sync_table("three", "a")
+        # Each run of a path with {run_id} writes a file of its own: shared freely.
+        + sync_table("four", "c")
+        + sync_table("five", "c"),
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    file = tmp_path / "exports" / "all.csv"
+    hint = (
+        "put `{sync}` in `path` (e.g. `exports/{sync}.csv`), or give each sync a destination "
+        "with a different `path`"
+    )
+    assert [(p.location, p.message) for p in caught.value.problems] == [
+        (
+            "syncs.two.destination",
+            f"syncs `one` and `two` both write to the file `{file}` (destinations `a` and "
+            f"`b`): runs of both would mix their rows in it; {hint}",
+        ),
+        (
+            "syncs.three.destination",
+            f"syncs `one` and `three` both write to the file `{file}` (destination `a`): runs "
+            f"of both would mix their rows in it; {hint}",
+        ),
+    ]
+
+
+def test_syncs_with_files_of_their_own_are_accepted(tmp_path: Path) -> None:
+    config = shared_file_config(
+        tmp_path,
+        ("export", "exports/{sync}.csv"),
+        syncs=sync_table("eu/lapsed", "export") + sync_table("us/lapsed", "export"),
+    )
+    assert set(load_config(config).syncs) == {"eu/lapsed", "us/lapsed"}
