@@ -622,6 +622,10 @@ def _with_resolved_paths(options: DestinationOptions, base_dir: Path) -> Destina
     return options.model_copy(update=resolved) if resolved else options
 
 
+MAX_SYNC_NAME_LENGTH = 200
+"""The state store's column for sync names (PostgreSQL refuses longer ones)."""
+
+
 def _build_syncs(
     tables: dict[str, dict[str, Any]],
     segments: dict[str, Segment],
@@ -639,6 +643,14 @@ def _build_syncs(
     for name, table in tables.items():
         where = f"syncs.{name}"
         own: list[ConfigProblem] = []
+        if len(name) > MAX_SYNC_NAME_LENGTH:
+            own.append(
+                ConfigProblem(
+                    where,
+                    f"a sync name of {len(name)} characters is longer than "
+                    f"{MAX_SYNC_NAME_LENGTH} (the state store keeps it); use a shorter name",
+                )
+            )
         sync, wrong = _validate_leniently(SyncConfig, table, where, own)
         problems.extend(own)
         if sync is None:

@@ -248,6 +248,21 @@ def test_wrong_values_of_a_sync_are_not_reported_again_by_its_cross_checks(
     assert [location for location, _ in problems] == ["syncs.s.audience", "syncs.s.mode"]
 
 
+def test_a_sync_name_longer_than_the_state_store_keeps_is_refused(tmp_path: Path) -> None:
+    """PostgreSQL refuses sync names over 200 characters at the run's first write."""
+    name = "s" * 201
+    problems = problems_of(write(tmp_path, VALID.replace("[syncs.s]", f"[syncs.{name}]")))
+    assert problems == [
+        (
+            f"syncs.{name}",
+            "a sync name of 201 characters is longer than 200 (the state store keeps it); "
+            "use a shorter name",
+        )
+    ]
+    config = load_config(write(tmp_path, VALID.replace("[syncs.s]", f"[syncs.{name[1:]}]")))
+    assert list(config.syncs) == [name[1:]]
+
+
 # -- through the CLI ---------------------------------------------------------------------------
 
 
