@@ -507,7 +507,10 @@ def _run_syncs(
         if reporter is not None:
             reporter.progress.start()
         for name in selected:
-            result = runner.run(name, options)
+            try:
+                result = runner.run(name, options)
+            except StateError as error:  # the run ended but could not be recorded
+                result = _unrecorded(runner.last_result, error)
             results.append(result)
             if settings.verbosity > 1 and result.error and sys.exc_info()[0] is None:
                 logging.getLogger("winback").debug("run %s: %s", result.run_id, result.error)
@@ -551,6 +554,20 @@ def _run_syncs(
                 soft_wrap=True,
             )
     raise typer.Exit(code)
+
+
+def _unrecorded(result: RunResult | None, error: StateError) -> RunResult:
+    """A run the state store failed to record at its end (the database went away): failed,
+    with its own error (if any) and the state store's; the other syncs still run."""
+    if result is None:  # pragma: no cover - `run` sets it first thing
+        raise error
+    failure = redact_text(str(error))
+    if not result.error:
+        result.error = f"recording the run failed: {failure}"
+    elif failure not in result.error:  # else the run's own error says it already
+        result.error = f"{result.error}; then recording the run failed: {failure}"
+    result.status = "failed"
+    return result
 
 
 def _nothing_ran(output: TextOrJson, error: WinbackError | CommandRefused) -> None:

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from connector.errors import StateError
 from connector.state import PERMISSION_HINT, StateStore, snapshot
+from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import SECRET, CliResult, prepared_database, run_cli, webhook_project
 
@@ -319,3 +320,36 @@ def test_a_state_write_refused_mid_run_shows_no_statement_and_no_customer_data(
     assert stored and all(PERMISSION_HINT in text for text in stored)
     assert_no_statement_or_customer_data(result.stdout, result.stderr, *stored)
     assert "@example.com" not in verbose.stdout + verbose.stderr  # the -vv traceback too
+
+
+def test_a_state_store_lost_during_a_run_still_gets_every_run_reported(tmp_path: Path) -> None:
+    """The state store goes away while the first sync sends (its `runs` table renamed by the
+    receiver, as a dropped database would fail): that run cannot be recorded at its end. The
+    JSON document still holds it, and the second sync's run, with exit code 1."""
+    state = tmp_path / ".winback" / "state.db"
+
+    def lose_the_runs_table(_request: RecordedRequest) -> ScriptedResponse:
+        with sqlite3.connect(state) as connection:
+            connection.execute("ALTER TABLE runs RENAME TO runs_lost")
+        connection.close()
+        return ScriptedResponse(200, b"{}")
+
+    with FakeHttpServer(lose_the_runs_table) as server:
+        webhook_project(tmp_path, server.url + "/hook", customers=5)
+        config = tmp_path / "winback.toml"
+        config.write_text(
+            config.read_text() + '\n[syncs.t]\nsegment = "lapsed"\ndestination = "hook"\n'
+            'identifiers = { email = "email" }\n'
+        )
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert result.returncode == 1, result
+    document = result.json()
+    assert document["exit_code"] == 1
+    assert [(run["sync"], run["status"]) for run in document["runs"]] == [
+        ("s", "failed"),
+        ("t", "failed"),
+    ]
+    for run in document["runs"]:
+        assert run["error"].startswith("the state store `sqlite:"), run
+        assert run["error"].count("no such table: runs") == 1, run
+    assert "Traceback" not in result.stderr
