@@ -81,6 +81,13 @@ class RunOptions:
     as_of: dt.date | None = None
 
 
+def percent_over(share: float, limit: float) -> str:
+    """`share` (a percentage over `limit`) with as many decimals as it takes to show it is
+    over: 50.01, not 50.0, for 7508 of 15014 against 50."""
+    digits = next((d for d in range(1, 7) if round(share, d) > limit), 6)
+    return f"{share:.{digits}f}"
+
+
 class SyncRunner:
     """Runs the syncs of one config against one state store."""
 
@@ -425,14 +432,20 @@ class SyncRunner:
     def _guard(self, sync_name: str, result: RunResult, audience: int, *, max_pct: float) -> None:
         remaining = result.segment_rows - result.skipped
         if remaining == 0 and audience > 0 and result.planned["remove"] > 0:
+            segment = (
+                "the segment is empty"
+                if result.segment_rows == 0
+                else f"none of the segment's {result.segment_rows} rows can be sent (all "
+                "skipped: see `winback sync issues`)"
+            )
             raise GuardError(
-                sync_name,
-                f"the segment is empty but the audience has {audience} members winback added",
+                sync_name, f"{segment} but the audience has {audience} members winback added"
             )
         removals = result.planned["remove"]
         if audience >= GUARD_MIN_AUDIENCE and removals * 100 > max_pct * audience:
+            shown = percent_over(removals * 100 / audience, max_pct)
             raise GuardError(
                 sync_name,
-                f"{removals} of {audience} members ({removals * 100 / audience:.1f}%) would be "
-                f"removed, more than max_removal_pct = {max_pct:g}",
+                f"{removals} of {audience} members ({shown}%) would be removed, more than "
+                f"max_removal_pct = {max_pct:g}",
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from connector.sync import percent_over
 from destinations.testing.http_server import FakeHttpServer, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import (
@@ -471,6 +472,35 @@ def test_empty_segment_guard_and_force(tmp_path: Path, receiver: WebhookReceiver
     assert forced.run()["sent"]["remove"] == 15
     assert receiver.members == {}
     assert snapshot_members(tmp_path, "s") == set()
+
+
+def test_a_segment_of_skipped_rows_is_not_called_empty(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    webhook_project(tmp_path, receiver.url, customers=30)
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    warehouse_sql(tmp_path / "warehouse.duckdb", "UPDATE customers SET email = NULL, phone = NULL")
+    aborted = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    assert aborted.returncode == 4, aborted
+    assert aborted.run()["error"].startswith(
+        "nothing was sent: none of the segment's 30 rows can be sent (all skipped: see `winback sync issues`) but "
+        "the audience has 30 members winback added"
+    )
+
+
+@pytest.mark.parametrize(
+    ("share", "limit", "shown"),
+    [
+        (7508 * 100 / 15014, 50, "50.01"),
+        (60.0, 50, "60.0"),
+        (50.001, 50, "50.001"),
+        (20.04, 20, "20.04"),
+    ],
+)
+def test_the_removal_share_shows_it_is_over_the_limit(
+    share: float, limit: float, shown: str
+) -> None:
+    assert percent_over(share, limit) == shown
 
 
 def test_mass_removal_guard(tmp_path: Path, receiver: WebhookReceiver) -> None:
