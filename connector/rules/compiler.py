@@ -242,11 +242,24 @@ def _key_problems(
         error = _try_run(engine, probe, whole=whole)
         if error is not None:
             message = (
-                f"`{table}.{key}` cannot be joined to `{segment.from_}.{segment.key}` "
+                f"`{table}` or `{segment.from_}` may not be read by the warehouse user: {error}; "
+                "grant it SELECT on both"
+                if _refused_access(error)
+                else f"`{table}.{key}` cannot be joined to `{segment.from_}.{segment.key}` "
                 f"(different types?): {error}"
             )
             problems.append(ConfigProblem(location, message))
     return problems
+
+
+def _refused_access(error: str) -> bool:
+    """Whether a warehouse's error says the user may not read a table (PostgreSQL's
+    "permission denied for table", MySQL's "command denied", Snowflake's "insufficient
+    privileges"...), rather than that the query is wrong."""
+    text = error.lower()
+    return any(
+        words in text for words in ("permission denied", "insufficient privilege", "denied to user")
+    )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,32 @@ def test_key_of_another_type_names_the_signal(engine: sa.Engine) -> None:
     assert message.startswith(
         "`web_visits.customer_ref` cannot be joined to `customers.customer_id`"
     )
+
+
+@pytest.mark.postgres
+def test_a_table_the_warehouse_user_may_not_read_is_not_called_a_type_mismatch(
+    postgres_url: str,
+) -> None:
+    owner = sa.create_engine(postgres_url)
+    role = f"wb_reader_{uuid.uuid4().hex[:8]}"
+    try:
+        load_warehouse(owner, {})
+        with owner.begin() as connection:
+            connection.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+            connection.execute(sa.text(f"GRANT SELECT ON orders TO {role}"))  # not customers
+        url = sa.engine.make_url(postgres_url).set(username=role, password="pw")
+        reader = sa.create_engine(url)
+        try:
+            found = problems(reader)
+        finally:
+            reader.dispose()
+        message = found["segments.lapsed.signals[0].key"]
+        assert message.startswith("`orders` or `customers` may not be read by the warehouse user")
+        assert "permission denied for table customers" in message
+        assert message.endswith("grant it SELECT on both")
+        assert "different types" not in message
+    finally:
+        with owner.begin() as connection:
+            connection.execute(sa.text(f"DROP OWNED BY {role}"))
+            connection.execute(sa.text(f"DROP ROLE {role}"))
+        owner.dispose()
