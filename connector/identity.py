@@ -73,7 +73,8 @@ def _library_version(module: object) -> str:
 NORMALISATION_RULES = 2
 """Revision of winback's own normalisation rules, raised whenever a change makes a value
 normalise differently (2: country names in other languages, an unknown row country no longer
-replaced by the default one, "00" numbers read in the region too, invisible characters trimmed)."""
+replaced by the default one, "00" numbers read in the region too, invisible characters trimmed,
+UK, Canadian and Dutch postal codes spaced, fullwidth characters folded in postal codes)."""
 
 NORMALISATION_VERSION = ";".join(
     [
@@ -736,9 +737,29 @@ _ZIP_COUNTRIES = frozenset({"US", "PR", "VI", "GU", "AS", "MP"})
 _ZIP = re.compile(r"(\d{5})(?:[- ]?\d{4})?", re.ASCII)
 
 
+_SPACED_POSTAL_CODES = {
+    "GB": (re.compile(r"[A-Z]{1,2}[0-9][A-Z0-9]?[0-9][A-Z]{2}", re.ASCII), 3),
+    "GG": (re.compile(r"GY[0-9]{1,2}[0-9][A-Z]{2}", re.ASCII), 3),
+    "JE": (re.compile(r"JE[0-9]{1,2}[0-9][A-Z]{2}", re.ASCII), 3),
+    "IM": (re.compile(r"IM[0-9]{1,2}[0-9][A-Z]{2}", re.ASCII), 3),
+    "CA": (re.compile(r"[A-Z][0-9][A-Z][0-9][A-Z][0-9]", re.ASCII), 3),
+    "NL": (re.compile(r"[1-9][0-9]{3}[A-Z]{2}", re.ASCII), 2),
+}
+"""Countries whose postal codes are written with one space at a fixed place from the end
+(``SW1A 1AA``, ``K1A 0B1``, ``1011 AB``): the code without spaces, and where the space goes."""
+
+
 def _postal_code(value: object, country: str | None, field: str) -> str:
-    text = " ".join(_stripped(value, field).upper().split())
-    if _region_code(country) not in _ZIP_COUNTRIES:
+    text = unicodedata.normalize("NFKC", _stripped(value, field)).upper()
+    text = " ".join(text.split())
+    region = _region_code(country)
+    spaced = _SPACED_POSTAL_CODES.get(region or "")
+    if spaced is not None:
+        pattern, inward = spaced
+        compact = text.replace(" ", "")
+        if pattern.fullmatch(compact):
+            return f"{compact[:-inward]} {compact[-inward:]}"
+    if region not in _ZIP_COUNTRIES:
         return text
     digits = text.isascii() and text.isdigit()
     if digits and isinstance(value, int | float | Decimal) and len(text) != 6:
@@ -753,7 +774,10 @@ def _postal_code(value: object, country: str | None, field: str) -> str:
 
 
 def normalise_postal_code(value: object, *, country: str | None = None) -> str:
-    """Trim, uppercase and collapse spaces (``" sw1a   1aa"`` -> ``SW1A 1AA``).
+    """Trim, uppercase, fold fullwidth characters and collapse spaces (``" sw1a   1aa"`` ->
+    ``SW1A 1AA``); in the UK (and GG, JE, IM), Canada and the Netherlands, a code of the
+    country's shape gets its one space in place (``SW1A1AA`` -> ``SW1A 1AA``, ``k1a0b1`` ->
+    ``K1A 0B1``, ``1011AB`` -> ``1011 AB``).
 
     For the US and its ZIP-code territories the result is the 5-digit ZIP: ZIP+4 is cut and
     leading zeros lost by numeric columns are restored (``2134`` -> ``02134``). Raises

@@ -912,6 +912,17 @@ def test_meta_city(raw: str, expected: str) -> None:
         (10115, "DE", "10115"),
         ("k1a 0b1", None, "K1A 0B1"),
         ("1010", "AT", "1010"),
+        # one normal form where the country writes its codes with a space at a fixed place
+        ("SW1A1AA", "GB", "SW1A 1AA"),
+        ("ec1a1bb", "UK", "EC1A 1BB"),
+        ("W1A 0AX", "GB", "W1A 0AX"),
+        ("GY11AA", "GG", "GY1 1AA"),
+        ("K1A0B1", "CA", "K1A 0B1"),
+        ("1011ab", "NL", "1011 AB"),
+        ("1011  AB", "NL", "1011 AB"),
+        ("XYZ 12", "GB", "XYZ 12"),  # not of the country's shape: only cleaned
+        ("SW1A1AA", None, "SW1A1AA"),  # no country: no shape to know
+        ("\uff10\uff12\uff11\uff13\uff14", "US", "02134"),  # fullwidth digits
     ],
 )
 def test_normalise_postal_code(raw: object, country: str | None, expected: str) -> None:
