@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from connector.diff import SENT_ACTIONS, Action, ChangePlanner, PlannedChange
-from connector.errors import BatchFailedError, PayloadTooLargeError
+from connector.errors import BatchFailedError, PayloadTooLargeError, TransientError
 from connector.run_result import RunResult
 from connector.state import (
     MEMBER_STATUSES,
@@ -218,6 +218,8 @@ class Delivery:
                         if self._consecutive_failures >= MAX_CONSECUTIVE_BATCH_FAILURES:
                             fatal = fatal or error
                     else:
+                        if isinstance(error, TransientError) and not error.maybe_applied:
+                            self._forget_unapplied(batch)
                         fatal = fatal or error
         if fatal is not None:
             raise fatal
@@ -273,16 +275,18 @@ class Delivery:
         """The batch stays pending; unless the destination's answer says it applied none of
         it, it also stays noted as in flight, for the next run to settle."""
         if not error.maybe_applied:
-            StateStore.forget_in_flight(
-                self.connection,
-                sync=self.result.sync,
-                run_id=self.result.run_id,
-                batch=batch.number,
-            )
-            self.connection.commit()
+            self._forget_unapplied(batch)
         self._consecutive_failures += 1
         self.batch_errors.append(str(error))
         log.warning("batch %d failed: %s", batch.number, error)
+
+    def _forget_unapplied(self, batch: Batch) -> None:
+        """The destination says it applied nothing of `batch`: its rows are simply pending,
+        no longer in flight."""
+        StateStore.forget_in_flight(
+            self.connection, sync=self.result.sync, run_id=self.result.run_id, batch=batch.number
+        )
+        self.connection.commit()
 
     def _note_in_flight(
         self,

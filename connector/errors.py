@@ -107,7 +107,13 @@ class DestinationError(WinbackError):
 
 
 class TransientError(DestinationError):
-    """A failure worth retrying; ``retry_after_s`` is the platform's requested wait, if any."""
+    """A failure worth retrying; ``retry_after_s`` is the platform's requested wait, if any.
+
+    Raised once retries are exhausted, it stops the sync. `maybe_applied` is False when the
+    request cannot have been processed (a 408, 425 or 429 answer, a connection that failed
+    before anything was sent): the batch is then simply pending. Otherwise (a 5xx, a timeout,
+    a connection broken after sending) the next run treats its rows as unconfirmed, as for
+    `BatchFailedError`."""
 
     def __init__(
         self,
@@ -116,9 +122,11 @@ class TransientError(DestinationError):
         destination: str | None = None,
         status: int | None = None,
         retry_after_s: float | None = None,
+        maybe_applied: bool = True,
     ):
         super().__init__(message, destination=destination, status=status)
         self.retry_after_s = retry_after_s
+        self.maybe_applied = maybe_applied
 
 
 class PayloadTooLargeError(DestinationError):

@@ -45,6 +45,7 @@ from tenacity import (
     stop_after_attempt,
     wait_random_exponential,
 )
+from urllib3.exceptions import NewConnectionError
 
 from connector.errors import (
     BatchFailedError,
@@ -576,6 +577,14 @@ def connection_problem(error: requests.ConnectionError) -> str:
     return "could not connect"
 
 
+def never_sent(error: requests.RequestException) -> bool:
+    """Whether the connection failed before any of the request went out (refused, host name
+    not found, no route, connect timeout): the destination cannot have applied it."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    return any(isinstance(cause, NewConnectionError) for cause in _causes(error))
+
+
 def _causes(error: BaseException) -> Iterator[BaseException]:
     """`error` and what it wraps: requests and urllib3 nest the socket's or http.client's
     exception in `args`, `reason` or the exception chain."""
@@ -788,7 +797,10 @@ class HttpClient:
                 request_bytes=size,
             )
 
+        in_doubt = False  # an attempt so far may have been applied
+
         def attempt() -> requests.Response:
+            nonlocal in_doubt
             if self._stopping.is_set():
                 raise self._stopped()
             own_origin = self.sends_credentials(url)
@@ -800,7 +812,14 @@ class HttpClient:
             extra.update(headers or {})
             if headers_factory is not None:
                 extra.update(headers_factory())
-            return self._send_once(method, url, data=body, params=params, headers=extra)
+            try:
+                return self._send_once(method, url, data=body, params=params, headers=extra)
+            except (TransientError, BatchFailedError) as error:
+                # An error speaks for its own attempt only: an earlier attempt the destination
+                # may have applied (a 500, then 429s) keeps the request in doubt.
+                in_doubt = in_doubt or error.maybe_applied
+                error.maybe_applied = in_doubt
+                raise
 
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -833,11 +852,16 @@ class HttpClient:
         waiting `interval_s` between checks, 1.5x longer each time up to `max_interval_s`.
         Each check has the retry policy; Ctrl-C or SIGTERM (`stop`) ends the wait. After
         `timeout_s` the batch fails and stays pending for the next run (BatchFailedError
-        naming `what` and the wait)."""
+        naming `what` and the wait). Any failure here leaves the batch in doubt
+        (`maybe_applied`): the job was submitted."""
         deadline = time.monotonic() + timeout_s
         interval = interval_s
         while True:
-            response = self.request("GET", path, params=params)
+            try:
+                response = self.request("GET", path, params=params)
+            except (TransientError, BatchFailedError) as error:
+                error.maybe_applied = True  # the job was submitted: it may run all the same
+                raise
             if done(response):
                 return response
             left = deadline - time.monotonic()
@@ -914,7 +938,9 @@ class HttpClient:
             )
         except requests.Timeout as error:
             raise TransientError(
-                f"{what} timed out after {self.retry.timeout_s:g}s", destination=self.destination
+                f"{what} timed out after {self.retry.timeout_s:g}s",
+                destination=self.destination,
+                maybe_applied=not never_sent(error),
             ) from error
         except requests.ConnectionError as error:
             host = urlsplit(url).netloc.rpartition("@")[2]
@@ -931,6 +957,7 @@ class HttpClient:
                 f"{what}: {connection_problem(error)} talking to {host}"
                 "; check the destination's URL and that it accepts connections from here",
                 destination=self.destination,
+                maybe_applied=not never_sent(error),  # a reset may come after sending
             ) from error
         except requests.RequestException as error:
             raise BatchFailedError(
@@ -1047,6 +1074,7 @@ class HttpClient:
                 destination=self.destination,
                 status=status,
                 retry_after_s=self._retry_after(response),
+                maybe_applied=not 400 <= status < 500,  # 408, 425, 429: not processed
             )
         if verdict is Verdict.TOO_LARGE:
             body = response.request.body if response.request is not None else None

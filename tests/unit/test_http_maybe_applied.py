@@ -1,0 +1,101 @@
+"""Whether a request that failed may have been applied (`maybe_applied`), as `HttpClient` tells
+delivery once its retries are exhausted: a request the destination did not process (408, 425,
+429, a connection that failed before anything was sent) leaves its batch simply pending; a 5xx,
+a timeout or a connection broken after sending leave it in doubt. Real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from connector.errors import BatchFailedError, DestinationError, TransientError
+from destinations.base import HttpClient, RetrySettings
+from destinations.testing.http_server import (
+    FakeHttpServer,
+    RawAnswer,
+    RawSocketServer,
+    ScriptedResponse,
+)
+
+RETRY = RetrySettings(max_attempts=3, initial_backoff_s=0, max_backoff_s=0, timeout_s=2)
+
+
+def client_of(url: str, *, retry: RetrySettings = RETRY) -> HttpClient:
+    return HttpClient(destination="t", base_url=url, retry=retry, sleep=lambda seconds: None)
+
+
+def failure(*answers: ScriptedResponse) -> DestinationError:
+    """What `request` raises when the server answers `answers`, in order."""
+    with FakeHttpServer() as server:
+        server.enqueue(*answers)
+        with pytest.raises(DestinationError) as caught:
+            client_of(server.url).request("POST", "/hook", json={"records": [1]})
+    assert len(server.requests) == len(answers)
+    return caught.value
+
+
+@pytest.mark.parametrize(("status", "maybe_applied"), [(408, False), (425, False), (429, False)])
+def test_a_request_refused_as_not_processed_was_not_applied(
+    status: int, maybe_applied: bool
+) -> None:
+    error = failure(*[ScriptedResponse(status, "busy")] * 3)
+    assert isinstance(error, TransientError) and error.status == status
+    assert error.maybe_applied is maybe_applied
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_server_error_leaves_the_request_in_doubt(status: int) -> None:
+    error = failure(*[ScriptedResponse(status, "down")] * 3)
+    assert isinstance(error, TransientError) and error.maybe_applied
+
+
+def test_an_earlier_attempt_in_doubt_keeps_the_request_in_doubt() -> None:
+    # The first attempt may have been applied: the 429s that follow do not undo that.
+    throttled = ScriptedResponse(429, "slow down")
+    error = failure(ScriptedResponse(500, "down"), throttled, throttled)
+    assert isinstance(error, TransientError) and error.status == 429 and error.maybe_applied
+    # Nor does a refusal: the batch must stay in doubt, not simply pending.
+    refused = failure(ScriptedResponse(503, "down"), ScriptedResponse(400, "bad"))
+    assert isinstance(refused, BatchFailedError) and refused.maybe_applied
+
+
+def test_a_refusal_after_throttling_applied_nothing() -> None:
+    error = failure(ScriptedResponse(429, "slow down"), ScriptedResponse(400, "bad"))
+    assert isinstance(error, BatchFailedError) and not error.maybe_applied
+
+
+def test_a_refused_connection_sent_nothing() -> None:
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(TransientError, match="connection refused") as caught:
+        client_of(f"http://127.0.0.1:{port}").request("POST", "/hook", json={})
+    assert not caught.value.maybe_applied
+
+
+def test_a_timeout_leaves_the_request_in_doubt() -> None:
+    retry = RetrySettings(max_attempts=1, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.2)
+    with FakeHttpServer() as server:
+        server.enqueue(ScriptedResponse(200, delay_s=0.6))
+        with pytest.raises(TransientError, match="timed out") as caught:
+            client_of(server.url, retry=retry).request("POST", "/hook", json={})
+    assert caught.value.maybe_applied
+
+
+def test_a_connection_closed_without_an_answer_leaves_the_request_in_doubt() -> None:
+    with RawSocketServer() as server:
+        server.enqueue(*[RawAnswer(b"", reset=False)] * 3)
+        with pytest.raises(TransientError) as caught:
+            client_of(server.url).request("POST", "/hook", json={})
+    assert caught.value.maybe_applied
+
+
+def test_a_failed_check_of_a_submitted_job_leaves_the_batch_in_doubt() -> None:
+    # The job was accepted before: a throttled or refused status check says nothing about it.
+    for answers in ([ScriptedResponse(429, "slow down")] * 3, [ScriptedResponse(404, "gone")]):
+        with FakeHttpServer() as server:
+            server.enqueue(*answers)
+            with pytest.raises((TransientError, BatchFailedError)) as caught:
+                client_of(server.url).poll("/jobs/7", done=lambda response: True)
+        assert caught.value.maybe_applied
