@@ -21,14 +21,16 @@ Tables:
 - ``runs``: one row per run with its counts, duration and outcome.
 - ``row_issues``: rows skipped before sending (null/duplicate key, no usable identifier) and rows
   the destination rejected, with the reason.
-- ``locks``: who runs which sync now; a lock whose process is gone or whose heartbeat is older
-  than ``LOCK_TTL`` is taken over.
+- ``locks``: who runs which sync now (host, PID namespace and pid); a lock whose heartbeat is
+  older than ``LOCK_TTL``, or whose process is gone (known only in the namespace it was taken
+  in), is taken over (`StateStore._stale_because`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import socket
@@ -53,9 +55,9 @@ from connector.warehouse import (
 log = logging.getLogger("winback.state")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
-and `sync_targets` tables and snapshot rows with status 'unconfirmed'."""
+and `sync_targets` tables and snapshot rows with status 'unconfirmed'; 4: locks.pid_namespace."""
 LOCK_TTL = dt.timedelta(minutes=30)
 HEARTBEAT_EVERY_S = 60.0
 """How often a running sync refreshes its lock's heartbeat (`StateStore.lock_kept_alive`)."""
@@ -155,6 +157,9 @@ locks = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("acquired_at", sa.DateTime, nullable=False),
     sa.Column("heartbeat_at", sa.DateTime, nullable=False),
+    # The PID namespace `pid` belongs to (Linux: "pid:[4026531836]"); NULL where it cannot be
+    # read and in rows of a winback before schema 4, which are judged by host and pid alone.
+    sa.Column("pid_namespace", sa.String(64)),
 )
 
 MEMBER_STATUSES = ("member", "unconfirmed")
@@ -296,14 +301,31 @@ def _inline_value(column: sa.Column[Any], value: Any, dialect: sa.Dialect) -> st
     return str(literal.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
-MIGRATED_COLUMNS: tuple[tuple[int, str, str], ...] = ((2, "snapshot", "reason"),)
+MIGRATED_COLUMNS: tuple[tuple[int, str, str], ...] = (
+    (2, "snapshot", "reason"),
+    (4, "locks", "pid_namespace"),
+)
 """(version, table, column): columns `_migrate` adds to a store older than that version."""
 
 
 def _migrate(connection: sa.Connection, version: int) -> None:
-    """Bring a store written by an older winback to SCHEMA_VERSION, in the caller's transaction."""
+    """Bring a store written by an older winback to SCHEMA_VERSION, in the caller's transaction
+    (after `create_all`, which made the tables that store did not have yet, columns included)."""
+    inspector = sa.inspect(connection)
+    preparer = connection.dialect.identifier_preparer
+    for since, table_name, column_name in MIGRATED_COLUMNS:
+        if version >= since:
+            continue
+        if column_name in {c["name"] for c in inspector.get_columns(table_name)}:
+            continue
+        column = metadata.tables[table_name].c[column_name]
+        connection.execute(
+            sa.text(
+                f"ALTER TABLE {preparer.format_table(column.table)} ADD COLUMN "
+                f"{preparer.format_column(column)} {column.type.compile(connection.dialect)}"
+            )
+        )
     if version < 2:
-        connection.execute(sa.text("ALTER TABLE snapshot ADD COLUMN reason TEXT"))
         SKIPPED_INDEX.create(connection, checkfirst=True)
     connection.execute(schema_info.update().values(version=SCHEMA_VERSION))
 
@@ -466,6 +488,17 @@ def is_database_error(error: BaseException, engine: sa.Engine) -> bool:
     (statements sent through the driver itself, such as `_copy_rows`)."""
     dbapi = engine.dialect.loaded_dbapi
     return isinstance(error, (sa.exc.DBAPIError, dbapi.Error))
+
+
+@functools.cache
+def pid_namespace() -> str | None:
+    """This process's PID namespace, as Linux names it ("pid:[4026531836]"): a pid means a
+    process only in its own namespace (containers sharing a host name each have theirs).
+    None where it cannot be read (another system, no /proc)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -638,10 +671,14 @@ class StateStore:
         with self.engine.begin() as connection:
             held = connection.execute(sa.select(locks).where(locks.c.sync == sync)).first()
             if held is not None:
-                if not self._is_stale(held, now):
+                stale_because = self._stale_because(held, now)
+                if stale_because is None:
+                    elsewhere = (
+                        " (in another PID namespace)" if self._other_pid_namespace(held) else ""
+                    )
                     raise LockedError(
                         sync,
-                        f"run {held.run_id}, process {held.pid} on {held.host}, "
+                        f"run {held.run_id}, process {held.pid} on {held.host}{elsewhere}, "
                         f"since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC",
                     )
                 connection.execute(
@@ -651,7 +688,7 @@ class StateStore:
                 connection.execute(
                     runs.update()
                     .where(runs.c.run_id == held.run_id, runs.c.status == "running")
-                    .values(status="interrupted", error="the process died during the run")
+                    .values(status="interrupted", error=stale_because)
                 )
         try:
             with self.engine.begin() as connection:
@@ -661,6 +698,7 @@ class StateStore:
                         run_id=run_id,
                         host=host,
                         pid=pid,
+                        pid_namespace=pid_namespace(),
                         acquired_at=now,
                         heartbeat_at=now,
                     )
@@ -669,11 +707,34 @@ class StateStore:
             raise LockedError(sync, "another process took the lock at the same moment") from None
 
     @staticmethod
-    def _is_stale(held: sa.Row[Any], now: dt.datetime) -> bool:
-        if held.host == socket.gethostname():
-            return not _pid_alive(held.pid)
+    def _stale_because(held: sa.Row[Any], now: dt.datetime) -> str | None:
+        """Why the lock row `held` no longer stands for a running run (the run's error when it
+        is taken over), or None while it may.
+
+        A running run refreshes its heartbeat every minute (`lock_kept_alive`), so one older
+        than LOCK_TTL is stale on any host, whatever process has its pid now. Before that, a
+        lock taken on this host in this PID namespace is stale at once when its process is
+        gone (a `kill -9`: the next run starts at once). Elsewhere the pid names another
+        process or none (another machine, or a container sharing this host name), so only the
+        heartbeat decides. A row without a namespace (taken where it cannot be read, or by a
+        winback before schema 4) is judged by host and pid."""
         heartbeat: dt.datetime = held.heartbeat_at
-        return now - heartbeat > LOCK_TTL
+        if now - heartbeat > LOCK_TTL:
+            minutes = int(LOCK_TTL.total_seconds() // 60)
+            return f"the run stopped refreshing its lock (no heartbeat for over {minutes} minutes)"
+        if held.host != socket.gethostname() or StateStore._other_pid_namespace(held):
+            return None
+        return None if _pid_alive(held.pid) else "the process died during the run"
+
+    @staticmethod
+    def _other_pid_namespace(held: sa.Row[Any]) -> bool:
+        """Whether the lock row `held` was taken on this host in a PID namespace other than
+        this process's (a row that does not say is taken to be ours)."""
+        return (
+            held.host == socket.gethostname()
+            and held.pid_namespace is not None
+            and held.pid_namespace != pid_namespace()
+        )
 
     def heartbeat(self, connection: sa.Connection, sync: str, run_id: str) -> None:
         connection.execute(
@@ -713,11 +774,12 @@ class StateStore:
             connection.execute(locks.delete().where(locks.c.sync == sync, locks.c.run_id == run_id))
 
     def lock_holder(self, sync: str, *, live_only: bool = False) -> sa.Row[Any] | None:
-        """Who holds the sync's lock; with `live_only`, None for a stale lock (its process is
-        gone, or its heartbeat is older than LOCK_TTL), which the next run takes over."""
+        """Who holds the sync's lock; with `live_only`, None for a stale lock (its heartbeat is
+        older than LOCK_TTL, or its process on this host and PID namespace is gone), which the
+        next run takes over (`_stale_because`)."""
         with self.engine.connect() as connection:
             held = connection.execute(sa.select(locks).where(locks.c.sync == sync)).first()
-        if held is not None and live_only and self._is_stale(held, utcnow()):
+        if held is not None and live_only and self._stale_because(held, utcnow()) is not None:
             return None
         return held
 

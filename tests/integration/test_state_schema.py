@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from connector.errors import StateError
-from connector.state import SCHEMA_VERSION, StateStore, schema_info, snapshot
+from connector.errors import LockedError, StateError
+from connector.state import SCHEMA_VERSION, StateStore, locks, schema_info, snapshot
 from tests.helpers import prepared_database
 
 
@@ -61,14 +67,107 @@ def test_a_version_1_store_is_migrated_in_place(v1_store_url: str) -> None:
             ).one()
             indexes = {i["name"] for i in sa.inspect(connection).get_indexes("snapshot")}
             tables = set(sa.inspect(connection).get_table_names())
-        assert version == SCHEMA_VERSION == 3
+        assert version == SCHEMA_VERSION == 4
         assert tuple(member) == ("1", "member", None)
         assert "snapshot_skipped" in indexes
-        assert {"in_flight", "sync_targets"} <= tables
+        assert {"in_flight", "sync_targets", "locks"} <= tables
         assert store.audience_size(None, "s") == 1
     finally:
         store.dispose()
     StateStore(v1_store_url).dispose()  # opening again changes nothing
+
+
+def v3_tables(host: str, pid: int, heartbeat: dt.datetime) -> tuple[str, ...]:
+    """A store as winback with schema version 3 left it: one member, and the lock of a run on
+    `host` (process `pid`, last heartbeat at `heartbeat`), with no PID namespace."""
+    at = f"'{heartbeat:%Y-%m-%d %H:%M:%S}'"
+    return (
+        "CREATE TABLE winback_schema (version INTEGER NOT NULL)",
+        "CREATE TABLE snapshot (sync VARCHAR(200) NOT NULL, key VARCHAR(500) NOT NULL, "
+        "status VARCHAR(16) NOT NULL, raw_fp VARCHAR(40) NOT NULL, "
+        "identity_fp VARCHAR(40) NOT NULL, fields_fp VARCHAR(40) NOT NULL, "
+        "identifiers TEXT NOT NULL, platform_id VARCHAR(200), first_added_at TIMESTAMP, "
+        "last_sent_at TIMESTAMP, reason TEXT, PRIMARY KEY (sync, key))",
+        "CREATE TABLE runs (run_id VARCHAR(40) NOT NULL PRIMARY KEY, sync VARCHAR(200) NOT NULL, "
+        "status VARCHAR(16) NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, "
+        "duration_s FLOAT, segment_rows INTEGER NOT NULL, skipped INTEGER NOT NULL, "
+        "planned_add INTEGER NOT NULL, planned_remove INTEGER NOT NULL, "
+        "planned_update INTEGER NOT NULL, sent_add INTEGER NOT NULL, "
+        "sent_remove INTEGER NOT NULL, sent_update INTEGER NOT NULL, "
+        "rejected INTEGER NOT NULL, batches INTEGER NOT NULL, retries INTEGER NOT NULL, "
+        "error TEXT)",
+        "CREATE TABLE locks (sync VARCHAR(200) NOT NULL PRIMARY KEY, run_id VARCHAR(40) NOT NULL, "
+        "host VARCHAR(200) NOT NULL, pid INTEGER NOT NULL, acquired_at TIMESTAMP NOT NULL, "
+        "heartbeat_at TIMESTAMP NOT NULL)",
+        "INSERT INTO winback_schema (version) VALUES (3)",
+        "INSERT INTO snapshot VALUES ('s', '1', 'member', 'r', 'i', 'f', "
+        '\'{"email": "a@b.co"}\', NULL, NULL, NULL, NULL)',
+        f"INSERT INTO runs VALUES ('old', 's', 'running', {at}, NULL, NULL, "
+        "1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, NULL)",
+        f"INSERT INTO locks VALUES ('s', 'old', '{host}', {pid}, {at}, {at})",
+    )
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def prepare_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Sequence[str]], str]:
+    """Makes a SQLite or PostgreSQL database from statements; returns its URL."""
+    return lambda statements: prepared_database(request, tmp_path, "state.db", statements)
+
+
+@pytest.mark.parametrize(
+    ("holder", "taken_over"),
+    [
+        pytest.param("dead-pid-here", True, id="dead-pid-on-this-host"),
+        pytest.param("live-pid-here", False, id="live-pid-on-this-host"),
+        pytest.param("old-heartbeat-elsewhere", True, id="other-host-heartbeat-expired"),
+    ],
+)
+def test_a_version_3_store_is_migrated_and_its_lock_judged_by_host_and_pid(
+    prepare_store: Callable[[Sequence[str]], str], holder: str, taken_over: bool
+) -> None:
+    """Its `locks` table gains `pid_namespace`; the lock row an older winback left has none,
+    so it is judged by host and pid (and its heartbeat) as that winback judged it."""
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    host, pid, heartbeat = {
+        "dead-pid-here": (socket.gethostname(), dead_pid(), now),
+        "live-pid-here": (socket.gethostname(), os.getpid(), now),
+        "old-heartbeat-elsewhere": ("build-box-7", 4242, now - dt.timedelta(hours=1)),
+    }[holder]
+    url = prepare_store(v3_tables(host, pid, heartbeat))
+    with pytest.raises(StateError, match=r"schema version 3, older .*`winback sync run` upgrades"):
+        StateStore.for_reading(url)  # commands that only read change nothing
+    store = StateStore(url)
+    try:
+        with store.engine.connect() as connection:
+            version = connection.execute(sa.select(schema_info.c.version)).scalar_one()
+            columns = [c["name"] for c in sa.inspect(connection).get_columns("locks")]
+            left = connection.execute(sa.select(locks)).one()
+        assert version == SCHEMA_VERSION == 4
+        assert columns[-1] == "pid_namespace"
+        assert (left.run_id, left.host, left.pid, left.pid_namespace) == ("old", host, pid, None)
+        assert store.audience_size(None, "s") == 1
+        assert (store.lock_holder("s", live_only=True) is None) == taken_over
+        if taken_over:
+            store.acquire_lock("s", "new")
+            assert store.history("s", 5)[-1].status == "interrupted"
+        else:
+            with pytest.raises(LockedError, match=rf"process {pid} on {host},"):
+                store.acquire_lock("s", "new")
+    finally:
+        store.dispose()
+    reader = StateStore.for_reading(url)  # opening again changes nothing; readable now
+    try:
+        holder_row = reader.lock_holder("s")
+        assert holder_row is not None
+        assert holder_row.run_id == ("new" if taken_over else "old")
+    finally:
+        reader.dispose()
 
 
 def test_insert_rows_stores_what_a_core_insert_stores(tmp_path: Path) -> None:
