@@ -61,6 +61,64 @@ def _batch_error(batch: Batch, error: BaseException | None) -> BaseException | N
     return error
 
 
+def repeated_key_issue(key: str, *, sent: bool) -> RowIssue:
+    """The skipped-row issue of a row whose key an earlier row of the run already had, found
+    while sending (the segment's rows changed between its key census and its read)."""
+    kept = (
+        "both rows were sent, the first one recorded is kept and the next run sends the key's "
+        "row again"
+        if sent
+        else "the first row was sent"
+    )
+    return RowIssue(
+        "skipped",
+        key,
+        f"duplicate key `{key}`: the segment returned it again while it was read (a table "
+        f"loaded during the run, or a query whose rows vary); {kept}; make the segment return "
+        "one row per key",
+    )
+
+
+def insert_new_snapshot_rows(
+    connection: sa.Connection, rows: Sequence[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """Insert snapshot rows (`insert_rows`) except those whose key the snapshot already has or
+    an earlier one of `rows` repeats; returns the rows left out.
+
+    One insert in a savepoint; only when it hits a key already there (a streamed first sync
+    whose segment changed between its key census and its read) are the keys looked up."""
+    if not rows:
+        return []
+    connection_errors: tuple[type[Exception], ...] = (sa.exc.IntegrityError,)
+    dbapi = connection.dialect.dbapi
+    if dbapi is not None:  # COPY (PostgreSQL) raises the driver's own error
+        connection_errors += (dbapi.IntegrityError,)
+    try:
+        with connection.begin_nested():
+            insert_rows(connection, snapshot, rows)
+        return []
+    except connection_errors:
+        pass
+    sync = rows[0][0]
+    existing: set[str] = set()
+    keys = sorted({row[1] for row in rows})
+    for some in in_lists(keys):
+        existing.update(
+            connection.execute(
+                sa.select(snapshot.c.key).where(snapshot.c.sync == sync, snapshot.c.key.in_(some))
+            ).scalars()
+        )
+    new, left_out = [], []
+    for row in rows:
+        if row[1] in existing:
+            left_out.append(row)
+        else:
+            existing.add(row[1])
+            new.append(row)
+    insert_rows(connection, snapshot, new)
+    return left_out
+
+
 class Reporter(Protocol):
     """Progress sink (a rich progress bar in the CLI, nothing in tests)."""
 
@@ -154,16 +212,36 @@ class Delivery:
     def _batches(
         self, action: Action, changes: Iterable[PlannedChange], size: int
     ) -> Iterator[list[PlannedChange]]:
+        """`changes` in batches of `size`. A key repeated within a batch (a streamed segment
+        whose rows changed while it was read) is sent once: the later row is skipped."""
         batch: list[PlannedChange] = []
+        keys: set[str] = set()
         for change in changes:
             if action == "add" and change.key in self.unremoved:
                 continue
+            if change.key in keys:
+                self._skip_repeated([change.key], sent=False)
+                continue
+            keys.add(change.key)
             batch.append(change)
             if len(batch) >= size:
                 yield batch
-                batch = []
+                batch, keys = [], set()
         if batch:
             yield batch
+
+    def _skip_repeated(self, keys: Sequence[str], *, sent: bool) -> None:
+        """Record rows of keys already sent or recorded by this run as skipped duplicates
+        (committed with the next checkpoint)."""
+        StateStore.record_issues(
+            self.connection,
+            run_id=self.result.run_id,
+            sync=self.result.sync,
+            issues=[repeated_key_issue(key, sent=sent) for key in keys],
+        )
+        self.result.skipped += len(keys)
+        if not sent:
+            self.reporter.advance(len(keys))
 
     def _send_action(
         self,
@@ -385,7 +463,10 @@ class Delivery:
                 [(by_key[a.key], a.platform_id) for a in acknowledged], "member", now
             )
             rows += self._snapshot_rows([(c, None) for c in refused], "rejected", now)
-            insert_rows(connection, snapshot, rows)
+            left_out = insert_new_snapshot_rows(connection, rows)
+            if left_out:
+                repeated = self._record_repeated_adds(left_out)
+                acknowledged = [a for a in acknowledged if a.key not in repeated]
         elif action == "update":
             if acknowledged:
                 self._update_snapshot(
@@ -421,6 +502,43 @@ class Delivery:
         self.store.heartbeat(connection, self.result.sync, self.result.run_id)
         connection.commit()
         self.reporter.advance(len(by_key))
+
+    def _record_repeated_adds(self, left_out: Sequence[tuple[Any, ...]]) -> set[str]:
+        """Snapshot rows of acknowledged adds whose key an earlier batch of this run recorded
+        (`insert_new_snapshot_rows` left them out): the segment returned the key again.
+
+        Over a row the destination does not hold (skipped, rejected) the acknowledged one is
+        recorded instead. A member's row stays (the first one recorded) and the later row is
+        a skipped duplicate; as the destination got both, the kept row's fingerprints are
+        cleared where the two differ, so the next run sends the key's row again. Returns the
+        keys of those skipped duplicates."""
+        sync, connection = self.result.sync, self.connection
+        added = {row[1]: row for row in left_out if row[2] == "member"}
+        statuses: dict[str, str] = {}
+        for some in in_lists(sorted(added)):
+            for key, status in connection.execute(
+                sa.select(snapshot.c.key, snapshot.c.status).where(
+                    snapshot.c.sync == sync, snapshot.c.key.in_(some)
+                )
+            ):
+                statuses[key] = status
+        replaced = [key for key in added if statuses.get(key) not in MEMBER_STATUSES]
+        StateStore.delete_snapshot_keys(connection, sync, replaced)
+        insert_rows(connection, snapshot, [added[key] for key in replaced])
+        repeated = sorted(set(added) - set(replaced))
+        if repeated:
+            connection.execute(
+                snapshot.update()
+                .where(
+                    snapshot.c.sync == sync,
+                    snapshot.c.key == sa.bindparam("b_key"),
+                    snapshot.c.raw_fp != sa.bindparam("b_raw_fp"),
+                )
+                .values(raw_fp="", fields_fp=""),
+                [{"b_key": key, "b_raw_fp": added[key][3]} for key in repeated],
+            )
+            self._skip_repeated(repeated, sent=True)
+        return set(repeated)
 
     def _snapshot_rows(
         self,

@@ -11,7 +11,10 @@ with the next checkpoint; a row without a usable identifier is kept in the snaps
 
 Duplicate keys are found beforehand by one aggregate pass of the segment query in the warehouse
 (the first row of each key is sent, as on the other paths), so nothing of the segment is held in
-memory. Normalising, most of the per-row work, runs in a second process for a large segment
+memory. Should the rows differ between that pass and the read (a table loaded meanwhile, a query
+whose rows vary), a key repeated within a batch is sent once, and one that an earlier batch
+recorded keeps that row in the snapshot (`delivery.insert_new_snapshot_rows`): the later rows
+are skipped duplicates, and the state store never sees a key twice. Normalising, most of the per-row work, runs in a second process for a large segment
 (`connector.row_normaliser`) while this one reads the next rows and sends the previous ones.
 A crash at any point loses nothing: the snapshot holds exactly the acknowledged rows and the
 next run, which has a snapshot to compare with, sends what is missing.
@@ -34,7 +37,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from connector.delivery import Delivery, Reporter
+from connector.delivery import Delivery, Reporter, insert_new_snapshot_rows
 from connector.diff import (
     PlannedChange,
     dropped_issue,
@@ -66,7 +69,7 @@ from connector.staging import (
     segment_key,
     warehouse_diff,
 )
-from connector.state import RowIssue, StateStore, insert_rows, snapshot
+from connector.state import RowIssue, StateStore
 
 log = logging.getLogger("winback.sync")
 
@@ -342,6 +345,7 @@ class StreamedFirstSync:
             StateStore.record_issues(
                 self.connection, run_id=result.run_id, sync=self.source.sync, issues=issues
             )
-            insert_rows(self.connection, snapshot, skipped_rows)
+            # A key met again (the segment changed after its census) keeps its first row.
+            insert_new_snapshot_rows(self.connection, skipped_rows)
         result.skipped += sum(1 for issue in issues if issue.kind == "skipped")
         self.reporter.advance(sum(1 for issue in issues if issue.kind != "dropped"))
