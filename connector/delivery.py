@@ -576,8 +576,9 @@ class Delivery:
             "identifiers": sa.bindparam("b_identifiers"),
             "platform_id": sa.bindparam("b_platform_id"),
         }
-        if now is not None:
+        if now is not None:  # acknowledged: the destination holds the member
             values["last_sent_at"] = now
+            values["status"] = "member"
         statement = (
             snapshot.update()
             .where(snapshot.c.sync == self.result.sync, snapshot.c.key == sa.bindparam("b_key"))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import sqlalchemy as sa
 
 from connector.errors import PayloadTooLargeError
 from connector.state import StateStore
@@ -188,3 +189,46 @@ def test_batches_are_numbered_per_action_without_gaps_across_splits(tmp_path: Pa
         ("remove", 1, True, 2, ("6", "7")),
         ("add", 1, True, 1, ("8",)),
     ]
+
+
+class OverlappedDestination(MemoryDestination):
+    """Before applying an update batch, marks its rows `unconfirmed` in the state store, as a
+    run overlapping this one would when it settles a stale note of them."""
+
+    name = "overlapped"
+    state_url: ClassVar[str] = ""
+
+    def update(self, batch: Batch) -> BatchResult:
+        engine = sa.create_engine(self.state_url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(
+                    sa.text("UPDATE snapshot SET status = 'unconfirmed' WHERE key = :key"),
+                    [{"key": m.key} for m in batch.members],
+                )
+        finally:
+            engine.dispose()
+        return super().update(batch)
+
+
+def test_an_acknowledged_update_leaves_its_rows_members(tmp_path: Path) -> None:
+    OverlappedDestination.reset()
+    OverlappedDestination.state_url = f"sqlite:///{tmp_path / 'state.db'}"
+
+    def statuses(rows: list[tuple[Any, ...]]) -> dict[str, str]:
+        runner = memory_runner(
+            tmp_path, write_people(tmp_path, "sqlite", rows), adapter=OverlappedDestination
+        )
+        try:
+            result = runner.run("s", RunOptions())
+            assert result.status == "success", result.error
+            with runner.store.engine.connect() as connection:
+                found = connection.execute(sa.text("SELECT key, status FROM snapshot"))
+                return dict(found.tuples().all())
+        finally:
+            runner.close()
+
+    statuses(people(1, 2, 3))
+    changed = [("1", "new1@example.com", None, None), *people(2, 3)]
+    assert statuses(changed) == {"1": "member", "2": "member", "3": "member"}
+    assert OverlappedDestination.audiences["A"]["1"]["identifiers"]["email"] == "new1@example.com"
