@@ -411,8 +411,8 @@ def create_state_engine(url: sa.URL) -> sa.Engine:
 
 
 PERMISSION_HINT = (
-    "grant the state role SELECT, INSERT, UPDATE, DELETE on winback's tables (and CREATE on the "
-    "schema for the first run)"
+    "grant the state role SELECT, INSERT, UPDATE, DELETE on winback's tables, TEMPORARY on the "
+    "database (each run compares in temporary tables) and CREATE on the schema for the first run"
 )
 
 
@@ -428,8 +428,21 @@ def state_failure(url: str, error: BaseException, *, opening: bool = False) -> S
         kind.__name__ == "OperationalError" for kind in type(original).__mro__
     )
     sqlite = url.startswith("sqlite")
-    if sqlstate == "42501" or "permission denied" in lowered:
+    if "temporary tables" in lowered and (sqlstate == "42501" or "permission denied" in lowered):
+        hint = (
+            "grant the state role TEMPORARY on the state database (GRANT TEMPORARY ON DATABASE "
+            "... TO ...): each run compares the segment with the snapshot in temporary tables"
+        )
+    elif sqlstate == "42501" or "permission denied" in lowered:
         hint = PERMISSION_HINT
+    elif "statement timeout" in lowered or "lock timeout" in lowered:
+        hint = (
+            "a statement ran longer than the state database allows (its statement_timeout or "
+            "lock_timeout for this role); raise it for the role running winback, or in [state] "
+            "url with `?options=-cstatement_timeout%3D0`"
+        )
+        if not opening:
+            hint += "; the next run sends what this one could not record"
     elif "readonly database" in lowered or "read-only" in lowered:
         hint = "make the state database writable by the user running winback"
     elif sqlite and "database is locked" in lowered:

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from connector.errors import StateError
-from connector.state import PERMISSION_HINT, StateStore, snapshot
+from connector.state import PERMISSION_HINT, StateStore, snapshot, state_failure
 from destinations.testing.http_server import FakeHttpServer, RecordedRequest, ScriptedResponse
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.helpers import SECRET, CliResult, prepared_database, run_cli, webhook_project
@@ -267,6 +267,44 @@ def assert_no_statement_or_customer_data(*texts: str) -> None:
         assert "[SQL:" not in text and "parameters" not in text, text
         assert "@example.com" not in text, text
         assert "Background on this error" not in text, text
+
+
+@pytest.mark.postgres
+def test_a_state_role_without_temporary_tables_is_told_to_grant_them(
+    tmp_path: Path, postgres_url: str, state_role: RestrictedRole
+) -> None:
+    """Every grant but TEMPORARY (PostgreSQL gives it to PUBLIC by default)."""
+    StateStore(postgres_url).dispose()
+    database = sa.engine.make_url(postgres_url).database
+    state_role.grant(
+        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC',
+        "GRANT USAGE ON SCHEMA public TO {role}",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    )
+    with WebhookReceiver(secret=SECRET) as receiver:
+        role_project(tmp_path, receiver.url, state_role.url)
+        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        assert not receiver.requests
+    assert result.returncode == 1, result
+    error = result.run()["error"]
+    assert "permission denied to create temporary tables" in error, error
+    assert "grant the state role TEMPORARY on the state database" in error, error
+
+
+@pytest.mark.postgres
+def test_a_statement_timeout_of_the_state_database_is_named(postgres_url: str) -> None:
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as connection, pytest.raises(sa.exc.DBAPIError) as caught:
+            connection.execute(sa.text("SET statement_timeout = 10"))
+            connection.execute(sa.text("SELECT pg_sleep(5)"))
+    finally:
+        engine.dispose()
+    message = str(state_failure(postgres_url, caught.value))
+    assert "canceling statement due to statement timeout" in message
+    assert "raise it for the role running winback" in message
+    assert "the next run sends what this one could not record" in message
 
 
 @pytest.mark.postgres
