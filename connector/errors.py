@@ -79,8 +79,9 @@ class LockedError(WinbackError):
         self.owner = owner
         super().__init__(
             f"another run of sync `{sync}` holds its lock ({owner}); wait for it to finish. A "
-            "lock whose process is gone is taken over by the next run (on another host, once "
-            "the lock has not been refreshed for 30 minutes)"
+            "lock whose process is gone is taken over by the next run; one taken on another "
+            "host or in another PID namespace (container), once it has not been refreshed for "
+            "30 minutes, as is any lock not refreshed for that long"
         )
 
 
