@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from connector.diff import SENT_ACTIONS, Action, ChangePlanner, PlannedChange
-from connector.errors import BatchFailedError, PayloadTooLargeError, TransientError
+from connector.errors import BatchFailedError, DestinationError, PayloadTooLargeError
 from connector.run_result import RunResult
 from connector.state import (
     MEMBER_STATUSES,
@@ -296,8 +296,8 @@ class Delivery:
                         if self._consecutive_failures >= MAX_CONSECUTIVE_BATCH_FAILURES:
                             fatal = fatal or error
                     else:
-                        if isinstance(error, TransientError) and not error.maybe_applied:
-                            self._forget_unapplied(batch)
+                        if isinstance(error, DestinationError) and not error.maybe_applied:
+                            self._forget_unapplied(batch)  # refused, or never got it (401, 429)
                         fatal = fatal or error
         if fatal is not None:
             raise fatal

@@ -98,11 +98,23 @@ class GuardError(WinbackError):
 
 
 class DestinationError(WinbackError):
-    """Base class for failures while talking to a destination."""
+    """Base class for failures while talking to a destination.
 
-    def __init__(self, message: str, *, destination: str | None = None, status: int | None = None):
+    `maybe_applied` is False when the request cannot have been applied (the destination refused
+    it with a 4xx answer, or never got it): the batch is then simply pending. Otherwise (a 5xx,
+    no answer, an error after the answer) the next run treats its rows as unconfirmed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        destination: str | None = None,
+        status: int | None = None,
+        maybe_applied: bool = True,
+    ):
         self.destination = destination
         self.status = status
+        self.maybe_applied = maybe_applied
         prefix = f"destination `{destination}`: " if destination else ""
         super().__init__(prefix + message)
 
@@ -125,9 +137,10 @@ class TransientError(DestinationError):
         retry_after_s: float | None = None,
         maybe_applied: bool = True,
     ):
-        super().__init__(message, destination=destination, status=status)
+        super().__init__(
+            message, destination=destination, status=status, maybe_applied=maybe_applied
+        )
         self.retry_after_s = retry_after_s
-        self.maybe_applied = maybe_applied
 
 
 class PayloadTooLargeError(DestinationError):
@@ -142,8 +155,11 @@ class PayloadTooLargeError(DestinationError):
         destination: str | None = None,
         status: int | None = None,
         request_bytes: int | None = None,
+        maybe_applied: bool = True,
     ):
-        super().__init__(message, destination=destination, status=status)
+        super().__init__(
+            message, destination=destination, status=status, maybe_applied=maybe_applied
+        )
         self.request_bytes = request_bytes
 
 
@@ -163,12 +179,14 @@ class BatchFailedError(DestinationError):
         status: int | None = None,
         maybe_applied: bool = True,
     ):
-        super().__init__(message, destination=destination, status=status)
-        self.maybe_applied = maybe_applied
+        super().__init__(
+            message, destination=destination, status=status, maybe_applied=maybe_applied
+        )
 
 
 class FatalDestinationError(DestinationError):
-    """Stop this sync at once (bad credentials, missing audience, refused options)."""
+    """Stop this sync at once (bad credentials, missing audience, refused options); a batch
+    refused so (401, 403) is pending (`maybe_applied` False)."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -814,9 +814,9 @@ class HttpClient:
                 extra.update(headers_factory())
             try:
                 return self._send_once(method, url, data=body, params=params, headers=extra)
-            except (TransientError, BatchFailedError) as error:
+            except DestinationError as error:
                 # An error speaks for its own attempt only: an earlier attempt the destination
-                # may have applied (a 500, then 429s) keeps the request in doubt.
+                # may have applied (a 500, then 429s or a 401) keeps the request in doubt.
                 in_doubt = in_doubt or error.maybe_applied
                 error.maybe_applied = in_doubt
                 raise
@@ -1083,6 +1083,7 @@ class HttpClient:
                 destination=self.destination,
                 status=status,
                 request_bytes=len(body) if body is not None else None,
+                maybe_applied=False,
             )
         if verdict is Verdict.FAIL_SYNC:
             hint = (
@@ -1090,7 +1091,12 @@ class HttpClient:
                 if status in (401, 403)
                 else ""
             )
-            return FatalDestinationError(detail + hint, destination=self.destination, status=status)
+            return FatalDestinationError(
+                detail + hint,
+                destination=self.destination,
+                status=status,
+                maybe_applied=not 400 <= status < 500,  # refused: applied nothing
+            )
         return BatchFailedError(
             detail,
             destination=self.destination,

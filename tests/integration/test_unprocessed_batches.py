@@ -1,5 +1,6 @@
-"""A batch whose retries run out: pending when the destination said it did not process it
-(429, a refused connection), in doubt (unconfirmed) when it may have applied it (5xx).
+"""A batch whose retries run out, or that stops the sync: pending when the destination said it
+did not process it (429, 401, a refused connection), in doubt (unconfirmed) when it may have
+applied it (5xx).
 
 Driven through the CLI against the fake webhook receiver, a real server on 127.0.0.1."""
 
@@ -29,6 +30,7 @@ def audience_cell(folder: Path) -> str:
     [
         (429, f"{CUSTOMERS}", {"add": 0, "remove": 0, "update": 2}),  # not processed: pending
         (503, f"{CUSTOMERS - 2} (+2 unconfirmed)", {"add": 2, "remove": 0, "update": 0}),
+        (401, f"{CUSTOMERS}", {"add": 0, "remove": 0, "update": 2}),  # refused: pending
     ],
 )
 def test_an_update_batch_refused_until_retries_run_out(
@@ -46,7 +48,8 @@ def test_an_update_batch_refused_until_retries_run_out(
         receiver.fail_always(status)
         failed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
         run = failed.run()
-        assert (failed.returncode, run["status"], run["retries"]) == (1, "failed", 2), failed
+        retries = 0 if status == 401 else 2  # a 401 stops the sync at once
+        assert (failed.returncode, run["status"], run["retries"]) == (1, "failed", retries), failed
         assert f"POST /hook answered {status}" in run["error"]
         assert audience_cell(tmp_path) == audience
 
