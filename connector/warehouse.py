@@ -34,7 +34,9 @@ def parse_database_url(url: str) -> sa.URL:
             f"`{redact_query_values(url)}` is not a SQLAlchemy URL such as "
             "postgresql://user:password@host:5432/database"
         ) from None
-    if parsed.host and url.partition("?")[0].count("@") > 1:  # the host or database has one
+    if parsed.host and url.count("@") > 1:
+        # A second `@` in what was read as the host, database or query: the rest of a password
+        # (connecting would look that piece up as a host name, and messages would show it).
         raise ValueError(f"holds more than one `@`: {URL_ENCODING_HINT}")
     return parsed
 

@@ -60,7 +60,9 @@ def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
 
 
-@pytest.mark.parametrize("password", ["Xy7@LeakMe99", "p@ss:w/rd#1%", "ab@cd/ef", "q@:1"])
+@pytest.mark.parametrize(
+    "password", ["Xy7@LeakMe99", "p@ss:w/rd#1%", "ab@cd/ef", "q@:1", "Xy7@kq/Zr9#mP2?w"]
+)
 def test_a_password_with_unencoded_special_characters_is_explained_not_quoted(
     password: str,
 ) -> None:
