@@ -426,6 +426,11 @@ def build_config(
     )
 
 
+MIN_URL_SECRET = 8
+"""Characters from which an environment value in a URL's path or query is redacted as a secret
+(shorter ones, such as a region `eu`, would redact ordinary words of messages)."""
+
+
 def _secret_values(
     interpolated: Iterable[Interpolated],
     destinations: Mapping[str, Mapping[str, Any]],
@@ -433,16 +438,20 @@ def _secret_values(
 ) -> list[str]:
     """The values from the environment that are secrets: those landing in a secret option of a
     destination (`SecretStr`), in the password of a URL or in the value of a URL query parameter
-    named like a credential (`?password=`, `?token=`...)."""
+    named like a credential (`?password=`, `?token=`...), and those of 8 characters or more in a
+    URL's path or query (`/hooks/${HOOK_TOKEN}/`: a value kept out of the file is a secret)."""
     secrets = []
     for item in interpolated:
         if "://" in item.text:
             try:
-                password = urlsplit(item.text).password or ""
+                parts = urlsplit(item.text)
+                password = parts.password or ""
+                after_host = f"{parts.path}?{parts.query}"
             except ValueError:  # not a URL after all (a port that is not a number...)
-                password = item.text
+                password = after_host = item.text
             in_password = bool(password) and (item.value in password or password in item.value)
-            if in_password or item.value not in redact_query_values(item.text):
+            in_path = len(item.value) >= MIN_URL_SECRET and item.value in after_host
+            if in_password or in_path or item.value not in redact_query_values(item.text):
                 secrets += [item.value, password]
         elif _is_secret_option(item.location, destinations, registry):
             secrets.append(item.value)

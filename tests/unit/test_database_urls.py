@@ -107,6 +107,24 @@ def test_environment_values_in_urls_and_secret_options_are_redacted_everywhere(
     assert host in said  # not a secret: the host is not hidden
 
 
+def test_environment_values_in_a_url_path_are_redacted_short_ones_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lower-case letters only: no token pattern recognises it, only its coming from the
+    # environment says it is a secret
+    token = "".join(chr(ord("a") + int(c, 16)) for c in uuid.uuid4().hex[:24])
+    monkeypatch.setenv("WB_TEST_PATH_TOKEN", token)
+    monkeypatch.setenv("WB_TEST_REGION", "eu")
+    document = config_document("duckdb:///w.duckdb", "s" * 20)
+    document["destinations"]["hook"]["url"] = (  # type: ignore[index]
+        "http://127.0.0.1:9/hooks/${WB_TEST_PATH_TOKEN}/in?region=${WB_TEST_REGION}"
+    )
+    build_config(document, path=tmp_path / "winback.toml")
+    said = redact_text(f"POST /hooks/{token}/in answered 500 (region eu, Europe)")
+    assert token not in said
+    assert "region eu, Europe" in said
+
+
 def test_a_password_from_the_environment_breaking_the_url_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
