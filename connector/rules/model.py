@@ -35,6 +35,9 @@ _FORBIDDEN_WORDS = [
 ]
 _FORBIDDEN_WORD = re.compile(r"\b(" + "|".join(_FORBIDDEN_WORDS) + r")\b", re.IGNORECASE)
 _QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+_QUOTED_WITH_ESCAPES = re.compile(r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"]|\"\")*\"", re.DOTALL)
+"""Quoted text where a backslash escapes the next character (PostgreSQL's E'...' strings,
+MySQL): a fragment is checked as read both ways, so no quoting trick hides a statement."""
 
 
 def parse_duration(text: str) -> int:
@@ -54,19 +57,20 @@ def check_condition(fragment: str) -> str:
     """Accept a SQL condition fragment; refuse one that could run another statement."""
     if not fragment.strip():
         raise ValueError("the SQL condition is empty; remove the option or write a condition")
-    unquoted = _QUOTED.sub("''", fragment)
-    for marker in (";", "--", "/*", "*/"):
-        if marker in unquoted:
+    for quoted in (_QUOTED, _QUOTED_WITH_ESCAPES):
+        unquoted = quoted.sub("''", fragment)
+        for marker in (";", "--", "/*", "*/"):
+            if marker in unquoted:
+                raise ValueError(
+                    f"`{fragment}` contains `{marker}`: write one SQL condition, "
+                    "without statement separators or comments"
+                )
+        word = _FORBIDDEN_WORD.search(unquoted)
+        if word is not None:
             raise ValueError(
-                f"`{fragment}` contains `{marker}`: write one SQL condition, "
-                "without statement separators or comments"
+                f"`{fragment}` contains the keyword `{word.group(1)}`: write one SQL condition "
+                "on the table's columns (no subqueries or statements)"
             )
-    word = _FORBIDDEN_WORD.search(unquoted)
-    if word is not None:
-        raise ValueError(
-            f"`{fragment}` contains the keyword `{word.group(1)}`: write one SQL condition "
-            "on the table's columns (no subqueries or statements)"
-        )
     return fragment
 
 

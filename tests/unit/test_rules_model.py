@@ -145,6 +145,10 @@ def test_cadence_must_be_positive(cadence: float) -> None:
         "1=1 UNION select 1",
         "Delete",
         "grant is not null",
+        # a backslash-escaped quote (PostgreSQL E'' strings, MySQL) reads as the end of the
+        # literal in standard SQL: the rest must not hide a statement
+        "status = E'\\'' )) SELECT 1; COPY (FROM customers) TO 'x.csv'; SELECT (''='' ",
+        "name = E'\\'' OR id IN (SELECT id FROM vip) OR ''=''",
     ],
 )
 @pytest.mark.parametrize("where", ["segment", "signal", "exclusion", "having"])
@@ -175,6 +179,8 @@ def test_sql_fragments_are_single_conditions(fragment: str, where: str) -> None:
         "last_update > created_at",  # keywords only count as whole words
         "ordered_at::date > '2024-01-01'",
         "marketing_opt_in",
+        "name = 'O\\'Brien'",  # a backslash in a literal, read either way
+        "note LIKE '%\\%'",
     ],
 )
 def test_ordinary_conditions_are_accepted(fragment: str) -> None:
