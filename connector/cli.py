@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -35,6 +34,7 @@ from connector.errors import (
     WinbackError,
 )
 from connector.interrupts import redeliver_dropped_stops, stop_on_sigterm
+from connector.report import TerminalConsole
 from destinations.base import RedactingLogFilter, SyncContext, redact_text
 from destinations.registry import load_registry
 
@@ -65,8 +65,10 @@ app.add_typer(sync_app, name="sync")
 # Pipes and CI logs get wide tables instead of the 80-column fallback.
 # markup=False: messages and table cells carry user text (`[warehouse] url`, SQL errors, warehouse
 # values) that rich would otherwise read as markup, dropping it or failing on `[/...]`.
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False)
-stderr = Console(stderr=True, markup=False, soft_wrap=not sys.stderr.isatty())
+# TerminalConsole: control characters of customer data or a destination's answer are shown as
+# escapes, never sent to the terminal.
+stdout = TerminalConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False)
+stderr = TerminalConsole(stderr=True, markup=False, soft_wrap=not sys.stderr.isatty())
 
 
 class TextOrJson(StrEnum):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from connector.run_result import RunResult
 from destinations.base import json_value
@@ -83,6 +85,34 @@ def print_runs(console: Console, results: Sequence[RunResult]) -> None:
                     console.print(f"  {action} e.g. {', '.join(keys)}", highlight=False)
             if result.audience_size is not None:
                 console.print(f"  audience now: {result.audience_size} members", highlight=False)
+
+
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with the characters a terminal would act on shown as escapes (`\x1b`, `\u202e`):
+    control characters but line feeds and tabs (escape sequences that set the window title,
+    clear the screen or hide a link) and the direction overrides that reorder what is shown.
+    Customer data and destination answers reach tables and messages."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c
+        if c.isprintable() or c in "\n\t"
+        else c.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS
+        else c
+        for c in text
+    )
+
+
+class TerminalConsole(Console):
+    """A rich Console that prints every text through `terminal_safe` (messages and table
+    cells); what is written to its file directly (JSON, CSV) is left as it is."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(terminal_safe(text), **kwargs)
 
 
 def rows_output(

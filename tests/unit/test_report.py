@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from connector.report import TABLE_CELL_MAX, counted, rows_output
+from connector.report import TABLE_CELL_MAX, TerminalConsole, counted, rows_output, terminal_safe
 
 
 def printed(output: str, rows: list[list[object]]) -> str:
@@ -33,3 +33,23 @@ def test_counts_read_as_english() -> None:
     ]
     assert counted(1, "sync") == "1 sync"
     assert counted(3, "sync") == "3 syncs"
+
+
+def test_control_characters_of_data_reach_the_terminal_as_escapes() -> None:
+    """A destination's reason or a customer's name holding escape sequences (window title,
+    clear screen, a hidden link) or a direction override is shown, not acted on."""
+    hostile = "\x1b]0;PWNED\x07\x1b[2Jgone \x1b]8;;http://evil\x1b\\link \u202eevil\u202c"
+    buffer = io.StringIO()
+    console = TerminalConsole(file=buffer, force_terminal=True, width=300, markup=False)
+    rows_output(["key", "reason"], [["1", hostile]], output="table", console=console)
+    console.print(f"error: {hostile}", highlight=False)
+    shown = buffer.getvalue()
+    for sequence in ("\x1b]", "\x1b[2J", "\x07", "\u202e"):
+        assert sequence not in shown
+    assert "\\x1b]0;PWNED\\x07\\x1b[2Jgone" in shown
+    assert "\\u202eevil\\u202c" in shown
+
+
+def test_terminal_safe_keeps_ordinary_text() -> None:
+    text = "José 日本 O'Brien\tnext\nline [bold]"
+    assert terminal_safe(text) == text
