@@ -11,8 +11,10 @@ checkpoints and the run record; adapters only talk to their platform.
 All HTTP goes through ``HttpClient``: one ``requests.Session``, one classifier mapping a response
 to a ``Verdict`` (ok, retry, too large, fail the batch, fail the sync), one tenacity retry policy
 that honours ``Retry-After``, an optional rate limit, and redaction of secrets in every message.
-Redirects are never followed: any 3xx answer fails the batch, naming where it points. Of an
-answer's body, at most ``MAX_ANSWER_BYTES`` (10 MB) are read.
+Redirects are never followed: any 3xx answer fails the batch, naming where it points. Credentials
+go only to the base URL's origin as requests connects to it (`connection_origin`): a URL that
+HTTP libraries may read as different hosts is refused before anything is sent. Of an answer's
+body, at most ``MAX_ANSWER_BYTES`` (10 MB) are read.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import orjson
 import requests
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -46,6 +48,7 @@ from tenacity import (
     wait_random_exponential,
 )
 from urllib3.exceptions import NewConnectionError
+from urllib3.util import parse_url
 
 from connector.errors import (
     BatchFailedError,
@@ -101,6 +104,13 @@ class HttpDestinationOptions(DestinationOptions):
     requests_per_second: float | None = Field(
         None, gt=0, description="Client-side rate limit across all threads; none by default."
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is not None and _ABSOLUTE_URL.match(value):
+            check_unambiguous_url(value)
+        return value
 
 
 class NoSyncOptions(BaseModel):
@@ -649,6 +659,97 @@ _ABSOLUTE_URL = re.compile(r"^\s*[a-z][a-z0-9+.\-]*://", re.IGNORECASE)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+class Origin(NamedTuple):
+    """Where a request connects: scheme, host (lower case, IPv6 without brackets) and port
+    (the scheme's default when the URL names none)."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+
+class AmbiguousUrlError(ValueError):
+    """A URL that HTTP libraries may read as different hosts: the message says why and which
+    hosts they read; `problem` only why (for config errors, which never show hosts)."""
+
+    def __init__(self, problem: str, readings: str = ""):
+        super().__init__(problem + readings)
+        self.problem = problem
+
+
+def connection_origin(url: str) -> Origin:
+    """The origin requests connects to for the absolute `url`, or AmbiguousUrlError when it
+    may not be the one the URL seems to name.
+
+    requests prepares a URL with urllib3's parser (`parse_url`, for which a backslash ends the
+    host, as in browsers) and picks the connection from the prepared URL, while `urlsplit`
+    reads `http://a\\@b/` as host `b`. So the origin is decided on the prepared URL, as the
+    connection is, and a URL is refused when `urlsplit`, `parse_url` and the prepared URL do
+    not all read the same origin, or when it holds what makes parsers disagree (a backslash,
+    a control character such as a tab or a newline, whitespace in the authority), whatever
+    they make of it today. The message says why and which hosts the readings give."""
+    try:
+        prepared = requests.PreparedRequest()
+        prepared.prepare_url(url, None)
+        connected = parse_url(prepared.url or "")
+        named = _origin_of(*_split_origin(url))
+        views = [named, _origin_of(connected.scheme, connected.host, connected.port)]
+        views.append(_origin_of(*_split_origin(prepared.url or "")))
+    except (requests.RequestException, ValueError) as error:  # LocationParseError too
+        raise AmbiguousUrlError("it cannot be parsed as a URL") from error
+    connected_to = views[1]
+    readings = (
+        f" (requests would connect to `{_host_port(connected_to)}`, not `{_host_port(named)}`)"
+        if connected_to != named
+        else ""
+    )
+    differently = ", which HTTP libraries read differently"
+    if "\\" in url:
+        problem = "it holds a backslash" + differently
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        problem = "it holds a control character (a tab, a newline...)" + differently
+    elif any(c.isspace() for c in urlsplit(url).netloc):
+        problem = "its host part holds whitespace" + differently
+    elif len(set(views)) > 1:
+        problem = "HTTP libraries read its host differently"
+        readings = readings or f" (`{_host_port(named)}` or `{_host_port(views[2])}`)"
+    else:
+        return connected_to
+    raise AmbiguousUrlError(problem, readings)
+
+
+def check_unambiguous_url(url: str) -> None:
+    """For options validators: ValueError when HTTP libraries may read `url` as different
+    hosts (`connection_origin`), saying why without naming hosts or any part of the URL."""
+    try:
+        connection_origin(url.strip())
+    except AmbiguousUrlError as error:
+        raise ValueError(
+            f"{error.problem}: the host it names may not be the one requests connects to; "
+            "write the URL without it"
+        ) from None
+
+
+def _host_port(origin: Origin) -> str:
+    host = "".join(c if c.isprintable() and not c.isspace() else "?" for c in origin.host)[:100]
+    host = f"[{host}]" if ":" in host else host
+    return host if origin.port == _DEFAULT_PORTS.get(origin.scheme) else f"{host}:{origin.port}"
+
+
+def _split_origin(url: str) -> tuple[str, str | None, int | None]:
+    # As requests picks the connection of a prepared URL (`urlparse`, the same parse).
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+def _origin_of(scheme: str | None, host: str | None, port: int | None) -> Origin:
+    scheme = (scheme or "").lower()
+    host = (host or "").lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return Origin(scheme, host, port or _DEFAULT_PORTS.get(scheme))
+
+
 def describe_request(method: str, url: str) -> str:
     """`POST /v1/path` — never the host's query string, which may carry tokens."""
     return f"{method} {urlsplit(url).path or '/'}"
@@ -694,6 +795,10 @@ class HttpClient:
         says so; its status still decides."""
         self.destination = destination
         self.base_url = base_url.rstrip("/")
+        try:
+            self._base_origin: Origin | None = connection_origin(self.base_url)
+        except AmbiguousUrlError:
+            self._base_origin = None  # every request is refused, saying why
         self.allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
         self.max_request_bytes = max_request_bytes
         self.max_answer_bytes = max_answer_bytes
@@ -717,36 +822,45 @@ class HttpClient:
     def url(self, path: str) -> str:
         """The URL a request for `path` goes to: `path` under `base_url`, or `path` itself
         when it is an absolute URL on `base_url`'s origin or an allowed host; any other
-        absolute URL is refused (BatchFailedError, nothing sent)."""
-        if _ABSOLUTE_URL.match(path):
-            if self._origin(path) != self._origin(self.base_url) and not self._allowed(path):
-                raise BatchFailedError(
-                    f"refused to send a request to `{self._shown(path)}`: winback only sends "
-                    f"to the destination's own address (`{self._shown(self.base_url)}`), "
-                    "so its credentials never go to another host; nothing was sent",
-                    destination=self.destination,
-                )
-            return path.strip()
-        return f"{self.base_url}/{path.lstrip('/')}"
+        absolute URL is refused (BatchFailedError, nothing sent), and so is a URL that HTTP
+        libraries may read as different hosts (`connection_origin`)."""
+        absolute = bool(_ABSOLUTE_URL.match(path))
+        target = path.strip() if absolute else f"{self.base_url}/{path.lstrip('/')}"
+        try:
+            origin = connection_origin(target)
+        except AmbiguousUrlError as error:
+            raise BatchFailedError(
+                f"refused to send a request to `{self._shown(target)}`: "
+                f"{self.redact(str(error))}, "
+                "so it may reach another host than the one it names; winback only sends to the "
+                "destination's own address, so its credentials never go to another host; "
+                "nothing was sent",
+                destination=self.destination,
+                maybe_applied=False,
+            ) from None
+        if origin != self._base_origin and not (absolute and self._allowed(origin)):
+            raise BatchFailedError(
+                f"refused to send a request to `{self._shown(target)}`: winback only sends "
+                f"to the destination's own address (`{self._shown(self.base_url)}`), "
+                "so its credentials never go to another host; nothing was sent",
+                destination=self.destination,
+                maybe_applied=False,
+            )
+        return target
 
     def sends_credentials(self, url: str) -> bool:
-        """Whether a request to `url` carries the credential headers: only on `base_url`'s
-        origin, never on an allowed foreign host."""
-        return not _ABSOLUTE_URL.match(url) or self._origin(url) == self._origin(self.base_url)
-
-    @staticmethod
-    def _origin(url: str) -> tuple[str, str, int | None]:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
+        """Whether a request to `url` (absolute, or a path under `base_url`) carries the
+        credential headers: only on `base_url`'s origin as requests connects to it, never on
+        an allowed foreign host nor for a URL that parsers may read as different hosts."""
+        target = url.strip() if _ABSOLUTE_URL.match(url) else f"{self.base_url}/{url.lstrip('/')}"
         try:
-            port = parts.port or _DEFAULT_PORTS.get(scheme)
-        except ValueError:  # a port that is not a number: matches nothing
-            return (scheme, "\0", None)
-        return (scheme, (parts.hostname or "").lower(), port)
+            origin = connection_origin(target)
+        except AmbiguousUrlError:
+            return False
+        return self._base_origin is not None and origin == self._base_origin
 
-    def _allowed(self, url: str) -> bool:
-        scheme, host, _ = self._origin(url)
-        return scheme in _DEFAULT_PORTS and host in self.allowed_hosts
+    def _allowed(self, origin: Origin) -> bool:
+        return origin.scheme in _DEFAULT_PORTS and origin.host in self.allowed_hosts
 
     def describe(self, method: str, url: str) -> str:
         """`POST /v1/path` for messages: no query string, secrets in the path redacted."""

@@ -69,6 +69,7 @@ from destinations.base import (
     SyncContext,
     Verdict,
     answer_too_long,
+    check_unambiguous_url,
     default_verdict,
     hide_path_tokens,
     json_bytes,
@@ -103,6 +104,7 @@ class WebhookOptions(HttpDestinationOptions):
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
+        check_unambiguous_url(value)
         return value.strip()
 
     @field_validator("secret")

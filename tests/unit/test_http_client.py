@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from connector.errors import (
     BatchFailedError,
@@ -504,6 +504,138 @@ def test_only_the_base_urls_origin_counts_as_its_own(link: str) -> None:
     assert client.url("https://API.example.com:443/v1/x") == "https://API.example.com:443/v1/x"
     assert client.url("v1/x") == "https://api.example.com/v2/v1/x"
     assert client.url("//evil.test/x") == "https://api.example.com/v2/evil.test/x"
+
+
+def test_a_url_that_parsers_read_as_different_hosts_is_refused_and_never_sent() -> None:
+    # urlsplit reads `http://A\@B/x` as host B; requests (urllib3) connects to A.
+    token = "TOPSECRET-bearer-abcdef"
+    with FakeHttpServer() as api, FakeHttpServer() as elsewhere:
+        api_host = api.url.removeprefix("http://")
+        other_host = elsewhere.url.removeprefix("http://")
+        client = HttpClient(
+            destination="d",
+            base_url=f"{api.url}/api",
+            retry=RetrySettings(max_attempts=1),
+            auth=lambda: {"Authorization": f"Bearer {token}"},
+        )
+        links = [
+            f"http://{other_host}\\@{api_host}/x",
+            f"http://{other_host}\\\\@{api_host}/x",
+            f"http://{other_host}\t@{api_host}/x",
+            f"http://{other_host}\n@{api_host}/x",
+            f"http://{other_host}/\\@{api_host}/x",
+            f"http://{api_host}\\@{other_host}/x",
+        ]
+        for link in links:
+            assert not client.sends_credentials(link)
+            with pytest.raises(BatchFailedError, match="nothing was sent") as refused:
+                client.request("GET", link)
+            assert refused.value.maybe_applied is False
+            assert token not in str(refused.value)
+        client.request("GET", f"{api.url}/api/next?page=2")  # an unambiguous link: sent
+    assert elsewhere.requests == []
+    assert [r.path for r in api.requests] == ["/api/next?page=2"]
+    assert str(refused.value) == (
+        f"destination `d`: refused to send a request to `http://{other_host}/x`: it holds a "
+        "backslash, which HTTP libraries read differently (requests would connect to "
+        f"`{api_host}`, not `{other_host}`), so it may reach another host than the one it "
+        "names; winback only sends to the destination's own address, so its credentials "
+        "never go to another host; nothing was sent"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "credentials"),
+    [
+        ("https://graph.facebook.com/v19.0/act_1/customaudiences?after=x", True),
+        ("v19.0/123/users", True),
+        ("/v19.0/123/users", True),
+        ("//evil.example/x", True),  # a path under base_url, not another host
+        # backslashes: urlsplit and urllib3 disagree on where the host ends
+        ("https://evil.example\\@graph.facebook.com/next", False),
+        ("https://graph.facebook.com\\@evil.example/next", False),
+        ("https://evil.example/\\@graph.facebook.com/next", False),
+        ("https://graph.facebook.com/next\\x", False),
+        ("https://graph.facebook.com/next?q=\\", False),
+        # `@` in the path, query or fragment is not user info
+        ("https://graph.facebook.com/x@evil.example", True),
+        ("https://graph.facebook.com/x?next=@evil.example", True),
+        ("https://graph.facebook.com#@evil.example", True),
+        ("https://evil.example/x@graph.facebook.com", False),
+        ("https://evil.example?@graph.facebook.com", False),
+        ("https://evil.example#@graph.facebook.com", False),
+        # an encoded backslash is user info or host text for every parser
+        ("https://evil.example%5C@graph.facebook.com/next", True),
+        ("https://graph.facebook.com%5C@evil.example/next", False),
+        ("https://graph.facebook.com%5C.evil.example/next", False),
+        # control characters and whitespace
+        ("https://evil.example\t@graph.facebook.com/", False),
+        ("https://evil.example\n@graph.facebook.com/", False),
+        ("https://graph.facebook.com\t/x", False),
+        ("https://graph.facebook.com/x\r\nHost: evil.example", False),
+        ("https://graph.facebook.com\x00.evil.example/", False),
+        ("https://graph.face book.com/x", False),
+        ("https://evil.example @graph.facebook.com/x", False),
+        (" https://graph.facebook.com/x ", True),  # around the URL: stripped
+        # user info
+        ("https://user:pass@graph.facebook.com/x", True),
+        ("https://graph.facebook.com@evil.example/x", False),
+        ("https://graph.facebook.com:443@evil.example/x", False),
+        ("https://graph.facebook.com:443:@evil.example/x", False),
+        # ports, case, trailing dots, look-alikes
+        ("https://GRAPH.FACEBOOK.COM/x", True),
+        ("HTTPS://graph.facebook.com:443/x", True),
+        ("https://graph.facebook.com:/x", True),
+        ("https://graph.facebook.com:80/x", False),
+        ("https://graph.facebook.com:99999/x", False),
+        ("https://graph.facebook.com:443x/x", False),
+        ("http://graph.facebook.com/x", False),
+        ("https://graph.facebook.com./x", False),
+        ("https://graph.facebook.com.evil.example/x", False),
+        ("https://\uff47raph.facebook.com/x", False),  # fullwidth g
+        ("https://graph.facebook\u3002com/x", False),  # ideographic full stop
+        ("https://[::1]/x", False),
+    ],
+)
+def test_credentials_go_only_where_requests_connects_to_the_base_urls_origin(
+    url: str, credentials: bool
+) -> None:
+    client = make_client("https://graph.facebook.com/v19.0", [])
+    assert client.sends_credentials(url) is credentials
+    if credentials:
+        client.url(url)
+    else:
+        with pytest.raises(BatchFailedError, match="nothing was sent"):
+            client.url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "credentials"),
+    [
+        ("https://[::1]:8443/x", True),
+        ("https://[::1]:8443\\@evil.example/x", False),
+        ("https://[::1]/x", False),
+        ("https://[::2]:8443/x", False),
+        ("https://[::1]:8443@[::2]:8443/x", False),
+        ("https://127.0.0.1:8443/x", False),
+    ],
+)
+def test_an_ipv6_base_url_is_its_own_origin(url: str, credentials: bool) -> None:
+    client = make_client("https://[::1]:8443/v1", [])
+    assert client.sends_credentials(url) is credentials
+
+
+def test_a_base_url_that_parsers_read_as_different_hosts_sends_nothing() -> None:
+    with FakeHttpServer() as api, FakeHttpServer() as elsewhere:
+        ambiguous = f"{elsewhere.url}\\@{api.url.removeprefix('http://')}"
+        client = make_client(ambiguous, [], auth=lambda: {"Authorization": "Bearer abcdef"})
+        assert not client.sends_credentials("/x")
+        with pytest.raises(BatchFailedError, match="it holds a backslash"):
+            client.request("GET", "/x")
+        with pytest.raises(ValidationError, match="it holds a backslash") as invalid:
+            HttpDestinationOptions(type="t", base_url=ambiguous)
+    assert elsewhere.requests == [] and api.requests == []
+    assert "127.0.0.1" not in str(invalid.value).split("input_value")[0]
 
 
 def test_an_allowed_host_gets_the_request_without_credentials() -> None:

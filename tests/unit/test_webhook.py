@@ -448,6 +448,8 @@ def test_unreachable_receiver_is_transient() -> None:
         {"url": "ftp://hooks.example.com/x?token=t0k3n"},
         {"url": "hooks.example.com/x"},
         {"url": ""},
+        {"url": "https://evil.example\\@hooks.example.com/x?token=t0k3n"},
+        {"url": "https://hooks.example.com\t@evil.example/x?token=t0k3n"},
         {"secret": ""},
         {"secret": "whsec_!!secret-ish!!"},
         {"batch_size": 0},
@@ -460,6 +462,19 @@ def test_invalid_options_are_refused_without_echoing_secrets(changes: dict[str, 
     with pytest.raises(ValidationError) as caught:
         WebhookOptions.model_validate(raw)
     assert "secret-ish" not in str(caught.value) and "t0k3n" not in str(caught.value)
+
+
+def test_a_url_that_parsers_read_as_different_hosts_is_a_config_error() -> None:
+    # urlsplit reads host `hooks.example.com`; requests would connect to `evil.example`.
+    raw = {"type": "webhook", "url": "https://evil.example\\@hooks.example.com/in", "secret": "s"}
+    with pytest.raises(ValidationError) as caught:
+        WebhookOptions.model_validate(raw)
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("url",)
+    assert error["msg"] == (
+        "Value error, it holds a backslash, which HTTP libraries read differently: the host it "
+        "names may not be the one requests connects to; write the URL without it"
+    )
 
 
 def test_reprs_hide_the_secret_and_url_credentials() -> None:
