@@ -79,9 +79,9 @@ class LockedError(WinbackError):
         self.owner = owner
         super().__init__(
             f"another run of sync `{sync}` holds its lock ({owner}); wait for it to finish. A "
-            "lock whose process is gone is taken over by the next run; one taken on another "
-            "host or in another PID namespace (container), once it has not been refreshed for "
-            "30 minutes, as is any lock not refreshed for that long"
+            "lock whose process is gone is taken over by the next run, and any lock not "
+            "refreshed for 30 minutes (the only sign for a run on another machine or in "
+            "another container)"
         )
 
 
