@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import decimal
+import errno
 import glob
 import io
 import json
@@ -364,7 +365,7 @@ class FileDestination(Destination):
         self._marker = marker
         try:
             created = not self.path.exists()
-            handle = self.path.open("a+b", buffering=0)
+            handle = _open_unlinked(self.path, "a+b")
         except OSError as error:
             raise self._error(f"could not open `{self.path}`: {error.strerror}") from error
         self._created = created
@@ -375,7 +376,7 @@ class FileDestination(Destination):
     def _check_header(self, header: bytes) -> None:
         """Refuse an existing CSV whose header is not this run's (the sync's mapping changed)."""
         try:
-            with self.path.open("rb") as existing:
+            with _open_unlinked(self.path, "rb") as existing:
                 first = existing.read(len(header))
                 if not first or first == header:
                     return
@@ -410,7 +411,7 @@ class FileDestination(Destination):
         remove `marker`."""
         try:
             try:
-                with path.open("r+b") as handle:
+                with _open_unlinked(path, "r+b") as handle:
                     size = handle.seek(0, os.SEEK_END)
                     keep = _last_record_end(handle, size, quoted=self.format == "csv")
                     if keep < size:
@@ -542,7 +543,7 @@ def _ends_a_line(path: Path) -> bool:
     """Whether `path` is missing, empty or ends with a line break (a cheap test for a file
     torn with no marker)."""
     try:
-        with path.open("rb") as handle:
+        with _open_unlinked(path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)
             if size == 0:
                 return True
@@ -554,9 +555,34 @@ def _ends_a_line(path: Path) -> bool:
         return True  # opening it to write says what is wrong
 
 
+_OPEN_FLAGS = {
+    "rb": os.O_RDONLY,
+    "r+b": os.O_RDWR,
+    "a+b": os.O_RDWR | os.O_APPEND | os.O_CREAT,
+    "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+}
+
+
+def _open_unlinked(path: Path, mode: str) -> IO[bytes]:
+    """`path` opened unbuffered in `mode`, refusing a symbolic link in its place (ELOOP): in a
+    folder others may write to (a shared hand-off folder), a link swapped in between runs
+    would have customer data appended to, or a torn record cut from, a file of its choosing."""
+    flags = _OPEN_FLAGS[mode] | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            error.strerror = (
+                "it is a symbolic link, which winback does not follow; point `path` at the "
+                "file itself"
+            )
+        raise
+    return os.fdopen(descriptor, mode, buffering=0)
+
+
 def _write_marker(marker: Path, *, sync: str, run_id: str) -> None:
     """Create the marker (durably: a crash must not leave a torn file without it)."""
-    with marker.open("wb") as handle:
+    with _open_unlinked(marker, "wb") as handle:
         handle.write(json_bytes({"sync": sync, "run_id": run_id, "pid": os.getpid()}) + b"\n")
         handle.flush()
         os.fsync(handle.fileno())

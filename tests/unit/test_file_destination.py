@@ -681,3 +681,19 @@ def test_syncs_with_files_of_their_own_are_accepted(tmp_path: Path) -> None:
         syncs=sync_table("eu/lapsed", "export") + sync_table("us/lapsed", "export"),
     )
     assert set(load_config(config).syncs) == {"eu/lapsed", "us/lapsed"}
+
+
+def test_a_symbolic_link_in_place_of_the_file_is_not_followed(tmp_path: Path) -> None:
+    """In a folder others may write to, a link swapped in between runs must not have customer
+    data appended to a file of its choosing."""
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_bytes(b"someone else's file")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "lapsed.csv").symlink_to(elsewhere)
+    adapter = make(exports / "{sync}.csv")
+    with pytest.raises(FatalDestinationError) as caught:
+        adapter.add(Batch(1, MEMBERS))
+    adapter.close()
+    assert "is a symbolic link, which winback does not follow" in str(caught.value)
+    assert elsewhere.read_bytes() == b"someone else's file"
