@@ -1234,7 +1234,7 @@ def _start_of_body(response: requests.Response, size: int = 4096) -> str:
 
 def json_body(response: requests.Response, *, destination: str) -> Any:
     """The response's JSON, or a BatchFailedError naming the request when it is not JSON (or
-    too long to read: over the client's `max_answer_bytes`)."""
+    too long to read: over the client's `max_answer_bytes`; or nested too deeply to decode)."""
     what = redact_text(describe_request(response.request.method or "?", response.request.url or ""))
     if answer_too_long(response):
         raise BatchFailedError(
@@ -1245,9 +1245,11 @@ def json_body(response: requests.Response, *, destination: str) -> Any:
         )
     try:
         return response.json()
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
+        # RecursionError: JSON nested deeper than the decoder goes, no more usable than text.
+        body = "nested too deeply to read" if isinstance(error, RecursionError) else "not JSON"
         raise BatchFailedError(
-            f"{what} answered {response.status_code} with a body that is not JSON; the platform "
+            f"{what} answered {response.status_code} with a body that is {body}; the platform "
             "may be down or base_url may point to the wrong service",
             destination=destination,
             status=response.status_code,

@@ -24,8 +24,9 @@ which stays pending; configure the final URL.
 Per-row rejections (winback's extension): a 2xx answer whose JSON body is
 ``{"rejected": [{"key": "42", "reason": "unknown customer"}]}`` rejects those rows (they are
 recorded, not retried); the other rows are acknowledged. Any other 2xx body acknowledges the
-whole batch; when it is not JSON or its ``rejected`` is malformed (not a list, entries without
-``key``, keys not in the batch), a warning names the sync and the problem, once per run.
+whole batch; when it is not JSON (or JSON nested too deeply to read) or its ``rejected`` is
+malformed (not a list, entries without ``key``, keys not in the batch), a warning names the
+sync and the problem, once per run.
 
 Config example::
 
@@ -323,10 +324,12 @@ def _rejections(
         return [], []
     try:
         document = response.json()
-    except ValueError:
+    except (ValueError, RecursionError) as error:
+        # RecursionError: JSON nested deeper than the decoder goes, no more usable than text.
         content_type = response.headers.get("Content-Type") or "none"
         shown = "".join(c if c.isprintable() else "?" for c in content_type)[:60]
-        text = f"its body is not JSON (Content-Type `{shown}`, {len(response.content):,} bytes)"
+        what = "nested too deeply to read" if isinstance(error, RecursionError) else "not JSON"
+        text = f"its body is {what} (Content-Type `{shown}`, {len(response.content):,} bytes)"
         return [], [AnswerProblem("not_json", text)]
     entries = document.get("rejected") if isinstance(document, dict) else None
     if entries is None:

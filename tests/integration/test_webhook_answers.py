@@ -60,3 +60,19 @@ def test_a_token_in_the_webhook_path_never_reaches_output_or_history(
     for result in (failed, history, check):
         assert TOKEN not in result.stdout + result.stderr, result
     assert "/hooks/catch/123456/***/" in check.stdout + check.stderr, check
+
+
+def test_a_2xx_answer_nested_too_deeply_acknowledges_the_batch_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    deep = b"[" * 4_000 + b"]" * 4_000  # more levels than the JSON decoder recurses
+    with FakeHttpServer(lambda request: ScriptedResponse(200, deep)) as server:
+        webhook_project(tmp_path, server.url + "/hook", customers=20)
+        first = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        again = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+    run = first.run()
+    assert (first.returncode, run["status"], run["sent"]["add"]) == (0, "success", 20), first
+    assert "its body is nested too deeply to read" in first.stderr, first
+    assert "RecursionError" not in first.stdout + first.stderr
+    assert (again.returncode, again.run()["sent"]["add"]) == (0, 0), again
+    assert len(server.requests) == 1

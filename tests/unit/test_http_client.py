@@ -265,6 +265,31 @@ def test_capped_answers_still_give_verdicts_errors_and_job_statuses() -> None:
         assert client.poll("/jobs/1", done=finished, interval_s=0).json()["status"] == "complete"
 
 
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        pytest.param(b"<html>down</html>", "not JSON", id="html"),
+        pytest.param(b"[" * 50_000 + b"]" * 50_000, "nested too deeply to read", id="arrays"),
+        pytest.param(
+            b'{"data": ' + b"[" * 2_000 + b"]" * 2_000 + b"}",
+            "nested too deeply to read",
+            id="nested-data",
+        ),
+    ],
+)
+def test_an_answer_that_cannot_be_decoded_fails_the_batch_naming_the_request(
+    body: bytes, problem: str
+) -> None:
+    with FakeHttpServer(lambda r: ScriptedResponse(200, body)) as server:
+        response = make_client(server.url, []).request("GET", "/v1/jobs/1?token=t0k3n")
+    with pytest.raises(BatchFailedError) as caught:
+        json_body(response, destination="test")
+    assert str(caught.value) == (
+        f"destination `test`: GET /v1/jobs/1 answered 200 with a body that is {problem}; the "
+        "platform may be down or base_url may point to the wrong service"
+    )
+
+
 def test_an_answer_that_stalls_while_its_body_is_read_times_out_and_is_retried() -> None:
     retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.3)
     stalled = RawAnswer(HEAD_OF_200 + b"{", hold_s=1.0)

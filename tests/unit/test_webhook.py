@@ -265,6 +265,16 @@ def test_other_2xx_bodies_acknowledge_everything(body: str) -> None:
             "its body is not JSON (Content-Type `text/html`, 39 bytes)",
         ),
         (b'{"rejected": [', "its body is not JSON (Content-Type `application/json`, 14 bytes)"),
+        pytest.param(
+            b"[" * 50_000 + b"]" * 50_000,
+            "its body is nested too deeply to read (Content-Type `application/json`, 100,000 bytes)",
+            id="nested-arrays",
+        ),
+        pytest.param(
+            b'{"rejected": ' + b"[" * 2_000 + b"]" * 2_000 + b"}",
+            "its body is nested too deeply to read (Content-Type `application/json`, 4,014 bytes)",
+            id="nested-rejected",
+        ),
         (b'{"rejected": "all"}', "its `rejected` is not a list"),
         (b'{"rejected": [{"id": "k1"}, "k2", null]}', "3 of its `rejected` entries have no `key`"),
         (
