@@ -14,20 +14,24 @@ that honours ``Retry-After``, an optional rate limit, and redaction of secrets i
 Redirects are never followed: any 3xx answer fails the batch, naming where it points. Credentials
 go only to the base URL's origin as requests connects to it (`connection_origin`): a URL that
 HTTP libraries may read as different hosts is refused before anything is sent. Of an answer's
-body, at most ``MAX_ANSWER_BYTES`` (10 MB) are read.
+body, at most ``MAX_ANSWER_BYTES`` (10 MB) are read, and each attempt ends at its overall
+deadline (`RetrySettings.attempt_deadline_s`), however slowly the answer drips.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import email.utils
 import enum
+import heapq
 import http.client
 import json
 import logging
 import math
 import re
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -39,6 +43,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import orjson
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from tenacity import (
     RetryCallState,
@@ -74,6 +81,10 @@ IDENTIFIER_NAMES = (
 """Identifier names a sync may map (``identifiers = {email = "email_col"}``)."""
 
 
+ATTEMPT_TIMEOUT_FACTOR = 4
+"""An attempt's overall time limit in `timeout_s`, unless `attempt_timeout_s` says otherwise."""
+
+
 class RetrySettings(BaseModel):
     """How long and how often to retry transient failures (`[retry]` or a destination's `retry`)."""
 
@@ -83,6 +94,19 @@ class RetrySettings(BaseModel):
     initial_backoff_s: float = Field(1.0, ge=0, description="First wait; doubles, with jitter.")
     max_backoff_s: float = Field(60.0, ge=0, description="Longest wait, Retry-After included.")
     timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout per request.")
+    attempt_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest time one attempt may take in all, its answer's body included; "
+        "default: 4 times timeout_s.",
+    )
+
+    @property
+    def attempt_deadline_s(self) -> float:
+        """Seconds one attempt may take in all: `attempt_timeout_s`, else 4 times `timeout_s`
+        (`timeout_s` bounds each wait for a byte only: an answer dripping one byte at a
+        time would never end)."""
+        return self.attempt_timeout_s or ATTEMPT_TIMEOUT_FACTOR * self.timeout_s
 
 
 class DestinationOptions(BaseModel):
@@ -755,6 +779,149 @@ def describe_request(method: str, url: str) -> str:
     return f"{method} {urlsplit(url).path or '/'}"
 
 
+class _Watch:
+    """One attempt's deadline: the connection it uses is shut when the deadline passes."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.connection: Any = None
+        self.active = True
+        self.fired = False
+
+    def end(self) -> bool:
+        """Stop watching (idempotent); True when the deadline passed and the connection was
+        shut: the attempt's answer, whatever came of it, is incomplete."""
+        with _WATCHDOG.lock:
+            self.active = False
+            return self.fired
+
+
+class _Watchdog:
+    """One thread for the whole process that shuts the socket of each attempt still running at
+    its deadline (`RetrySettings.attempt_deadline_s`): a read blocked on a server that drips
+    its status line, headers or body one byte at a time (each within `timeout_s`) then ends at
+    once. No thread per request, and nothing but the socket is touched from this thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._pending: list[tuple[float, int, _Watch]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    def watch(self, seconds: float) -> _Watch:
+        """Watch the attempt this thread starts now; `_WatchedConnection` attaches the
+        connection it uses."""
+        watch = _Watch(time.monotonic() + seconds)
+        with self.lock:
+            self._count += 1
+            heapq.heappush(self._pending, (watch.deadline, self._count, watch))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="winback-http-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        self._local.watch = watch
+        return watch
+
+    def attach(self, connection: Any) -> None:
+        """`connection` sends this thread's current attempt (called as it sends, and again
+        once connected, as a socket may be opened after the deadline passed)."""
+        watch: _Watch | None = getattr(self._local, "watch", None)
+        if watch is None:
+            return
+        with self.lock:
+            if not watch.active:
+                return
+            watch.connection = connection
+            connection._winback_watch = watch
+            if watch.fired:
+                _shut(connection)
+
+    def _run(self) -> None:
+        with self.lock:
+            while True:
+                while self._pending and not self._pending[0][2].active:
+                    heapq.heappop(self._pending)  # ended in time
+                if not self._pending:
+                    self._wake.wait()
+                    continue
+                left = self._pending[0][0] - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                _, _, watch = heapq.heappop(self._pending)
+                watch.fired = True
+                connection = watch.connection
+                # The connection may serve another attempt by now (back in the pool).
+                if connection is not None and connection._winback_watch is watch:
+                    _shut(connection)
+
+
+def _shut(connection: Any) -> None:
+    """Shut the connection's socket for both directions: a read blocked in another thread
+    returns at once. `socket.socket.shutdown` on a TLS socket too, which leaves its TLS state
+    to the thread reading it."""
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    _winback_watch: _Watch | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        _WATCHDOG.attach(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _WATCHDOG.attach(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    _winback_watch: _Watch | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        _WATCHDOG.attach(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _WATCHDOG.attach(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections the watchdog can shut at an attempt's deadline."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is urllib3.ProxyManager:  # SOCKS proxies have their own classes
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
 class HttpClient:
     """One session, one retry policy and one error mapping for an adapter's HTTP calls."""
 
@@ -807,6 +974,8 @@ class HttpClient:
         self.redact = Redactor(secrets)
         self.verdict = verdict
         self.session = requests.Session()
+        self.session.mount("http://", _WatchedAdapter())
+        self.session.mount("https://", _WatchedAdapter())
         self.session.headers.update({"User-Agent": "winback/0.1 (+reverse-etl)"})
         self.headers = dict(headers or {})
         """Fixed headers of every request to `base_url`'s origin (not to allowed hosts)."""
@@ -1036,6 +1205,44 @@ class HttpClient:
         what = self.describe(method, url)
         if self._limiter is not None:
             self._limiter.wait(self._sleep)
+        watch = _WATCHDOG.watch(self.retry.attempt_deadline_s)
+        try:
+            response = self._exchange(
+                method, url, what, data=data, params=params, headers=headers, watch=watch
+            )
+        except DestinationError as error:
+            if watch.end():
+                raise self._over_deadline(what) from error
+            raise
+        except BaseException:
+            watch.end()
+            raise
+        if watch.end():
+            # Its connection was shut at the deadline: a body read up to the end of the
+            # connection would look complete, but it is not the answer.
+            response.close()
+            raise self._over_deadline(what)
+        return response
+
+    def _over_deadline(self, what: str) -> TransientError:
+        return TransientError(
+            f"{what} timed out: no complete answer within {self.retry.attempt_deadline_s:g}s "
+            "(the time one attempt may take in all: `attempt_timeout_s`, by default 4 times "
+            "`timeout_s`)",
+            destination=self.destination,
+        )
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        data: bytes | str | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str],
+        watch: _Watch,
+    ) -> requests.Response:
         try:
             response = self.session.request(
                 method,
@@ -1077,7 +1284,7 @@ class HttpClient:
             raise BatchFailedError(
                 f"{what} failed: {self.redact(str(error))}", destination=self.destination
             ) from error
-        self._read_answer(response, what, url)
+        self._read_answer(response, what, url, deadline=watch.deadline)
         if 300 <= response.status_code < 400:
             raise self.redirect_error(response, what)
         verdict = self.verdict(response)
@@ -1085,12 +1292,15 @@ class HttpClient:
             return response
         raise self.error_for(verdict, response, what)
 
-    def _read_answer(self, response: requests.Response, what: str, url: str) -> None:
+    def _read_answer(
+        self, response: requests.Response, what: str, url: str, *, deadline: float
+    ) -> None:
         """Read the body of `response` into `response.content`, at most `max_answer_bytes`
         of it: a longer body is cut there (`answer_too_long`) and its connection closed, so a
         huge answer cannot take the process's memory; verdicts, errors and rejections never
         need more. A connection that breaks or stalls while the body is read is a lost answer:
-        TransientError, retried (the destination may have applied the request)."""
+        TransientError, retried (the destination may have applied the request), and so is one
+        still being read at the `deadline` (a `time.monotonic()`), as it drips."""
         host = urlsplit(url).netloc.rpartition("@")[2]
         limit = self.max_answer_bytes
         chunks: list[bytes] = []
@@ -1098,6 +1308,9 @@ class HttpClient:
         too_long = False
         try:
             for chunk in response.iter_content(chunk_size=_ANSWER_CHUNK_BYTES):
+                if time.monotonic() > deadline:
+                    response.close()
+                    raise self._over_deadline(what)
                 if size + len(chunk) > limit:
                     chunks.append(chunk[: limit - size])
                     too_long = True

@@ -136,13 +136,15 @@ class FakeHttpServer:
 @dataclass
 class RawAnswer:
     """What a `RawSocketServer` sends on one connection once it has read the request:
-    `data` as it is (headers, a truncated body, bytes that are not HTTP), then it waits
-    `hold_s` seconds (an answer that stalls) and closes the connection, with a reset (RST) when
-    `reset` is true, else a normal close."""
+    `data` as it is (headers, a truncated body, bytes that are not HTTP) — one byte every
+    `drip_s` seconds when that is set (an answer that never ends, each byte in time) — then it
+    waits `hold_s` seconds (an answer that stalls) and closes the connection, with a reset
+    (RST) when `reset` is true, else a normal close."""
 
     data: bytes = b""
     reset: bool = False
     hold_s: float = 0.0
+    drip_s: float = 0.0
 
 
 OK_ANSWER = RawAnswer(
@@ -214,7 +216,13 @@ class RawSocketServer:
                 self.requests.append(request)
                 answer = self.queue.popleft() if self.queue else OK_ANSWER
             with contextlib.suppress(OSError):
-                connection.sendall(answer.data)
+                if answer.drip_s:
+                    for index in range(len(answer.data)):
+                        connection.sendall(answer.data[index : index + 1])
+                        if self._stopping.wait(answer.drip_s):
+                            break
+                else:
+                    connection.sendall(answer.data)
                 if answer.hold_s:
                     self._stopping.wait(answer.hold_s)
                 if answer.reset:

@@ -76,3 +76,20 @@ def test_a_2xx_answer_nested_too_deeply_acknowledges_the_batch_with_a_warning(
     assert "RecursionError" not in first.stdout + first.stderr
     assert (again.returncode, again.run()["sent"]["add"]) == (0, 0), again
     assert len(server.requests) == 1
+
+
+def test_a_receiver_that_drips_its_answer_cannot_hold_the_run(tmp_path: Path) -> None:
+    # Each byte comes within timeout_s; the attempt's overall deadline ends it all the same.
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    dripping = RawAnswer(head + b"{" + b" " * 2000, drip_s=0.01)
+    retry = {"max_attempts": 2, "initial_backoff_s": 0, "timeout_s": 0.5, "attempt_timeout_s": 1}
+    with RawSocketServer() as server:
+        webhook_project(tmp_path, server.url + "/hook", customers=5, destination={"retry": retry})
+        server.enqueue(dripping, dripping)
+        failed = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
+        run = failed.run()
+        assert (failed.returncode, run["status"], run["retries"]) == (1, "failed", 1), failed
+        assert "POST /hook timed out: no complete answer within 1s" in run["error"], run
+        # The receiver may have applied the batch: its rows are in doubt.
+        status = run_cli("sync", "status", cwd=tmp_path)
+        assert "0 (+5 unconfirmed)" in status.stdout, status

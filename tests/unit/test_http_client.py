@@ -305,6 +305,63 @@ def test_an_answer_that_stalls_while_its_body_is_read_times_out_and_is_retried()
     )
 
 
+# -- each attempt has an overall deadline ------------------------------------------------------
+
+DRIPPING = RetrySettings(
+    max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.25, attempt_timeout_s=0.3
+)
+HEADERS_OF_200 = b"HTTP/1.1 200 OK\r\n" + b"X-Padding: drip drip drip\r\n" * 40
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 200 OK" + b" " * 200, id="status-line"),
+        pytest.param(HEADERS_OF_200, id="headers"),
+        pytest.param(HEAD_OF_200 + b'{"rejected": [' + b" " * 500, id="body-with-length"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b" " * 500, id="body-to-the-end"
+        ),
+    ],
+)
+def test_an_answer_that_drips_ends_at_the_attempts_deadline_and_is_retried(answer: bytes) -> None:
+    # One byte every 10 ms: each read is well within timeout_s, the whole would take seconds.
+    dripping = RawAnswer(answer, drip_s=0.01)
+    with RawSocketServer() as server:
+        client = HttpClient(
+            destination="t", base_url=server.url, retry=DRIPPING, sleep=lambda s: None
+        )
+        server.enqueue(dripping)
+        assert client.request("POST", "/hook", json={"a": 1}).json() == {}
+        assert client.retries == 1 and len(server.requests) == 2
+        server.enqueue(dripping, dripping)
+        with pytest.raises(TransientError) as caught:
+            client.request("POST", "/hook?token=t0k3n", json={"a": 1})
+    assert str(caught.value) == (
+        "destination `t`: POST /hook timed out: no complete answer within 0.3s (the time one "
+        "attempt may take in all: `attempt_timeout_s`, by default 4 times `timeout_s`)"
+    )
+    assert caught.value.maybe_applied is True  # the receiver may have applied it
+
+
+def test_an_attempts_deadline_is_four_timeouts_unless_set() -> None:
+    assert RetrySettings(timeout_s=3).attempt_deadline_s == 12
+    assert RetrySettings(timeout_s=3, attempt_timeout_s=5).attempt_deadline_s == 5
+    assert RetrySettings().attempt_deadline_s == 120
+
+
+def test_answers_in_time_are_not_cut_by_an_earlier_attempts_deadline() -> None:
+    # Connections go back to the pool: a deadline that passes later must not shut them.
+    quick = RetrySettings(max_attempts=1, timeout_s=0.5, attempt_timeout_s=0.3)
+    with FakeHttpServer() as server:
+        client = HttpClient(destination="t", base_url=server.url, retry=quick)
+        for _ in range(3):
+            assert client.request("GET", "/").json() == {"ok": True}
+        time.sleep(0.4)
+        assert client.request("GET", "/").json() == {"ok": True}
+    assert len(server.requests) == 4 and client.retries == 0
+
+
 def test_secrets_never_appear_in_errors() -> None:
     with FakeHttpServer(lambda r: ScriptedResponse(400, "bad token sk_live_abcdef")) as server:
         client = make_client(server.url, [], secrets=["sk_live_abcdef"])
