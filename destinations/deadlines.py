@@ -53,7 +53,7 @@ class _Watchdog:
         self._local = threading.local()
 
     def watch(self, seconds: float) -> Watch:
-        """Watch the attempt this thread starts now; `_WatchedConnection` attaches the
+        """Watch the attempt this thread starts now; `_WatchedHTTPConnection` attaches the
         connection it uses."""
         watch = Watch(time.monotonic() + seconds)
         with self.lock:
