@@ -87,9 +87,10 @@ def query_problem(error: BaseException) -> str:
         )
     if text.startswith("Out of Memory Error"):
         text += (
-            f" (DuckDB's memory_limit: winback sets {DUCKDB_MEMORY_LIMIT} unless the warehouse "
-            "URL sets one; raise it, e.g. `duckdb:///w.duckdb?memory_limit=1GB`, or set "
-            "`temp_directory` to a writable folder DuckDB can spill to)"
+            f" (DuckDB's memory_limit, {DUCKDB_MEMORY_LIMIT} unless the warehouse URL sets "
+            "`memory_limit`, is too small for this query: raise it, e.g. "
+            "`duckdb:///w.duckdb?memory_limit=1GB`; rows with very large values (long texts, "
+            "lists) need it, while `temp_directory` only lets large joins and sorts spill to disk)"
         )
     return text
 
