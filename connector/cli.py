@@ -810,19 +810,28 @@ def sync_issues(
             run = str(last[0].run_id)
         elif not any(r.run_id == run for r in store.history(name, config.state.keep_runs)):
             fail(f"no run `{run}` of sync `{name}`; see `winback sync history {name}`", 2)
-        if limit is None and output is RowsFormat.table:
-            limit = ISSUES_SHOWN
-        rows = store.issues(run, None if limit is None else limit + 1)
+        columns = ["kind", "action", "key", "reason"]
+        if output is not RowsFormat.table:  # written as they are read: there may be millions
+            issues = store.each_issue(run, limit)
+            rows_output(
+                columns,
+                ([r.kind, r.action, r.key, r.reason] for r in issues),  # None: null in json
+                output=output.value,
+                console=stdout,
+            )
+            return
+        limit = limit or ISSUES_SHOWN
+        rows = store.issues(run, limit + 1)
     finally:
         store.dispose()
-    more = limit is not None and len(rows) > limit
+    more = len(rows) > limit
     rows = rows[:limit]
-    if not rows and output is RowsFormat.table:
+    if not rows:
         stdout.print(f"{name}: run {run} recorded no row issues", highlight=False)
         return
     rows_output(
-        ["kind", "action", "key", "reason"],
-        ([r.kind, r.action, r.key, r.reason] for r in rows),  # None: null in json, empty else
+        columns,
+        ([r.kind, r.action, r.key, r.reason] for r in rows),  # None: empty in a table
         output=output.value,
         console=stdout,
         title=f"{name}: row issues of run {run}"
@@ -839,11 +848,20 @@ def sync_reset(
     name: Annotated[str, typer.Argument(help="Sync name.")],
     yes: Annotated[bool, typer.Option("--yes", help="Confirm: forget the snapshot.")] = False,
 ) -> None:
-    """Forget a sync's snapshot: the next run sends the whole segment as adds."""
+    """Forget a sync's snapshot: the next run sends the whole segment as adds. For a sync no
+    longer in the config (removed or renamed), forget its history too."""
     from connector.state import StateStore
 
     config = open_config()
-    _selected_syncs(config, [name])
+    removed = name not in config.syncs
+    if removed:
+        reader = StateStore.for_reading(config.state.url)
+        try:
+            known = name in reader.known_syncs()
+        finally:
+            reader.dispose()
+        if not known:
+            _selected_syncs(config, [name])  # says which syncs there are
     if not yes:
         fail(
             "this forgets what winback sent for this sync (removals will no longer be possible "
@@ -857,9 +875,16 @@ def sync_reset(
             fail(
                 f"sync `{name}` is running (pid {holder.pid} on {holder.host}); try again later", 5
             )
-        forgotten = store.reset(name)
+        forgotten = store.forget_sync(name) if removed else store.reset(name)
     finally:
         store.dispose()
+    if removed:
+        stdout.print(
+            f"{name}: not in the config any more; forgot its {forgotten} snapshot rows, its runs "
+            "and its row issues",
+            highlight=False,
+        )
+        return
     stdout.print(f"{name}: forgot {forgotten} snapshot rows; the next run is a full sync")
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import unicodedata
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -123,26 +122,32 @@ def rows_output(
     console: Console,
     title: str | None = None,
 ) -> None:
-    """Print rows as a rich table, JSON (list of objects) or CSV."""
-    materialised = [[json_value(v) for v in row] for row in rows]
+    """Print rows as a rich table, JSON (a list of objects, one per line) or CSV. JSON and CSV
+    are written as the rows come, so a million row issues take no more memory than ten."""
     if output == "json":
-        console.print_json(
-            json.dumps([dict(zip(columns, row, strict=True)) for row in materialised])
-        )
+        _write_json_rows(columns, rows, console.file)
         return
     if output == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+        writer = csv.writer(console.file, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows(materialised)
-        console.file.write(buffer.getvalue())
+        for row in rows:
+            writer.writerow([json_value(v) for v in row])
         return
     table = Table(title=title, show_lines=False)
     for column in columns:
         table.add_column(column, overflow="fold")
-    for row in materialised:
-        table.add_row(*(_cell(v) for v in row))
+    for row in rows:
+        table.add_row(*(_cell(json_value(v)) for v in row))
     console.print(table)
+
+
+def _write_json_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], file: IO[str]) -> None:
+    separator = "[\n"
+    for row in rows:
+        document = dict(zip(columns, (json_value(v) for v in row), strict=True))
+        file.write(separator + "  " + json.dumps(document, ensure_ascii=False))
+        separator = ",\n"
+    file.write("[]\n" if separator == "[\n" else "\n]\n")
 
 
 TABLE_CELL_MAX = 500

@@ -58,6 +58,8 @@ T = TypeVar("T")
 SCHEMA_VERSION = 4
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
 and `sync_targets` tables and snapshot rows with status 'unconfirmed'; 4: locks.pid_namespace."""
+ISSUES_PAGE_ROWS = 5000
+"""Row issues read at a time by `StateStore.each_issue`."""
 LOCK_TTL = dt.timedelta(minutes=30)
 HEARTBEAT_EVERY_S = 60.0
 """How often a running sync refreshes its lock's heartbeat (`StateStore.lock_kept_alive`)."""
@@ -880,9 +882,16 @@ class StateStore:
 
     def issues(self, run_id: str, limit: int | None = 20) -> list[sa.Row[Any]]:
         """A run's row issues in the order they were recorded; `limit` None: all of them."""
+        return list(self.each_issue(run_id, limit))
+
+    def each_issue(self, run_id: str, limit: int | None = None) -> Iterator[sa.Row[Any]]:
+        """`issues`, read a page at a time as they are consumed (a run may have millions)."""
         query = sa.select(row_issues).where(row_issues.c.run_id == run_id).order_by(row_issues.c.id)
         with self.engine.connect() as connection:
-            return list(connection.execute(query if limit is None else query.limit(limit)))
+            result = connection.execution_options(yield_per=ISSUES_PAGE_ROWS).execute(
+                query if limit is None else query.limit(limit)
+            )
+            yield from result
 
     # -- snapshot ----------------------------------------------------------------------------
 
@@ -937,6 +946,23 @@ class StateStore:
             connection.execute(sync_targets.delete().where(sync_targets.c.sync == sync))
             result = connection.execute(snapshot.delete().where(snapshot.c.sync == sync))
             return int(result.rowcount or 0)
+
+    def known_syncs(self) -> set[str]:
+        """Names of the syncs with anything in the store (a snapshot or a run)."""
+        with self.engine.connect() as connection:
+            names = set(connection.execute(sa.select(runs.c.sync).distinct()).scalars())
+            names.update(connection.execute(sa.select(snapshot.c.sync).distinct()).scalars())
+        return names
+
+    def forget_sync(self, sync: str) -> int:
+        """Forget everything of a sync the config no longer has: its snapshot (`reset`), runs,
+        row issues and lock; returns how many snapshot rows were forgotten."""
+        forgotten = self.reset(sync)
+        with self.engine.begin() as connection:
+            connection.execute(row_issues.delete().where(row_issues.c.sync == sync))
+            connection.execute(runs.delete().where(runs.c.sync == sync))
+            connection.execute(locks.delete().where(locks.c.sync == sync))
+        return forgotten
 
     def starts_over(self, sync: str) -> bool:
         """Whether the sync's next run is a full sync: nothing in its snapshot and no target

@@ -246,6 +246,24 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
     assert resend.run()["sent"] == {"add": audience, "remove": 0, "update": 0}
 
 
+def test_reset_forgets_a_sync_removed_from_the_config(tmp_path: Path) -> None:
+    """A renamed sync's snapshot, runs and issues stay in the store; `sync reset OLD --yes`
+    is how to forget them (no other command reaches a sync the config does not have)."""
+    build_warehouse(tmp_path / "warehouse.duckdb", 5)
+    out = {"out": {"type": "file", "path": "out/{sync}/{run_id}.csv"}}
+    sync = {"segment": "lapsed", "destination": "out", "identifiers": {"email": "email"}}
+    write_config(tmp_path, destinations=out, syncs={"old": sync})
+    assert run_cli("sync", "run", cwd=tmp_path).returncode == 0
+    write_config(tmp_path, destinations=out, syncs={"new": sync})
+    unknown = run_cli("sync", "reset", "never", "--yes", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown sync `never`" in unknown.stderr, unknown
+    reset = run_cli("sync", "reset", "old", "--yes", cwd=tmp_path)
+    assert reset.returncode == 0, reset
+    assert "old: not in the config any more; forgot its 5 snapshot rows, its runs" in reset.stdout
+    for table in ("snapshot", "runs", "row_issues", "locks"):
+        assert sqlite_rows(state_db(tmp_path), f"SELECT * FROM {table} WHERE sync = 'old'") == []
+
+
 def test_destinations_check_shows_a_file_destination_path_pattern(tmp_path: Path) -> None:
     build_warehouse(tmp_path / "warehouse.duckdb", 5)
     identifiers = {"email": "email"}
