@@ -48,6 +48,7 @@ from connector.state import (
     RowIssue,
     StateStore,
     insert_rows,
+    row_issues,
     snapshot,
     storable_text,
 )
@@ -244,6 +245,8 @@ class ChangePlanner:
         self.supports_update = supports_update
         self.full_resync = full_resync
         self.skip_settings = skip_settings
+        self.skipped_again = 0
+        """Rows skipped again unchanged that `build(run_id=...)` recorded itself."""
         self.stage, self.plan, self.departed = _temp_tables()
         for table in (self.stage, self.plan, self.departed):
             table.drop(connection, checkfirst=True)
@@ -383,9 +386,18 @@ class ChangePlanner:
 
     # -- planning ----------------------------------------------------------------------------
 
-    def build(self, normalise: Normaliser) -> list[RowIssue]:
-        """Fill the plan table; returns the rows skipped because they cannot be sent."""
-        issues = [] if self.full_resync else self._unchanged_skipped_rows()
+    def build(self, normalise: Normaliser, *, run_id: str | None = None) -> list[RowIssue]:
+        """Fill the plan table; returns the rows skipped because they cannot be sent. With
+        `run_id`, the rows skipped again unchanged are recorded as that run's issues in the
+        state database itself (`skipped_again` counts them: a segment of a million rows that
+        cannot be sent costs no memory), else they are returned with the others."""
+        issues: list[RowIssue] = []
+        if self.full_resync:
+            pass
+        elif run_id is None:
+            issues = self._unchanged_skipped_rows()
+        else:
+            self.skipped_again = self._record_unchanged_skipped_rows(run_id)
         issues += self._plan_candidates(normalise)
         self._flush_plan()
         self._flush_skipped()
@@ -429,18 +441,42 @@ class ChangePlanner:
         same settings: skipped again with the stored reason, without being checked again.
 
         Read before planning writes this run's skipped rows (which are reported as planned)."""
+        query = sa.select(snapshot.c.key, self._skipped_reason()).where(*self._skipped_unchanged())
+        return [
+            RowIssue("skipped", key, reason) for key, reason in _driver_rows(self.connection, query)
+        ]
+
+    def _record_unchanged_skipped_rows(self, run_id: str) -> int:
+        """`_unchanged_skipped_rows` written as `run_id`'s row issues by one INSERT ... SELECT
+        in the state database; returns how many."""
+        query = sa.select(
+            sa.literal(run_id),
+            sa.literal(self.sync),
+            sa.literal("skipped"),
+            sa.null(),
+            snapshot.c.key,
+            self._skipped_reason(),
+        ).where(*self._skipped_unchanged())
+        names = ["run_id", "sync", "kind", "action", "key", "reason"]
+        count = sa.select(sa.func.count()).where(row_issues.c.run_id == run_id)
+        before = int(self.connection.execute(count).scalar_one())
+        self.connection.execute(row_issues.insert().from_select(names, query))
+        # counted, not the INSERT's rowcount: psycopg's is -1 for INSERT ... SELECT
+        return int(self.connection.execute(count).scalar_one()) - before
+
+    def _skipped_unchanged(self) -> list[sa.ColumnElement[bool]]:
         snap, stage, departed = snapshot, self.stage, self.departed
-        query = sa.select(snap.c.key, snap.c.reason).where(
+        return [
             snap.c.sync == self.sync,
             snap.c.status == "skipped",
             snap.c.identity_fp == self.skip_settings,
             ~sa.exists().where(departed.c.key == snap.c.key),
             ~sa.exists().where(stage.c.key == snap.c.key, stage.c.raw_fp != snap.c.raw_fp),
-        )
-        return [
-            RowIssue("skipped", key, reason or "no usable identifier")
-            for key, reason in _driver_rows(self.connection, query)
         ]
+
+    @staticmethod
+    def _skipped_reason() -> sa.ColumnElement[str]:
+        return sa.func.coalesce(snapshot.c.reason, "no usable identifier")
 
     def _candidate_query(self, after_seq: int) -> sa.Select[Any]:
         s, snap = self.stage, snapshot

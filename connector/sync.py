@@ -271,8 +271,10 @@ class SyncRunner:
             # Planning writes the skipped rows (rolled back by a dry run), then the run records
             # its row issues, in one transaction that writes from its start (see start_writing).
             StateStore.start_writing(connection)
-            issues += planner.build(self._normaliser(sync_name, adapter))
-            result.skipped = sum(1 for issue in issues if issue.kind == "skipped")
+            issues += planner.build(self._normaliser(sync_name, adapter), run_id=result.run_id)
+            result.skipped = planner.skipped_again + sum(
+                1 for issue in issues if issue.kind == "skipped"
+            )
             result.planned = planner.summary.planned()
             clock.done("planned", ", ".join(f"{n:,} to {a}" for a, n in result.planned.items()))
             audience_size = self.store.audience_size(connection, sync_name)
