@@ -293,7 +293,7 @@ class SyncRunner:
             )
             StateStore.record_progress(connection, result.run_id, result.counts())
             connection.commit()
-            clock.done("recorded row issues", f"{len(issues):,}")
+            clock.done("recorded row issues", f"{len(issues) + planner.skipped_again:,}")
             if not options.force:
                 self._guard(sync_name, result, audience_size, max_pct=sync.max_removal_pct)
             delivery = Delivery(self.store, connection, planner, adapter, result, self.reporter)
