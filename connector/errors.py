@@ -171,18 +171,6 @@ class BatchFailedError(DestinationError):
     treats the batch's rows as unconfirmed (`connector.state.StateStore.settle_unconfirmed`).
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        destination: str | None = None,
-        status: int | None = None,
-        maybe_applied: bool = True,
-    ):
-        super().__init__(
-            message, destination=destination, status=status, maybe_applied=maybe_applied
-        )
-
 
 class FatalDestinationError(DestinationError):
     """Stop this sync at once (bad credentials, missing audience, refused options); a batch

@@ -115,28 +115,27 @@ def _shut(connection: Any) -> None:
 WATCHDOG = _Watchdog()
 
 
-class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+class _Watched:
+    """Mixin of urllib3's connections: attach to this thread's attempt as it sends, and again
+    once connected (a socket may be opened after the deadline passed)."""
+
     _winback_watch: Watch | None = None
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         WATCHDOG.attach(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         WATCHDOG.attach(self)
-        super().request(*args, **kwargs)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
-    _winback_watch: Watch | None = None
+class _WatchedHTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        WATCHDOG.attach(self)
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        WATCHDOG.attach(self)
-        super().request(*args, **kwargs)
+class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
