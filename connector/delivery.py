@@ -99,15 +99,8 @@ def insert_new_snapshot_rows(
         return []
     except connection_errors:
         pass
-    sync = rows[0][0]
-    existing: set[str] = set()
     keys = sorted({row[1] for row in rows})
-    for some in in_lists(keys):
-        existing.update(
-            connection.execute(
-                sa.select(snapshot.c.key).where(snapshot.c.sync == sync, snapshot.c.key.in_(some))
-            ).scalars()
-        )
+    existing = StateStore.snapshot_keys_among(connection, rows[0][0], keys)
     new, left_out = [], []
     for row in rows:
         if row[1] in existing:
@@ -514,15 +507,8 @@ class Delivery:
         keys of those skipped duplicates."""
         sync, connection = self.result.sync, self.connection
         added = {row[1]: row for row in left_out if row[2] == "member"}
-        statuses: dict[str, str] = {}
-        for some in in_lists(sorted(added)):
-            for key, status in connection.execute(
-                sa.select(snapshot.c.key, snapshot.c.status).where(
-                    snapshot.c.sync == sync, snapshot.c.key.in_(some)
-                )
-            ):
-                statuses[key] = status
-        replaced = [key for key in added if statuses.get(key) not in MEMBER_STATUSES]
+        held = StateStore.snapshot_keys_among(connection, sync, sorted(added), MEMBER_STATUSES)
+        replaced = [key for key in added if key not in held]
         StateStore.delete_snapshot_keys(connection, sync, replaced)
         insert_rows(connection, snapshot, [added[key] for key in replaced])
         repeated = sorted(set(added) - set(replaced))
