@@ -846,8 +846,7 @@ class HttpClient:
         when it is an absolute URL on `base_url`'s origin or an allowed host; any other
         absolute URL is refused (BatchFailedError, nothing sent), and so is a URL that HTTP
         libraries may read as different hosts (`connection_origin`)."""
-        absolute = bool(_ABSOLUTE_URL.match(path))
-        target = path.strip() if absolute else f"{self.base_url}/{path.lstrip('/')}"
+        absolute, target = self._target(path)
         try:
             origin = connection_origin(target)
         except AmbiguousUrlError as error:
@@ -874,12 +873,18 @@ class HttpClient:
         """Whether a request to `url` (absolute, or a path under `base_url`) carries the
         credential headers: only on `base_url`'s origin as requests connects to it, never on
         an allowed foreign host nor for a URL that parsers may read as different hosts."""
-        target = url.strip() if _ABSOLUTE_URL.match(url) else f"{self.base_url}/{url.lstrip('/')}"
+        _, target = self._target(url)
         try:
             origin = connection_origin(target)
         except AmbiguousUrlError:
             return False
         return self._base_origin is not None and origin == self._base_origin
+
+    def _target(self, path: str) -> tuple[bool, str]:
+        """Whether `path` is an absolute URL, and the URL it stands for (else under `base_url`)."""
+        if _ABSOLUTE_URL.match(path):
+            return True, path.strip()
+        return False, f"{self.base_url}/{path.lstrip('/')}"
 
     def _allowed(self, origin: Origin) -> bool:
         return origin.scheme in _DEFAULT_PORTS and origin.host in self.allowed_hosts
@@ -934,12 +939,12 @@ class HttpClient:
             )
 
         in_doubt = False  # an attempt so far may have been applied
+        own_origin = self.sends_credentials(url)  # the same for every attempt
 
         def attempt() -> requests.Response:
             nonlocal in_doubt
             if self._stopping.is_set():
                 raise self._stopped()
-            own_origin = self.sends_credentials(url)
             extra = dict(self.headers) if own_origin else {}
             if own_origin and self._auth is not None:
                 extra.update(self._auth())
