@@ -262,6 +262,17 @@ def role_project(folder: Path, receiver_url: str, state_url: str) -> None:
     webhook_project(folder, receiver_url, customers=30, state_url=state_url)
 
 
+def refused_run(folder: Path, state_role: RestrictedRole) -> CliResult:
+    """`sync run --output json` as `state_role`, which the state store refuses: exit 1,
+    nothing sent."""
+    with WebhookReceiver(secret=SECRET) as receiver:
+        role_project(folder, receiver.url, state_role.url)
+        result = run_cli("sync", "run", "--output", "json", cwd=folder)
+        assert not receiver.requests
+    assert result.returncode == 1, result
+    return result
+
+
 def assert_no_statement_or_customer_data(*texts: str) -> None:
     for text in texts:
         assert "[SQL:" not in text and "parameters" not in text, text
@@ -282,12 +293,7 @@ def test_a_state_role_without_temporary_tables_is_told_to_grant_them(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
         "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
     )
-    with WebhookReceiver(secret=SECRET) as receiver:
-        role_project(tmp_path, receiver.url, state_role.url)
-        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
-        assert not receiver.requests
-    assert result.returncode == 1, result
-    error = result.run()["error"]
+    error = refused_run(tmp_path, state_role).run()["error"]
     assert "permission denied to create temporary tables" in error, error
     assert "grant the state role TEMPORARY on the state database" in error, error
 
@@ -316,11 +322,7 @@ def test_a_select_only_state_role_is_told_which_grants_it_needs(
         "GRANT USAGE ON SCHEMA public TO {role}",
         "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
     )
-    with WebhookReceiver(secret=SECRET) as receiver:
-        role_project(tmp_path, receiver.url, state_role.url)
-        result = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
-        assert not receiver.requests
-    assert result.returncode == 1, result
+    result = refused_run(tmp_path, state_role)
     error = result.run()["error"]
     assert error.startswith("the state store `postgresql"), error
     assert "permission denied for table locks" in error
