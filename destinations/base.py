@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
@@ -770,6 +770,15 @@ def _origin_of(scheme: str | None, host: str | None, port: int | None) -> Origin
     return Origin(scheme, host, port or _DEFAULT_PORTS.get(scheme))
 
 
+def _wait_text(seconds: float) -> str:
+    """A wait as people say it: `90s`, `15 min`, `2.5 h`."""
+    if seconds < 120:
+        return f"{seconds:g}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
 def describe_request(method: str, url: str) -> str:
     """`POST /v1/path` — never the host's query string, which may carry tokens."""
     return f"{method} {urlsplit(url).path or '/'}"
@@ -963,7 +972,7 @@ class HttpClient:
                 raise
 
         retrying = Retrying(
-            retry=retry_if_exception_type(TransientError),
+            retry=retry_if_exception(self._retry_now),
             stop=stop_after_attempt(self.retry.max_attempts),
             wait=self._wait,
             sleep=self._sleep,
@@ -971,12 +980,43 @@ class HttpClient:
             reraise=True,
         )
         try:
-            return retrying(attempt)
+            return self._paused_on_long_waits(retrying, attempt)
         except FatalDestinationError as refused:
             if refused.status != 401 or self._refresh is None or not self._refresh():
                 raise
         log.info("%s: credentials renewed after a 401; sending again", self.destination)
-        return retrying(attempt)
+        return self._paused_on_long_waits(retrying, attempt)
+
+    def _retry_now(self, error: BaseException) -> bool:
+        """Transient failures are retried, unless the destination asked for a longer wait
+        than `max_backoff_s`: a retry before it would only be refused again."""
+        return isinstance(error, TransientError) and not self._asks_too_long_a_wait(error)
+
+    def _asks_too_long_a_wait(self, error: TransientError) -> bool:
+        return error.retry_after_s is not None and error.retry_after_s > self.retry.max_backoff_s
+
+    def _paused_on_long_waits(
+        self, retrying: Retrying, attempt: Callable[[], requests.Response]
+    ) -> requests.Response:
+        """`retrying(attempt)`; a wait asked for beyond `max_backoff_s` stops the sync at once
+        with a message saying so (its batch stays pending, as after any 429)."""
+        try:
+            return retrying(attempt)
+        except TransientError as error:
+            if not self._asks_too_long_a_wait(error):
+                raise
+            paused = TransientError(
+                f"{error}; it asked to wait {_wait_text(error.retry_after_s or 0)} before the "
+                f"next request, more than `max_backoff_s` = "
+                f"{self.retry.max_backoff_s:g}s allows: the sync stops now instead of retrying "
+                "early, and what it did not send is sent by the next run (schedule it after the "
+                "wait, or raise `max_backoff_s` in `[retry]` to wait within the run)",
+                status=error.status,
+                retry_after_s=error.retry_after_s,
+                maybe_applied=error.maybe_applied,
+            )
+            paused.destination = error.destination
+            raise paused from None
 
     def poll(
         self,

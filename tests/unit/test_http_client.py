@@ -80,12 +80,40 @@ def test_retries_429_honouring_retry_after_then_succeeds() -> None:
     assert sleeps[0] == 2.0
 
 
-def test_retry_after_is_capped_by_max_backoff() -> None:
+def test_a_retry_after_up_to_max_backoff_is_waited_for() -> None:
+    sleeps: list[float] = []
+    with FakeHttpServer() as server:
+        server.enqueue(ScriptedResponse(429, "", {"Retry-After": "5"}), ScriptedResponse(200))
+        make_client(server.url, sleeps).request("GET", "/")
+    assert sleeps == [5.0]
+
+
+def test_a_retry_after_beyond_max_backoff_stops_at_once_without_retrying_early() -> None:
     sleeps: list[float] = []
     with FakeHttpServer() as server:
         server.enqueue(ScriptedResponse(429, "", {"Retry-After": "3600"}), ScriptedResponse(200))
-        make_client(server.url, sleeps).request("GET", "/")
-    assert sleeps == [5.0]
+        client = make_client(server.url, sleeps)
+        with pytest.raises(TransientError) as raised:
+            client.request("POST", "/hook", json={"a": 1})
+        assert len(server.requests) == 1
+    assert sleeps == []
+    assert client.retries == 0
+    error = raised.value
+    assert (error.status, error.retry_after_s, error.maybe_applied) == (429, 3600.0, False)
+    assert error.destination == "test"
+    assert str(error).startswith("destination `test`: POST /hook answered 429")
+    assert "asked to wait 1 h before the next request, more than `max_backoff_s` = 5s" in str(error)
+    assert "sent by the next run" in str(error)
+
+
+def test_a_long_wait_after_a_server_error_keeps_the_batch_in_doubt() -> None:
+    with FakeHttpServer() as server:
+        server.enqueue(
+            ScriptedResponse(500, "boom"), ScriptedResponse(503, "", {"Retry-After": "600"})
+        )
+        with pytest.raises(TransientError, match="asked to wait 10 min") as raised:
+            make_client(server.url, []).request("POST", "/x")
+    assert raised.value.maybe_applied  # the 500 may have been applied
 
 
 def test_gives_up_after_max_attempts() -> None:
