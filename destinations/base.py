@@ -88,7 +88,12 @@ class RetrySettings(BaseModel):
 
     max_attempts: int = Field(5, ge=1, le=20, description="Attempts per request, first included.")
     initial_backoff_s: float = Field(1.0, ge=0, description="First wait; doubles, with jitter.")
-    max_backoff_s: float = Field(60.0, ge=0, description="Longest wait, Retry-After included.")
+    max_backoff_s: float = Field(
+        60.0,
+        ge=0,
+        description="Longest wait between attempts; a destination asking for a longer one "
+        "(Retry-After) stops the sync, and the next run sends the rest.",
+    )
     timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout per request.")
     attempt_timeout_s: float | None = Field(
         None,
