@@ -1093,7 +1093,7 @@ class HttpClient:
         )
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, TransientError) and error.retry_after_s is not None:
-            return min(error.retry_after_s, self.retry.max_backoff_s)
+            return error.retry_after_s  # at most max_backoff_s: a longer one is not retried
         return min(exponential(state), self.retry.max_backoff_s)
 
     def _send_once(
@@ -1443,7 +1443,8 @@ class HttpDestination(Destination):
     def retry_after(self, response: requests.Response) -> float | None:
         """Seconds a throttled response asks to wait; override for platforms that say it in
         their own headers (`seconds_until(response.headers.get("X-RateLimit-Reset"),
-        epoch=True)`). Capped by the retry settings' `max_backoff_s`."""
+        epoch=True)`). A wait longer than the retry settings' `max_backoff_s` stops the sync
+        instead (the next run sends the rest)."""
         return default_retry_after(response)
 
     @property
