@@ -402,6 +402,10 @@ def test_secrets_never_appear_in_errors() -> None:
 def test_parse_retry_after_http_date_and_garbage() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("soon") is None
+    assert parse_retry_after("inf") is None
+    assert parse_retry_after("1e400") is None
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after("-5") == 0.0
     assert parse_retry_after(None) is None
     assert Redactor(["abcd1234"])("x abcd1234 y") == "x *** y"
 
