@@ -810,6 +810,14 @@ def sync_issues(
             run = str(last[0].run_id)
         elif not any(r.run_id == run for r in store.history(name, config.state.keep_runs)):
             fail(f"no run `{run}` of sync `{name}`; see `winback sync history {name}`", 2)
+        if store.issues_pruned(run):
+            kept = config.state.keep_issue_runs
+            fail(
+                f"the row issues of run `{run}` of sync `{name}` were pruned: `[state] "
+                f"keep_issue_runs = {kept}` keeps them for the newest {kept} runs of each sync "
+                f"(raise it to keep more); the run's counts are in `winback sync history {name}`",
+                2,
+            )
         columns = ["kind", "action", "key", "reason"]
         if output is not RowsFormat.table:  # written as they are read: there may be millions
             issues = store.each_issue(run, limit)

@@ -18,10 +18,19 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from connector.errors import ConfigError, ConfigProblem
 from connector.rules import RulesSegment
+from connector.state import DEFAULT_KEEP_ISSUE_RUNS
 from connector.warehouse import parse_database_url
 from destinations.base import (
     IDENTIFIER_NAMES,
@@ -63,6 +72,12 @@ class StateConfig(StrictModel):
         "sqlite:///.winback/state.db", description="SQLAlchemy URL of the state store."
     )
     keep_runs: int = Field(100, ge=1, description="Runs kept in history per sync (older pruned).")
+    keep_issue_runs: int = Field(
+        DEFAULT_KEEP_ISSUE_RUNS,
+        ge=1,
+        description="Newest runs per sync whose row issues are kept (`sync issues`); older "
+        "runs keep only their counts. At most keep_runs: a larger value acts as keep_runs.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -78,6 +93,12 @@ class StateConfig(StrictModel):
                 "sqlite:///.winback/state.db"
             )
         return value
+
+    @model_validator(mode="after")
+    def _issues_within_history(self) -> StateConfig:
+        # A run pruned from history loses its row issues too, so more cannot be kept.
+        self.keep_issue_runs = min(self.keep_issue_runs, self.keep_runs)
+        return self
 
 
 class QuerySegment(StrictModel):

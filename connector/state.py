@@ -20,7 +20,8 @@ Tables:
   (`StateStore.settle_unconfirmed`).
 - ``runs``: one row per run with its counts, duration and outcome.
 - ``row_issues``: rows skipped before sending (null/duplicate key, no usable identifier) and rows
-  the destination rejected, with the reason.
+  the destination rejected, with the reason; kept for the newest runs only (`prune_history`),
+  older runs keep one row of kind ``'pruned'`` instead.
 - ``locks``: who runs which sync now (host, PID namespace and pid); a lock whose heartbeat is
   older than ``LOCK_TTL``, or whose process is gone (known only in the namespace it was taken
   in), is taken over (`StateStore._stale_because`).
@@ -59,6 +60,12 @@ SCHEMA_VERSION = 4
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
 and `sync_targets` tables and snapshot rows with status 'unconfirmed'; 4: locks.pid_namespace."""
 ISSUES_PAGE_ROWS = 5000
+DEFAULT_KEEP_ISSUE_RUNS = 10
+"""Newest runs of a sync whose row issues are kept (`[state] keep_issue_runs`): a run can
+record a row issue for every skipped row of the segment, again each run."""
+PRUNED_ISSUES = "pruned"
+"""`row_issues.kind` of the one row left for a run whose row issues were pruned (so `sync
+issues` can tell them apart from a run that recorded none); never shown as an issue."""
 """Row issues read at a time by `StateStore.each_issue`."""
 LOCK_TTL = dt.timedelta(minutes=30)
 HEARTBEAT_EVERY_S = 60.0
@@ -852,22 +859,63 @@ class StateStore:
         """A running run's counts so far (in the caller's transaction: a checkpoint's)."""
         connection.execute(runs.update().where(runs.c.run_id == run_id).values(**counts))
 
-    def prune_history(self, sync: str, keep: int) -> None:
-        """Keep the newest `keep` runs of a sync and their row issues."""
-        with self.engine.begin() as connection:
-            old = (
+    def prune_history(self, sync: str, keep: int, *, keep_issues: int | None = None) -> None:
+        """Keep the newest `keep` runs of a sync, and the row issues of its newest `keep_issues`
+        runs only (None: DEFAULT_KEEP_ISSUE_RUNS; never more than `keep`).
+
+        The issues of an older run are replaced by one row of kind PRUNED_ISSUES, one
+        transaction per run, so a store that kept many runs' issues is thinned a run at a time
+        (its first prune after an upgrade may delete millions of rows)."""
+        keep_issues = min(keep, DEFAULT_KEEP_ISSUE_RUNS if keep_issues is None else keep_issues)
+        with self.engine.connect() as connection:
+            newest_first = (
                 connection.execute(
                     sa.select(runs.c.run_id)
                     .where(runs.c.sync == sync)
                     .order_by(runs.c.started_at.desc())
-                    .offset(keep)
+                    .offset(keep_issues)
                 )
                 .scalars()
                 .all()
             )
-            for chunk in in_lists(old):
-                connection.execute(row_issues.delete().where(row_issues.c.run_id.in_(chunk)))
-                connection.execute(runs.delete().where(runs.c.run_id.in_(chunk)))
+        old, issues_kept = newest_first[keep - keep_issues :], newest_first[: keep - keep_issues]
+        if old:
+            with self.engine.begin() as connection:
+                for chunk in in_lists(old):
+                    connection.execute(row_issues.delete().where(row_issues.c.run_id.in_(chunk)))
+                    connection.execute(runs.delete().where(runs.c.run_id.in_(chunk)))
+        for chunk in in_lists(issues_kept):
+            with self.engine.connect() as connection:
+                with_issues = self._runs_with_issues(connection, chunk)
+            for run_id in with_issues:
+                with self.engine.begin() as connection:
+                    connection.execute(row_issues.delete().where(row_issues.c.run_id == run_id))
+                    connection.execute(
+                        row_issues.insert().values(
+                            run_id=run_id,
+                            sync=sync,
+                            kind=PRUNED_ISSUES,
+                            reason="row issues pruned ([state] keep_issue_runs)",
+                        )
+                    )
+
+    @staticmethod
+    def _runs_with_issues(connection: sa.Connection, run_ids: Sequence[str]) -> list[str]:
+        """Those of `run_ids` that still have row issues (not only the pruned marker)."""
+        has_issues = sa.exists().where(
+            row_issues.c.run_id == runs.c.run_id, row_issues.c.kind != PRUNED_ISSUES
+        )
+        query = sa.select(runs.c.run_id).where(runs.c.run_id.in_(run_ids), has_issues)
+        return list(connection.execute(query).scalars())
+
+    def issues_pruned(self, run_id: str) -> bool:
+        """Whether the run's row issues were pruned (`prune_history`): it had some, and only
+        its counts in `runs` remain."""
+        query = sa.select(row_issues.c.id).where(
+            row_issues.c.run_id == run_id, row_issues.c.kind == PRUNED_ISSUES
+        )
+        with self.engine.connect() as connection:
+            return connection.execute(query.limit(1)).first() is not None
 
     def history(self, sync: str, limit: int) -> list[sa.Row[Any]]:
         with self.engine.connect() as connection:
@@ -886,7 +934,11 @@ class StateStore:
 
     def each_issue(self, run_id: str, limit: int | None = None) -> Iterator[sa.Row[Any]]:
         """`issues`, read a page at a time as they are consumed (a run may have millions)."""
-        query = sa.select(row_issues).where(row_issues.c.run_id == run_id).order_by(row_issues.c.id)
+        query = (
+            sa.select(row_issues)
+            .where(row_issues.c.run_id == run_id, row_issues.c.kind != PRUNED_ISSUES)
+            .order_by(row_issues.c.id)
+        )
         with self.engine.connect() as connection:
             result = connection.execution_options(yield_per=ISSUES_PAGE_ROWS).execute(
                 query if limit is None else query.limit(limit)

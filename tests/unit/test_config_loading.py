@@ -333,3 +333,32 @@ def test_an_in_memory_state_store_is_refused(tmp_path: Path, url: str) -> None:
     path = write(tmp_path, VALID + f'\n[state]\nurl = "{url}"\n')
     [(location, message)] = problems_of(path)
     assert location == "state.url" and "in-memory" in message and "sqlite:///" in message
+
+
+def test_row_issues_are_kept_for_the_newest_10_runs_by_default(tmp_path: Path) -> None:
+    state = load_config(write(tmp_path, VALID)).state
+    assert (state.keep_runs, state.keep_issue_runs) == (100, 10)
+
+
+@pytest.mark.parametrize(
+    ("lines", "kept"),
+    [
+        ("keep_issue_runs = 3", (100, 3)),
+        ("keep_runs = 5", (5, 5)),  # the default 10 is more than history keeps
+        ("keep_runs = 20\nkeep_issue_runs = 50", (20, 20)),
+        ("keep_runs = 20\nkeep_issue_runs = 20", (20, 20)),
+    ],
+)
+def test_row_issues_are_kept_for_at_most_the_runs_in_history(
+    tmp_path: Path, lines: str, kept: tuple[int, int]
+) -> None:
+    state = load_config(write(tmp_path, VALID + f"\n[state]\n{lines}\n")).state
+    assert (state.keep_runs, state.keep_issue_runs) == kept
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"ten"', "2.5"])
+def test_a_bad_keep_issue_runs_is_a_problem_naming_the_key(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, VALID + f"\n[state]\nkeep_issue_runs = {value}\n")
+    [(location, message)] = problems_of(path)
+    assert location == "state.keep_issue_runs", message
+    assert message
