@@ -30,7 +30,6 @@ from pydantic import (
 
 from connector.errors import ConfigError, ConfigProblem
 from connector.rules import RulesSegment
-from connector.state import DEFAULT_KEEP_ISSUE_RUNS
 from connector.warehouse import parse_database_url
 from destinations.base import (
     IDENTIFIER_NAMES,
@@ -73,7 +72,7 @@ class StateConfig(StrictModel):
     )
     keep_runs: int = Field(100, ge=1, description="Runs kept in history per sync (older pruned).")
     keep_issue_runs: int = Field(
-        DEFAULT_KEEP_ISSUE_RUNS,
+        10,
         ge=1,
         description="Newest runs per sync whose row issues are kept (`sync issues`); older "
         "runs keep only their counts. At most keep_runs: a larger value acts as keep_runs.",

@@ -60,7 +60,6 @@ SCHEMA_VERSION = 4
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
 and `sync_targets` tables and snapshot rows with status 'unconfirmed'; 4: locks.pid_namespace."""
 ISSUES_PAGE_ROWS = 5000
-DEFAULT_KEEP_ISSUE_RUNS = 10
 """Newest runs of a sync whose row issues are kept (`[state] keep_issue_runs`): a run can
 record a row issue for every skipped row of the segment, again each run."""
 PRUNED_ISSUES = "pruned"
@@ -859,32 +858,33 @@ class StateStore:
         """A running run's counts so far (in the caller's transaction: a checkpoint's)."""
         connection.execute(runs.update().where(runs.c.run_id == run_id).values(**counts))
 
-    def prune_history(self, sync: str, keep: int, *, keep_issues: int | None = None) -> None:
-        """Keep the newest `keep` runs of a sync, and the row issues of its newest `keep_issues`
-        runs only (None: DEFAULT_KEEP_ISSUE_RUNS; never more than `keep`).
+    def prune_history(self, sync: str, *, keep_runs: int, keep_issue_runs: int) -> None:
+        """Keep the newest `keep_runs` runs of a sync, and the row issues of its newest
+        `keep_issue_runs` runs only (never more than `keep_runs`).
 
         The issues of an older run are replaced by one row of kind PRUNED_ISSUES, one
         transaction per run, so a store that kept many runs' issues is thinned a run at a time
         (its first prune after an upgrade may delete millions of rows)."""
-        keep_issues = min(keep, DEFAULT_KEEP_ISSUE_RUNS if keep_issues is None else keep_issues)
+        keep_issue_runs = min(keep_runs, keep_issue_runs)
         with self.engine.connect() as connection:
-            newest_first = (
+            older = (
                 connection.execute(
                     sa.select(runs.c.run_id)
                     .where(runs.c.sync == sync)
                     .order_by(runs.c.started_at.desc())
-                    .offset(keep_issues)
+                    .offset(keep_issue_runs)
                 )
                 .scalars()
                 .all()
             )
-        old, issues_kept = newest_first[keep - keep_issues :], newest_first[: keep - keep_issues]
-        if old:
+        kept_without_issues = older[: keep_runs - keep_issue_runs]
+        forgotten = older[keep_runs - keep_issue_runs :]
+        if forgotten:
             with self.engine.begin() as connection:
-                for chunk in in_lists(old):
+                for chunk in in_lists(forgotten):
                     connection.execute(row_issues.delete().where(row_issues.c.run_id.in_(chunk)))
                     connection.execute(runs.delete().where(runs.c.run_id.in_(chunk)))
-        for chunk in in_lists(issues_kept):
+        for chunk in in_lists(kept_without_issues):
             with self.engine.connect() as connection:
                 with_issues = self._runs_with_issues(connection, chunk)
             for run_id in with_issues:

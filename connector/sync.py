@@ -217,7 +217,11 @@ class SyncRunner:
                 duration_s=result.duration_s,
                 error=result.error,
             )
-            self.store.prune_history(sync_name, self.config.state.keep_runs)
+            self.store.prune_history(
+                sync_name,
+                keep_runs=self.config.state.keep_runs,
+                keep_issue_runs=self.config.state.keep_issue_runs,
+            )
         finally:
             self.store.release_lock(sync_name, result.run_id)
 

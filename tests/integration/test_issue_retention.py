@@ -70,7 +70,7 @@ def test_prune_keeps_the_issues_of_the_newest_runs_and_marks_the_others(state_ur
         seed_run(store, "other", "o0", 0, 2)
 
         for _ in range(2):  # pruning again changes nothing
-            store.prune_history("s", 6, keep_issues=2)
+            store.prune_history("s", keep_runs=6, keep_issue_runs=2)
 
             assert [r.run_id for r in store.history("s", 100)] == [
                 f"r{m}" for m in (7, 6, 5, 4, 3, 2)
@@ -96,15 +96,15 @@ def test_prune_keeps_the_issues_of_the_newest_runs_and_marks_the_others(state_ur
         store.dispose()
 
 
-@pytest.mark.parametrize(("keep", "keep_issues"), [(3, 10), (3, None), (4, 4)])
+@pytest.mark.parametrize(("keep", "keep_issues"), [(3, 10), (4, 4)])
 def test_issues_are_never_kept_for_more_runs_than_the_history(
-    state_url: str, keep: int, keep_issues: int | None
+    state_url: str, keep: int, keep_issues: int
 ) -> None:
     store = StateStore(state_url)
     try:
         for minute in range(6):
             seed_run(store, "s", f"r{minute}", minute, 1)
-        store.prune_history("s", keep, keep_issues=keep_issues)
+        store.prune_history("s", keep_runs=keep, keep_issue_runs=keep_issues)
         kept = [f"r{m}" for m in range(5, 5 - keep, -1)]
         assert [r.run_id for r in store.history("s", 100)] == kept
         assert issue_rows(state_url) == Counter({(run_id, "skipped"): 1 for run_id in kept})
@@ -169,11 +169,6 @@ def test_runs_keep_row_issues_for_the_newest_10_runs_by_default(
         store.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connector/sync.py calls prune_history without keep_issues=config.state."
-    "keep_issue_runs, so the default (10) applies; remove this mark once it passes it",
-)
 def test_runs_keep_row_issues_for_the_configured_number_of_runs(
     tmp_path: Path, state_url: str
 ) -> None:
