@@ -280,6 +280,10 @@ class SyncContext:
     """Attribute names the sync maps in `fields`."""
     destination_name: str = ""
     """The destination's name in the config (`[destinations.NAME]`), which messages show."""
+    sleep: Callable[[float], None] | None = None
+    """Replaces every wait of the HTTP client (retries, `Retry-After`, rate limits, polls):
+    tests and the contract kit pass one that returns at once. None: real waits, cut short
+    when the run is stopped."""
 
 
 class ExclusiveTarget(NamedTuple):
@@ -1407,6 +1411,7 @@ class HttpDestination(Destination):
             requests_per_second=http_options.requests_per_second if http_options else None,
             allowed_hosts=self.allowed_hosts,
             max_request_bytes=self.max_request_bytes,
+            sleep=context.sleep,
         )
 
     def base_url(self) -> str:

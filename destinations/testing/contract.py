@@ -116,16 +116,23 @@ TYPED_FIELDS: Mapping[str, Any] = {
 
 
 def contract_context(harness: ContractHarness, *, run_id: str = "run-0001") -> SyncContext:
-    """A sync context with fast retries (no waiting) for contract tests."""
+    """A sync context for contract tests: 3 attempts, and no real waiting. A fake platform
+    may throttle as the real one does (`Retry-After` up to an hour): the wait is asked for,
+    and skipped."""
     return SyncContext(
         sync="contract_sync",
         run_id=run_id,
         audience=harness.audience,
         options=harness.sync_options,
-        retry=RetrySettings(max_attempts=3, initial_backoff_s=0, max_backoff_s=0, timeout_s=5),
+        retry=RetrySettings(max_attempts=3, initial_backoff_s=0, max_backoff_s=3600, timeout_s=5),
         identifier_names=harness.identifier_names,
         field_names=harness.field_names,
+        sleep=_no_wait,
     )
+
+
+def _no_wait(seconds: float) -> None:
+    """Contract tests do not wait for retries."""
 
 
 def _batch(harness: ContractHarness, number: int, indexes: Sequence[int]) -> Batch:

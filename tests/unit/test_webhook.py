@@ -86,7 +86,8 @@ class TestWebhookContract(DestinationContract):
                 members=lambda: receiver.members,
                 calls=lambda: len(receiver.requests),
                 secrets=[WHSEC],
-                fail_next=lambda n: receiver.fail_next(*[503] * n),
+                # throttled as a platform would: the kit asks for the hour, and skips it
+                fail_next=lambda n: receiver.fail_next(*[429] * n, retry_after=3600),
                 reject_keys=receiver.reject_keys,
                 fail_with=lambda status, body: receiver.fail_next(status, body=body),
                 delivery_ids=lambda: [r.headers.get("webhook-id") for r in receiver.requests],
