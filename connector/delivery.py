@@ -171,12 +171,21 @@ class Delivery:
         self._raise_if_batches_failed()
         self._apply_state_only("forget")
 
-    def send(self, action: Action, changes: Iterable[PlannedChange], *, batch_size: int) -> None:
-        """Send changes produced as they are read (a streamed first sync), not from the plan.
+    def send(
+        self,
+        action: Action,
+        changes: Iterable[PlannedChange],
+        *,
+        batch_size: int,
+        estimated_rows: int | None = None,
+    ) -> None:
+        """Send changes produced as they are read (a streamed first sync), not from the plan;
+        `estimated_rows` (the segment's rows, those that cannot be sent included) becomes the
+        batches' `planned_rows`.
 
         `changes` is consumed in the calling thread, between checkpoints: it may write to the
         state connection, and what it writes is committed with the next checkpoint."""
-        self._send_action(action, changes, batch_size, planned_rows=None)
+        self._send_action(action, changes, batch_size, planned_rows=estimated_rows)
         self._raise_if_batches_failed()
 
     def _raise_if_batches_failed(self) -> None:

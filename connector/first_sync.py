@@ -226,7 +226,7 @@ class StreamedFirstSync:
     def send(self, delivery: Delivery, *, batch_size: int) -> None:
         """Send every row that can be sent through `delivery`; record the others."""
         with self._segment_changes("add (first sync)") as changes:
-            delivery.send("add", changes, batch_size=batch_size)
+            delivery.send("add", changes, batch_size=batch_size, estimated_rows=self.census.rows)
         self.connection.commit()
 
     def plan(self, *, samples: int = 5) -> list[str]:

@@ -176,8 +176,9 @@ class Batch:
     batch refused whole as too large gives its number back to its first half, so with
     ``max_concurrency = 1`` the numbers have no gaps); ``last`` is True when no other batch
     of the action was waiting when this one was handed over (exact with ``max_concurrency =
-    1``); ``planned_rows`` is the action's planned row count, None when unknown (a first sync
-    streams its rows).
+    1``); ``planned_rows`` is the action's planned row count (for a first sync, which streams
+    the segment without a plan, the segment's row count: rows that turn out unusable are in
+    it), None when unknown.
     """
 
     number: int
