@@ -20,7 +20,12 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from connector.diff import SENT_ACTIONS, Action, ChangePlanner, PlannedChange
-from connector.errors import BatchFailedError, DestinationError, PayloadTooLargeError
+from connector.errors import (
+    BatchFailedError,
+    DestinationError,
+    PayloadTooLargeError,
+    WinbackError,
+)
 from connector.run_result import RunResult
 from connector.state import (
     MEMBER_STATUSES,
@@ -31,7 +36,14 @@ from connector.state import (
     snapshot,
     utcnow,
 )
-from destinations.base import Batch, BatchResult, Destination, Member, Rejection
+from destinations.base import (
+    Batch,
+    BatchResult,
+    Destination,
+    Member,
+    Rejection,
+    redact_text,
+)
 
 log = logging.getLogger("winback.delivery")
 
@@ -278,7 +290,8 @@ class Delivery:
                         planned_rows=planned_rows,
                     )
                     self._note_in_flight(action, batch, next_changes)
-                    in_flight[pool.submit(call, batch)] = (batch, by_key)
+                    submitted = pool.submit(self._call_adapter, action, call, batch)
+                    in_flight[submitted] = (batch, by_key)
                 if not in_flight:
                     break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -303,6 +316,28 @@ class Delivery:
                         fatal = fatal or error
         if fatal is not None:
             raise fatal
+
+    def _call_adapter(
+        self, action: Action, call: Callable[[Batch], BatchResult], batch: Batch
+    ) -> BatchResult:
+        """`call(batch)` in a batch thread, within the adapter's `batch_call` scope. Any other
+        exception than winback's own (an adapter reading an answer it did not expect: a
+        KeyError, a TypeError) fails the batch, naming the destination, the action and the
+        batch; its rows stay in doubt, as the platform may have applied them."""
+        with self.adapter.batch_call():
+            try:
+                return call(batch)
+            except WinbackError:
+                raise
+            except Exception as error:
+                log.debug("%s of batch %d raised", action, batch.number, exc_info=True)
+                raise BatchFailedError(
+                    f"{action} of batch {batch.number} ({len(batch):,} rows) failed with an "
+                    f"unexpected {type(error).__name__}: {redact_text(str(error))[:200]}; the "
+                    "adapter may not understand the platform's answer (-vv shows where). The "
+                    "batch's rows stay in doubt and are settled by the next run",
+                    destination=self.adapter.display_name,
+                ) from error
 
     @contextlib.contextmanager
     def _batch_threads(self) -> Iterator[ThreadPoolExecutor]:

@@ -20,6 +20,7 @@ deadline (`RetrySettings.attempt_deadline_s`), however slowly the answer drips.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import email.utils
@@ -379,6 +380,12 @@ class Destination(ABC):
             destination=self.display_name,
         )
 
+    def batch_call(self) -> contextlib.AbstractContextManager[None]:
+        """Wraps each `add`, `remove` and `update` call the engine makes. HttpDestination's
+        marks an error leaving the call as `maybe_applied` once a write request of the call
+        was acknowledged (`HttpClient.batch_call`); none by default."""
+        return contextlib.nullcontext()
+
     def stop(self) -> None:  # noqa: B027 - optional hook
         """The run is being stopped (Ctrl-C, SIGTERM): calls in flight in other threads give up
         as soon as they can, without retrying. Called from the thread that stops the run."""
@@ -402,6 +409,8 @@ class Verdict(enum.Enum):
 
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that read: acknowledged, they change nothing at the destination (`batch_call`)."""
 
 
 def default_verdict(response: requests.Response) -> Verdict:
@@ -861,6 +870,27 @@ class HttpClient:
         self._refresh = refresh
         self._retry_lock = threading.Lock()
         self.retries = 0
+        self._calls = threading.local()
+        """Per thread: whether a write request of the adapter call under way (`batch_call`)
+        was acknowledged."""
+
+    @contextlib.contextmanager
+    def batch_call(self) -> Iterator[None]:
+        """One adapter call of the engine (`add`, `remove` or `update` of one batch), which
+        may take several requests: an import, then a list update; a job submitted, then
+        polled. A DestinationError leaving it once one of its writes (a request other than
+        GET, HEAD or OPTIONS) was acknowledged may leave the batch partly applied, whatever
+        the failed request's own status: it is marked `maybe_applied`, so the engine keeps the
+        batch's rows in doubt for the next run instead of forgetting them."""
+        self._calls.wrote = False
+        try:
+            yield
+        except DestinationError as error:
+            if self._calls.wrote:
+                error.maybe_applied = True
+            raise
+        finally:
+            self._calls.wrote = False
 
     def url(self, path: str) -> str:
         """The URL a request for `path` goes to: `path` under `base_url`, or `path` itself
@@ -992,12 +1022,15 @@ class HttpClient:
             reraise=True,
         )
         try:
-            return self._paused_on_long_waits(retrying, attempt)
+            response = self._paused_on_long_waits(retrying, attempt)
         except FatalDestinationError as refused:
             if refused.status != 401 or self._refresh is None or not self._refresh():
                 raise
-        log.info("%s: credentials renewed after a 401; sending again", self.destination)
-        return self._paused_on_long_waits(retrying, attempt)
+            log.info("%s: credentials renewed after a 401; sending again", self.destination)
+            response = self._paused_on_long_waits(retrying, attempt)
+        if method.upper() not in SAFE_METHODS:
+            self._calls.wrote = True
+        return response
 
     def _retry_now(self, error: BaseException) -> bool:
         """Transient failures are retried, unless the destination asked for a longer wait
@@ -1044,16 +1077,18 @@ class HttpClient:
         """GET `path` until `done(response)` (an asynchronous import or batch job finished),
         waiting `interval_s` between checks, 1.5x longer each time up to `max_interval_s`.
         Each check has the retry policy; Ctrl-C or SIGTERM (`stop`) ends the wait. After
-        `timeout_s` the batch fails and stays pending for the next run (BatchFailedError
-        naming `what` and the wait). Any failure here leaves the batch in doubt
-        (`maybe_applied`): the job was submitted."""
+        `timeout_s` the batch fails (BatchFailedError naming `what` and the wait). Any failure
+        here leaves the batch in doubt for the next run (`maybe_applied`): the job was
+        submitted."""
         deadline = time.monotonic() + timeout_s
         interval = interval_s
         while True:
             try:
                 response = self.request("GET", path, params=params)
-            except (TransientError, BatchFailedError) as error:
-                error.maybe_applied = True  # the job was submitted: it may run all the same
+            except DestinationError as error:
+                # The job was submitted: it may run all the same, even when its status can no
+                # longer be read (credentials refused, the sync stopping).
+                error.maybe_applied = True
                 raise
             if done(response):
                 return response
@@ -1454,6 +1489,9 @@ class HttpDestination(Destination):
         epoch=True)`). A wait longer than the retry settings' `max_backoff_s` stops the sync
         instead (the next run sends the rest)."""
         return default_retry_after(response)
+
+    def batch_call(self) -> contextlib.AbstractContextManager[None]:
+        return self.http.batch_call()
 
     @property
     def retries(self) -> int:

@@ -93,9 +93,42 @@ def test_a_connection_closed_without_an_answer_leaves_the_request_in_doubt() -> 
 
 def test_a_failed_check_of_a_submitted_job_leaves_the_batch_in_doubt() -> None:
     # The job was accepted before: a throttled or refused status check says nothing about it.
-    for answers in ([ScriptedResponse(429, "slow down")] * 3, [ScriptedResponse(404, "gone")]):
+    for answers in (
+        [ScriptedResponse(429, "slow down")] * 3,
+        [ScriptedResponse(404, "gone")],
+        [ScriptedResponse(401, "token expired")],  # the job may run all the same
+    ):
         with FakeHttpServer() as server:
             server.enqueue(*answers)
-            with pytest.raises((TransientError, BatchFailedError)) as caught:
+            with pytest.raises(DestinationError) as caught:
                 client_of(server.url).poll("/jobs/7", done=lambda response: True)
         assert caught.value.maybe_applied
+
+
+@pytest.mark.parametrize(
+    ("first", "maybe_applied"),
+    [("POST", True), ("PUT", True), ("DELETE", True), ("GET", False), ("HEAD", False)],
+)
+def test_a_call_failing_after_an_acknowledged_write_may_have_applied_it(
+    first: str, maybe_applied: bool
+) -> None:
+    """One adapter call (`batch_call`): an import acknowledged, then a refused list update. A
+    read before the refusal changed nothing."""
+    with FakeHttpServer() as server:
+        server.enqueue(ScriptedResponse(200, {}), ScriptedResponse(400, "refused"))
+        client = client_of(server.url)
+        with pytest.raises(BatchFailedError) as caught, client.batch_call():
+            client.request(first, "/import")
+            client.request("POST", "/lists/7")
+    assert caught.value.maybe_applied is maybe_applied
+
+
+def test_each_call_starts_without_the_writes_of_the_one_before() -> None:
+    with FakeHttpServer() as server:
+        server.enqueue(ScriptedResponse(200), ScriptedResponse(400, "refused"))
+        client = client_of(server.url)
+        with client.batch_call():
+            client.request("POST", "/import")
+        with pytest.raises(BatchFailedError) as caught, client.batch_call():
+            client.request("POST", "/import")
+    assert not caught.value.maybe_applied
