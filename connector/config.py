@@ -429,6 +429,7 @@ def build_config(
     )
     syncs, sync_options = _build_syncs(raw.syncs, segments, destinations, found, invalid=invalid)
     _check_shared_targets(syncs, destinations, found)
+    _check_shared_audiences(syncs, destinations, found)
     problems.extend(
         p for p in found if _table_of(p.location) not in uninterpolated or p.message == UNKNOWN_KEY
     )
@@ -723,6 +724,41 @@ def _check_shared_targets(
                 f"syncs.{name}.destination",
                 f"syncs `{other}` and `{name}` both write to {exclusive.target} ({via}): "
                 f"runs of both would mix their rows in it; {exclusive.hint}",
+            )
+        )
+
+
+def _check_shared_audiences(
+    syncs: Mapping[str, SyncConfig],
+    destinations: Mapping[str, DestinationConfig],
+    problems: list[ConfigProblem],
+) -> None:
+    """Two syncs sending to one audience of one destination, one of them in `mirror` mode:
+    each removes only the members it added, so a person in both segments who leaves one
+    would be removed from the audience while the other sync still counts them in it."""
+    first: dict[tuple[str, str], str] = {}
+    for name, sync in syncs.items():
+        destination = destinations[sync.destination]
+        if not destination.adapter.requires_audience or sync.audience is None:
+            continue  # a webhook's audience is a label: its receiver tells the syncs apart
+        other = first.setdefault((sync.destination, sync.audience), name)
+        if other == name:
+            continue
+        remover = next(
+            (n for n in (other, name) if syncs[n].mode == "mirror"),
+            None,
+        )
+        if remover is None:
+            continue  # neither removes anyone: two segments may feed one audience
+        problems.append(
+            ConfigProblem(
+                f"syncs.{name}.audience",
+                f"syncs `{other}` and `{name}` both send to audience `{sync.audience}` of "
+                f"destination `{sync.destination}`, and `{remover}` removes members (mode = "
+                '"mirror"): each sync removes only the members it added, so someone in both '
+                "segments who leaves one would be taken out of the audience while the other "
+                "sync still counts them in. Give each sync its own audience, make one segment "
+                'of both, or set both to mode = "add_only" or "upsert"',
             )
         )
 

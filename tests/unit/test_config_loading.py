@@ -362,3 +362,59 @@ def test_a_bad_keep_issue_runs_is_a_problem_naming_the_key(tmp_path: Path, value
     [(location, message)] = problems_of(path)
     assert location == "state.keep_issue_runs", message
     assert message
+
+
+# -- syncs sharing an audience -----------------------------------------------------------------
+
+SHARED_AUDIENCE = """\
+[warehouse]
+url = "duckdb:///warehouse.duckdb"
+
+[segments.lapsed]
+key = "customer_id"
+sql = "SELECT customer_id, email FROM customers"
+
+[destinations.lists]
+type = "hashed"
+
+[syncs.a]
+segment = "lapsed"
+destination = "lists"
+audience = "{audience_a}"
+mode = "{mode_a}"
+identifiers = {{ email = "email" }}
+
+[syncs.b]
+segment = "lapsed"
+destination = "lists"
+audience = "L1"
+mode = "{mode_b}"
+identifiers = {{ email = "email" }}
+"""
+
+
+@pytest.mark.parametrize(
+    ("audience_a", "mode_a", "mode_b", "remover"),
+    [
+        ("L1", "mirror", "mirror", "a"),
+        ("L1", "add_only", "mirror", "b"),
+        ("L1", "add_only", "upsert", None),  # neither removes: two segments feed one list
+        ("L2", "mirror", "mirror", None),
+    ],
+)
+def test_two_syncs_sharing_an_audience_are_refused_when_one_removes_members(
+    tmp_path: Path, audience_a: str, mode_a: str, mode_b: str, remover: str | None
+) -> None:
+    text = SHARED_AUDIENCE.format(audience_a=audience_a, mode_a=mode_a, mode_b=mode_b)
+    registry = Registry(adapters={"hashed": HashedMemoryDestination})
+    path = write(tmp_path, text)
+    if remover is None:
+        load_config(path, registry=registry)
+        return
+    ((location, message),) = problems_of(path, registry=registry)
+    assert location == "syncs.b.audience"
+    assert message.startswith(
+        "syncs `a` and `b` both send to audience `L1` of destination `lists`, and "
+        f"`{remover}` removes members"
+    )
+    assert "Give each sync its own audience" in message
