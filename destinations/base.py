@@ -403,6 +403,12 @@ class Verdict(enum.Enum):
 
     OK = "ok"
     RETRY = "retry"
+    """Worth retrying; once retries run out, the request may have been applied unless its
+    status is a 4xx (a 5xx, a 200 whose body says a server error)."""
+    THROTTLED = "throttled"
+    """Refused for now, applied nothing: a rate limit or quota said inside a 200 or 400 body
+    (Meta's 80003, TikTok's 40100). Retried, honouring `retry_after`; once retries run out
+    the batch is simply pending for the next run, not in doubt."""
     TOO_LARGE = "too_large"
     FAIL_BATCH = "fail_batch"
     FAIL_SYNC = "fail_sync"
@@ -1340,13 +1346,14 @@ class HttpClient:
         text = self.redact(_start_of_body(response))[:200]
         excerpt = "".join(c if c.isprintable() else " " for c in text).strip()
         detail = f"{what} answered {status}" + (f": {excerpt}" if excerpt else "")
-        if verdict is Verdict.RETRY:
+        if verdict in (Verdict.RETRY, Verdict.THROTTLED):
             return TransientError(
                 detail,
                 destination=self.destination,
                 status=status,
                 retry_after_s=self._retry_after(response),
-                maybe_applied=not 400 <= status < 500,  # 408, 425, 429: not processed
+                # 408, 425, 429 and throttle codes: not processed
+                maybe_applied=verdict is Verdict.RETRY and not 400 <= status < 500,
             )
         if verdict is Verdict.TOO_LARGE:
             body = response.request.body if response.request is not None else None

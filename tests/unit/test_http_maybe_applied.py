@@ -8,9 +8,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+import requests
 
 from connector.errors import BatchFailedError, DestinationError, TransientError
-from destinations.base import HttpClient, RetrySettings
+from destinations.base import HttpClient, RetrySettings, Verdict, default_verdict
 from destinations.testing.http_server import (
     FakeHttpServer,
     RawAnswer,
@@ -132,3 +133,37 @@ def test_each_call_starts_without_the_writes_of_the_one_before() -> None:
         with pytest.raises(BatchFailedError) as caught, client.batch_call():
             client.request("POST", "/import")
     assert not caught.value.maybe_applied
+
+
+def throttled_in_body(response: requests.Response) -> Verdict:
+    """Meta-like: a rate limit said inside a 200 or 400 body, a server error inside a 200."""
+    code = response.json().get("error", {}).get("code") if response.content else None
+    if code == 80003:
+        return Verdict.THROTTLED
+    if code == 2:
+        return Verdict.RETRY
+    return default_verdict(response)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "maybe_applied"),
+    [(200, 80003, False), (400, 80003, False), (200, 2, True)],
+)
+def test_a_throttle_code_in_a_body_applied_nothing(
+    status: int, code: int, maybe_applied: bool
+) -> None:
+    answer = ScriptedResponse(status, {"error": {"code": code}}, {"Retry-After": "1"})
+    with FakeHttpServer() as server:
+        server.enqueue(*[answer] * 3)
+        client = HttpClient(
+            destination="t",
+            base_url=server.url,
+            retry=RetrySettings(max_attempts=3, initial_backoff_s=0, max_backoff_s=5),
+            sleep=lambda seconds: None,
+            verdict=throttled_in_body,
+        )
+        with pytest.raises(TransientError) as caught:
+            client.request("POST", "/audiences/7/users", json={"data": []})
+    assert len(server.requests) == 3 and client.retries == 2
+    assert caught.value.maybe_applied is maybe_applied
+    assert caught.value.retry_after_s == 1.0
