@@ -277,7 +277,9 @@ class SyncContext:
     options: BaseModel
     retry: RetrySettings
     identifier_names: tuple[str, ...] = ()
-    """Identifiers the sync maps, in config order (e.g. for a file's columns)."""
+    """Identifiers the sync maps now, in config order (e.g. for a file's columns). A removal
+    carries the identifiers stored when the member was added, which an edited mapping may
+    have changed since: build a removal's schema from its batch's members, not from this."""
     field_names: tuple[str, ...] = ()
     """Attribute names the sync maps in `fields`."""
     destination_name: str = ""
