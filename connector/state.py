@@ -60,12 +60,10 @@ SCHEMA_VERSION = 4
 """1: first release; 2: snapshot.reason and rows with status 'skipped'; 3: the `in_flight`
 and `sync_targets` tables and snapshot rows with status 'unconfirmed'; 4: locks.pid_namespace."""
 ISSUES_PAGE_ROWS = 5000
-"""Newest runs of a sync whose row issues are kept (`[state] keep_issue_runs`): a run can
-record a row issue for every skipped row of the segment, again each run."""
+"""Row issues read at a time by `StateStore.each_issue`."""
 PRUNED_ISSUES = "pruned"
 """`row_issues.kind` of the one row left for a run whose row issues were pruned (so `sync
 issues` can tell them apart from a run that recorded none); never shown as an issue."""
-"""Row issues read at a time by `StateStore.each_issue`."""
 LOCK_TTL = dt.timedelta(minutes=30)
 HEARTBEAT_EVERY_S = 60.0
 """How often a running sync refreshes its lock's heartbeat (`StateStore.lock_kept_alive`)."""
