@@ -92,33 +92,40 @@ def test_demo_commands_end_to_end(tmp_path: Path) -> None:
     init = run_cli("init", "--demo", cwd=tmp_path)
     assert init.returncode == 0, init
     assert (tmp_path / "winback.toml").is_file()
-    assert run_cli("init", "--demo", cwd=tmp_path).returncode == 2  # never overwrites silently
 
-    validate = run_cli("config", "validate", cwd=tmp_path)
+    # Commands that write nothing, side by side.
+    init_again, validate, explain, twice, unwritable, plan, status, history = run_many(
+        ("init", "--demo"),
+        ("config", "validate"),
+        ("segments", "explain", "lapsed_buyers"),
+        ("sync", "plan", "lapsed_to_csv", "lapsed_to_csv", "-o", "json"),
+        ("--config", "/proc/winback-test/winback.toml", "init"),
+        ("sync", "plan", "--output", "json"),
+        ("sync", "status"),
+        ("sync", "history", "lapsed_to_csv"),
+        cwd=tmp_path,
+    )
+    assert init_again.returncode == 2, init_again  # never overwrites silently
+
     assert validate.returncode == 0, validate
     assert "valid" in validate.stdout
 
-    explain = run_cli("segments", "explain", "lapsed_buyers", cwd=tmp_path)
     assert explain.returncode == 0, explain
     assert explain.stdout.lstrip().upper().startswith(("SELECT", "WITH")), explain.stdout[:200]
     assert "qualifying people:" in explain.stdout
 
-    twice = run_cli("sync", "plan", "lapsed_to_csv", "lapsed_to_csv", "-o", "json", cwd=tmp_path)
     assert [run["sync"] for run in twice.json()["runs"]] == ["lapsed_to_csv"]  # runs once
 
-    unwritable = run_cli("--config", "/proc/winback-test/winback.toml", "init", cwd=tmp_path)
     assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr
     assert "error: cannot write `/proc/winback-test`" in unwritable.stderr
 
-    plan = run_cli("sync", "plan", "--output", "json", cwd=tmp_path)
     assert plan.returncode == 0, plan
     assert {r["status"] for r in plan.json()["runs"]} == {"dry_run"}
     assert plan.run("lapsed_to_csv")["planned"]["add"] > 0
+    assert status.returncode == 0, status
+    assert history.returncode == 0, history
     assert not (tmp_path / "exports").exists()
     assert not state_db(tmp_path).exists()  # no writes anywhere, not even a new state store
-    for reading in (("sync", "status"), ("sync", "history", "lapsed_to_csv")):
-        assert run_cli(*reading, cwd=tmp_path).returncode == 0
-    assert not state_db(tmp_path).exists()
 
     first = run_cli("sync", "run", "--output", "json", cwd=tmp_path)
     assert first.returncode == 0, first
@@ -592,27 +599,31 @@ def test_rejected_rows_are_recorded_and_not_resent(
         ("4", "rejected", "add"),
     ]
     assert all("rejected by the fake receiver" in reason for *_, reason in issues)
-    history = run_cli("sync", "history", "s", "--output", "json", cwd=tmp_path)
+    history, text = run_many(
+        ("sync", "history", "s", "--output", "json"), ("sync", "history", "s"), cwd=tmp_path
+    )
     assert history.returncode == 0, history
     assert history.json()[0]["status"] == "partial"
     assert history.json()[0]["rejected"] == 2
-    text = run_cli("sync", "history", "s", cwd=tmp_path)
     assert "partial" in text.stdout
     rerun_text = run_cli("sync", "run", "--full-resync", cwd=tmp_path)
     assert "why rows were not sent: winback sync issues s" in rerun_text.stdout
-    shown = run_cli("sync", "issues", "s", "--run", run["run_id"], "-o", "json", cwd=tmp_path)
+    shown, latest, unknown, first_only = run_many(
+        ("sync", "issues", "s", "--run", run["run_id"], "-o", "json"),
+        ("sync", "issues", "s", "-o", "csv"),  # the last run's
+        ("sync", "issues", "s", "--run", "nope"),
+        ("sync", "issues", "s", "--run", run["run_id"], "-n", "1"),
+        cwd=tmp_path,
+    )
     assert shown.returncode == 0, shown
     assert sorted((i["key"], i["kind"], i["action"]) for i in shown.json()) == [
         ("17", "rejected", "add"),
         ("4", "rejected", "add"),
     ]
-    latest = run_cli("sync", "issues", "s", "-o", "csv", cwd=tmp_path)  # the last run's
     assert latest.stdout.splitlines()[0] == "kind,action,key,reason"
     assert {line.split(",")[2] for line in latest.stdout.splitlines()[1:]} == {"4", "17"}
-    unknown = run_cli("sync", "issues", "s", "--run", "nope", cwd=tmp_path)
     assert unknown.returncode == 2, unknown
     assert "see `winback sync history s`" in unknown.stderr
-    first_only = run_cli("sync", "issues", "s", "--run", run["run_id"], "-n", "1", cwd=tmp_path)
     assert "(the first 1; --limit N, or -o csv for all)" in first_only.stdout, first_only
 
     # The unchanged rejected rows are not sent again, even once the receiver would take them.
