@@ -278,7 +278,7 @@ def test_a_run_in_another_pid_namespace_on_this_host_keeps_its_lock(
     no process has here (as the run gets it inside its namespace), so a second run from this
     namespace exits 5 instead of taking the live lock over and sending alongside it."""
     webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 5})
-    receiver.delay_s = 0.5  # six slow batches: the first run holds the lock for seconds
+    receiver.delay_s = 1.0  # six slow batches: the first run holds the lock for seconds
     free = dead_pid()  # the pid the run gets in its namespace, where it can be chosen
     script = (
         'echo "$1" > /proc/sys/kernel/ns_last_pid 2>/dev/null; shift; '
