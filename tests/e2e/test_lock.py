@@ -50,11 +50,17 @@ def sync_of(body: bytes) -> str:
     return sync
 
 
+HELD = {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.2, "timeout_s": 90}
+"""Retries whose timeout outlasts a held answer (`WebhookReceiver.hold`)."""
+
+
 def test_second_run_of_the_same_sync_exits_5_at_once(
     tmp_path: Path, receiver: WebhookReceiver
 ) -> None:
-    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 5})
-    receiver.delay_s = 1.0  # six slow batches: the first run holds the lock for seconds
+    webhook_project(
+        tmp_path, receiver.url, customers=30, destination={"batch_size": 5, "retry": HELD}
+    )
+    receiver.hold()  # the first run waits on its first batch, holding the lock, until released
     with killed_on_exit(start_cli("sync", "run", "--output", "json", cwd=tmp_path)) as first:
         wait_until(lambda: len(receiver.requests) >= 1)
         second = run_cli("sync", "run", "s", "--output", "json", cwd=tmp_path)
@@ -68,7 +74,7 @@ def test_second_run_of_the_same_sync_exits_5_at_once(
         status = run_cli("sync", "status", cwd=tmp_path)
         assert first.poll() is None, "the first run ended before `sync status` ran"
         assert f"pid {first.pid}" in status.stdout, status
-        receiver.delay_s = 0
+        receiver.release()
         done = finish(first)
     assert done.returncode == 0, done
     assert done.run()["sent"]["add"] == 30
@@ -86,13 +92,15 @@ def test_different_syncs_run_concurrently(tmp_path: Path, receiver: WebhookRecei
             "low": {"key": "customer_id", "sql": "SELECT * FROM customers WHERE customer_id <= 30"},
             "high": {"key": "customer_id", "sql": "SELECT * FROM customers WHERE customer_id > 30"},
         },
-        destinations={"hook": webhook_destination(receiver.url, batch_size=3)},
+        destinations={"hook": webhook_destination(receiver.url, batch_size=3, retry=HELD)},
         syncs={"a": webhook_sync(segment="low"), "b": webhook_sync(segment="high")},
     )
-    receiver.delay_s = 0.3
+    receiver.hold()  # a waits on its first batch until b has sent one too
     with killed_on_exit(start_cli("sync", "run", "a", cwd=tmp_path)) as first:
         wait_until(lambda: len(receiver.requests) >= 1)
         with killed_on_exit(start_cli("sync", "run", "b", cwd=tmp_path)) as second:
+            wait_until(lambda: len(receiver.requests) >= 2)
+            receiver.release()
             a, b = finish(first), finish(second)
     assert a.returncode == 0, a
     assert b.returncode == 0, b
@@ -277,8 +285,10 @@ def test_a_run_in_another_pid_namespace_on_this_host_keeps_its_lock(
     """A run in a container sharing this host's name: its pid means nothing here, even a pid
     no process has here (as the run gets it inside its namespace), so a second run from this
     namespace exits 5 instead of taking the live lock over and sending alongside it."""
-    webhook_project(tmp_path, receiver.url, customers=30, destination={"batch_size": 5})
-    receiver.delay_s = 1.0  # six slow batches: the first run holds the lock for seconds
+    webhook_project(
+        tmp_path, receiver.url, customers=30, destination={"batch_size": 5, "retry": HELD}
+    )
+    receiver.hold()  # the first run waits on its first batch, holding the lock, until released
     free = dead_pid()  # the pid the run gets in its namespace, where it can be chosen
     script = (
         'echo "$1" > /proc/sys/kernel/ns_last_pid 2>/dev/null; shift; '
@@ -310,7 +320,7 @@ def test_a_run_in_another_pid_namespace_on_this_host_keeps_its_lock(
         refusal = second.run()["error"]
         assert f"process {holder.pid} on {holder.host} (in another PID namespace)" in refusal
         assert f"pid {holder.pid} on {holder.host}" in status.stdout, status
-        receiver.delay_s = 0
+        receiver.release()
         done = finish(first)
     assert done.returncode == 0, done
     assert done.run()["sent"]["add"] == 30

@@ -88,6 +88,8 @@ class WebhookReceiver:
         self._always: ScriptedResponse | None = None
         self._rejected_keys: set[str] = set()
         self._lock = threading.Lock()
+        self._answering = threading.Event()
+        self._answering.set()
         if self.state_file and self.state_file.exists():
             state = read_state(self.state_file)
             self._members = state["members"]
@@ -121,6 +123,15 @@ class WebhookReceiver:
         with self._lock:
             self._always = None if status is None else _failure(status, retry_after, None)
 
+    def hold(self) -> None:
+        """Keep every answer until `release()` (at most a minute): a run then waits on its
+        batch in flight for as long as the test needs, however slow the machine."""
+        self._answering.clear()
+
+    def release(self) -> None:
+        """Answer the held requests, and the later ones at once."""
+        self._answering.set()
+
     def reject_keys(self, keys: Iterable[str]) -> None:
         """Reject these keys in every later request (replaces the previous set)."""
         with self._lock:
@@ -134,6 +145,7 @@ class WebhookReceiver:
         self.server.__exit__(*exc)
 
     def _handle(self, request: RecordedRequest) -> ScriptedResponse:
+        self._answering.wait(60)
         with self._lock:
             response = self._process(request)
             self._save()
