@@ -27,6 +27,10 @@ class Watch:
     def __init__(self, deadline: float):
         self.deadline = deadline
         self.connection: Any = None
+        self.sock: Any = None
+        """The connection's socket as the attempt last saw it: an answer that will close its
+        connection (`Connection: close`, HTTP/1.0) takes the socket off the connection
+        (`sock` None) while its body is still read from it."""
         self.active = True
         self.fired = False
 
@@ -78,9 +82,10 @@ class _Watchdog:
             if not watch.active:
                 return
             watch.connection = connection
+            watch.sock = getattr(connection, "sock", None) or watch.sock
             connection._winback_watch = watch
             if watch.fired:
-                _shut(connection)
+                _shut(watch)
 
     def _run(self) -> None:
         with self.lock:
@@ -99,14 +104,14 @@ class _Watchdog:
                 connection = watch.connection
                 # The connection may serve another attempt by now (back in the pool).
                 if connection is not None and connection._winback_watch is watch:
-                    _shut(connection)
+                    _shut(watch)
 
 
-def _shut(connection: Any) -> None:
-    """Shut the connection's socket for both directions: a read blocked in another thread
-    returns at once. `socket.socket.shutdown` on a TLS socket too, which leaves its TLS state
-    to the thread reading it."""
-    sock = getattr(connection, "sock", None)
+def _shut(watch: Watch) -> None:
+    """Shut the socket of the watch's attempt for both directions: a read blocked in another
+    thread returns at once. `socket.socket.shutdown` on a TLS socket too, which leaves its TLS
+    state to the thread reading it."""
+    sock = getattr(watch.connection, "sock", None) or watch.sock
     if sock is not None:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)

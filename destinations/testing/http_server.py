@@ -170,6 +170,9 @@ class RawSocketServer:
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        self.sent: list[int] = []
+        """Bytes of each answer that went out, in order, once it is over: fewer than its
+        length when the client shut the connection first (a deadline cut a dripping answer)."""
         self.queue: deque[RawAnswer] = deque()
         self._lock = threading.Lock()
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -215,14 +218,23 @@ class RawSocketServer:
             with self._lock:
                 self.requests.append(request)
                 answer = self.queue.popleft() if self.queue else OK_ANSWER
-            with contextlib.suppress(OSError):
+            sent = 0
+            try:
                 if answer.drip_s:
                     for index in range(len(answer.data)):
                         connection.sendall(answer.data[index : index + 1])
+                        sent += 1
                         if self._stopping.wait(answer.drip_s):
                             break
                 else:
                     connection.sendall(answer.data)
+                    sent = len(answer.data)
+            except OSError:
+                pass
+            finally:
+                with self._lock:
+                    self.sent.append(sent)
+            with contextlib.suppress(OSError):
                 if answer.hold_s:
                     self._stopping.wait(answer.hold_s)
                 if answer.reset:

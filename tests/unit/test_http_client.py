@@ -43,12 +43,14 @@ from destinations.base import (
     seconds_until,
 )
 from destinations.testing.http_server import (
+    OK_ANSWER,
     FakeHttpServer,
     RawAnswer,
     RawSocketServer,
     RecordedRequest,
     ScriptedResponse,
 )
+from tests.helpers import wait_until
 
 FAST = RetrySettings(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=5, timeout_s=2)
 
@@ -180,9 +182,10 @@ def test_a_redirect_shows_where_it_points_without_credentials() -> None:
 
 
 def test_timeouts_are_retried() -> None:
-    retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.2)
+    # The retry's answer must come within timeout_s: room for a loaded machine.
+    retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.6)
     with FakeHttpServer() as server:
-        server.enqueue(ScriptedResponse(200, delay_s=0.6), ScriptedResponse(200, {"ok": 1}))
+        server.enqueue(ScriptedResponse(200, delay_s=1.5), ScriptedResponse(200, {"ok": 1}))
         client = HttpClient(destination="t", base_url=server.url, retry=retry, sleep=lambda s: None)
         assert client.request("GET", "/").json() == {"ok": 1}
 
@@ -319,8 +322,8 @@ def test_an_answer_that_cannot_be_decoded_fails_the_batch_naming_the_request(
 
 
 def test_an_answer_that_stalls_while_its_body_is_read_times_out_and_is_retried() -> None:
-    retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.3)
-    stalled = RawAnswer(HEAD_OF_200 + b"{", hold_s=1.0)
+    retry = RetrySettings(max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.6)
+    stalled = RawAnswer(HEAD_OF_200 + b"{", hold_s=2.0)
     with RawSocketServer() as server:
         client = HttpClient(destination="t", base_url=server.url, retry=retry, sleep=lambda s: None)
         server.enqueue(stalled)
@@ -329,14 +332,14 @@ def test_an_answer_that_stalls_while_its_body_is_read_times_out_and_is_retried()
         with pytest.raises(TransientError) as caught:
             client.request("GET", "/")
     assert str(caught.value) == (
-        "destination `t`: GET / answered 200, then timed out after 0.3s while its body was read"
+        "destination `t`: GET / answered 200, then timed out after 0.6s while its body was read"
     )
 
 
 # -- each attempt has an overall deadline ------------------------------------------------------
 
 DRIPPING = RetrySettings(
-    max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.25, attempt_timeout_s=0.3
+    max_attempts=2, initial_backoff_s=0, max_backoff_s=0, timeout_s=0.5, attempt_timeout_s=0.6
 )
 HEADERS_OF_200 = b"HTTP/1.1 200 OK\r\n" + b"X-Padding: drip drip drip\r\n" * 40
 
@@ -366,10 +369,14 @@ def test_an_answer_that_drips_ends_at_the_attempts_deadline_and_is_retried(answe
         with pytest.raises(TransientError) as caught:
             client.request("POST", "/hook?token=t0k3n", json={"a": 1})
     assert str(caught.value) == (
-        "destination `t`: POST /hook timed out: no complete answer within 0.3s (the time one "
+        "destination `t`: POST /hook timed out: no complete answer within 0.6s (the time one "
         "attempt may take in all: `attempt_timeout_s`, by default 4 times `timeout_s`)"
     )
     assert caught.value.maybe_applied is True  # the receiver may have applied it
+    # Each dripping answer was cut off at the deadline, not read to its end.
+    wait_until(lambda: len(server.sent) == 4)  # three dripping answers and one OK_ANSWER
+    dripped = [sent for sent in server.sent if sent != len(OK_ANSWER.data)]
+    assert len(dripped) == 3 and max(dripped) < len(answer), server.sent
 
 
 def test_an_attempts_deadline_is_four_timeouts_unless_set() -> None:
