@@ -46,6 +46,12 @@ SEGMENT_SQL = (
 
 
 PEOPLE_IDENTIFIERS = {"email": "email", "phone": "phone", "country": "country"}
+PEOPLE_TWO_SKIPPED = [
+    ("1", "one@example.com", None, None),
+    ("2", "bad@", None, None),  # invalid email, no phone: skipped on every run
+    ("3", None, None, "FR"),  # no identifier at all: skipped on every run
+]
+"""`people` rows (`write_people`) of which every run sends one and skips two."""
 
 
 def write_people(folder: Path, kind: str, rows: Iterable[tuple[Any, ...]]) -> str:
@@ -73,6 +79,7 @@ def memory_runner(
     warehouse_url: str,
     *,
     state_url: str | None = None,
+    state: Mapping[str, Any] | None = None,
     identifiers: Mapping[str, str] = PEOPLE_IDENTIFIERS,
     warehouse: Mapping[str, Any] | None = None,
     adapter: type[MemoryDestination] = MemoryDestination,
@@ -80,10 +87,10 @@ def memory_runner(
 ) -> SyncRunner:
     """A SyncRunner of one sync `s`: segment `SELECT * FROM people` (key `id`) to audience `A`
     of the in-memory destination; state in `folder`/state.db unless `state_url` is given;
-    `warehouse` adds options of `[warehouse]`."""
+    `state` and `warehouse` add options of `[state]` and `[warehouse]`."""
     document: dict[str, Any] = {
         "warehouse": {"url": warehouse_url, **(warehouse or {})},
-        "state": {"url": state_url or f"sqlite:///{folder / 'state.db'}"},
+        "state": {"url": state_url or f"sqlite:///{folder / 'state.db'}", **(state or {})},
         "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
         "destinations": {"mem": {"type": "memory"}},
         "syncs": {

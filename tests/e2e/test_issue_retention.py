@@ -5,28 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from connector.config import load_config
 from connector.sync import RunOptions, SyncRunner
-from tests.helpers import run_many, write_people
-
-PEOPLE = [
-    ("1", "one@example.com", None, None),
-    ("2", "bad@", None, None),  # invalid email, no phone: skipped on every run
-    ("3", None, None, "FR"),  # no identifier at all: skipped on every run
-]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return f"sqlite:///{tmp_path / 'state.db'}"
+from tests.helpers import PEOPLE_TWO_SKIPPED, run_many, write_people
 
 
 def test_issues_of_a_pruned_run_say_they_were_pruned(tmp_path: Path, state_url: str) -> None:
-    write_people(tmp_path, "duckdb", PEOPLE)
+    write_people(tmp_path, "duckdb", PEOPLE_TWO_SKIPPED)
     config = tmp_path / "winback.toml"
     config.write_text(
         f"""\

@@ -94,13 +94,6 @@ def run_once(folder: Path, options: RunOptions, state_url: str, **sync: Any) -> 
         runner.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    return str(request.getfixturevalue("postgres_url"))
-
-
 def forget(state_url: str) -> None:
     """`winback sync reset s`: the next run is a first sync again."""
     store = StateStore(state_url)

@@ -8,30 +8,14 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from connector.config import build_config
 from connector.state import PRUNED_ISSUES, RowIssue, StateStore, row_issues, runs
-from connector.sync import RunOptions, SyncRunner
-from destinations.registry import Registry
+from connector.sync import RunOptions
 from tests.fakes.memory_destination import MemoryDestination
-from tests.helpers import PEOPLE_IDENTIFIERS, write_people
-
-PEOPLE = [
-    ("1", "one@example.com", None, None),
-    ("2", "bad@", None, None),  # invalid email, no phone: skipped on every run
-    ("3", None, None, "FR"),  # no identifier at all: skipped on every run
-]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return f"sqlite:///{tmp_path / 'state.db'}"
+from tests.helpers import PEOPLE_TWO_SKIPPED, memory_runner, write_people
 
 
 def issue_rows(url: str) -> Counter[tuple[str, str]]:
@@ -112,34 +96,14 @@ def test_issues_are_never_kept_for_more_runs_than_the_history(
         store.dispose()
 
 
-def people_runner(folder: Path, warehouse_url: str, state: dict[str, Any]) -> SyncRunner:
-    """A SyncRunner of sync `s`: the `people` table to the in-memory destination, with the
-    `[state]` table `state`."""
-    document: dict[str, Any] = {
-        "warehouse": {"url": warehouse_url},
-        "state": state,
-        "segments": {"people": {"key": "id", "sql": "SELECT * FROM people"}},
-        "destinations": {"mem": {"type": "memory"}},
-        "syncs": {
-            "s": {
-                "segment": "people",
-                "destination": "mem",
-                "audience": "A",
-                "identifiers": PEOPLE_IDENTIFIERS,
-            }
-        },
-    }
-    registry = Registry(adapters={"memory": MemoryDestination})
-    return SyncRunner(build_config(document, path=folder / "winback.toml", registry=registry))
-
-
-def run_times(folder: Path, state: dict[str, Any], times: int) -> list[str]:
-    """Run sync `s` `times` times over PEOPLE; returns the run ids, newest first."""
+def run_times(folder: Path, state_url: str, times: int, **state: int) -> list[str]:
+    """Run sync `s` `times` times over PEOPLE_TWO_SKIPPED with the `[state]` options `state`;
+    returns the run ids, newest first."""
     MemoryDestination.reset()
-    warehouse_url = write_people(folder, "duckdb", PEOPLE)
+    warehouse_url = write_people(folder, "duckdb", PEOPLE_TWO_SKIPPED)
     run_ids = []
     for _ in range(times):
-        runner = people_runner(folder, warehouse_url, state)
+        runner = memory_runner(folder, warehouse_url, state_url=state_url, state=state)
         try:
             result = runner.run("s", RunOptions())
         finally:
@@ -152,7 +116,7 @@ def run_times(folder: Path, state: dict[str, Any], times: int) -> list[str]:
 def test_runs_keep_row_issues_for_the_newest_10_runs_by_default(
     tmp_path: Path, state_url: str
 ) -> None:
-    newest_first = run_times(tmp_path, {"url": state_url, "keep_runs": 11}, 12)
+    newest_first = run_times(tmp_path, state_url, 12, keep_runs=11)
 
     store = StateStore(state_url)
     try:
@@ -172,7 +136,7 @@ def test_runs_keep_row_issues_for_the_newest_10_runs_by_default(
 def test_runs_keep_row_issues_for_the_configured_number_of_runs(
     tmp_path: Path, state_url: str
 ) -> None:
-    newest_first = run_times(tmp_path, {"url": state_url, "keep_runs": 4, "keep_issue_runs": 2}, 5)
+    newest_first = run_times(tmp_path, state_url, 5, keep_runs=4, keep_issue_runs=2)
 
     assert issue_rows(state_url) == Counter(
         {
