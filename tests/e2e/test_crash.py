@@ -81,6 +81,18 @@ def complete_run(folder: Path) -> dict[str, object]:
     return run
 
 
+def kill_while_removing(folder: Path, receiver: LoggedReceiverProcess, *, requests: int) -> None:
+    """Start a run and SIGKILL it once it has sent `requests` requests, all of them removals
+    (which a run sends first)."""
+    applied = len(receiver.log())
+    sent_before = receiver.requests()
+    removing = start_cli(*RUN, cwd=folder)
+    kill_when(removing, lambda: receiver.requests() >= sent_before + requests)
+    in_killed_run = receiver.log()[applied:]
+    assert in_killed_run
+    assert {entry["action"] for entry in in_killed_run} == {"remove"}
+
+
 def duplicate_adds(log: list[dict[str, object]]) -> dict[str, int]:
     """Keys added again while already in the audience (no remove in between): key -> times."""
     present: set[str] = set()
@@ -157,14 +169,7 @@ def test_kill_at_any_point_loses_nothing(tmp_path: Path) -> None:
             "INSERT INTO customers SELECT i, 'user' || i || '@example.com', NULL, 'Name' || i, "
             "'US', 't0', true FROM range(20001, 21001) AS r(i)",
         )
-        applied = len(receiver.log())
-        sent_before = receiver.requests()
-        removing = start_cli(*RUN, cwd=tmp_path)
-        kill_when(removing, lambda: receiver.requests() >= sent_before + 5)
-        in_killed_run = receiver.log()[applied:]
-        assert in_killed_run
-        assert {entry["action"] for entry in in_killed_run} == {"remove"}
-
+        kill_while_removing(tmp_path, receiver, requests=5)
         run = complete_run(tmp_path)
         assert run["status"] == "success"
         planned = run["planned"]

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.test_crash import BATCH, RUN, complete_run, duplicate_adds, kill_when
+from tests.e2e.test_crash import (
+    BATCH,
+    RUN,
+    complete_run,
+    duplicate_adds,
+    kill_when,
+    kill_while_removing,
+)
 from tests.helpers import (
     SEGMENT_SQL,
     LoggedReceiverProcess,
@@ -123,14 +130,7 @@ def test_kill_with_postgresql_warehouse_and_state_loses_nothing(
             "INSERT INTO customers SELECT i, 'user' || i || '@example.com', NULL, 'Name' || i, "
             f"'US', 't0', true FROM generate_series({CUSTOMERS + 1}, {CUSTOMERS + 500}) AS i",
         )
-        applied = len(receiver.log())
-        sent_before = receiver.requests()
-        removing = start_cli(*RUN, cwd=tmp_path)
-        kill_when(removing, lambda: receiver.requests() >= sent_before + 3)
-        in_killed_run = receiver.log()[applied:]
-        assert in_killed_run
-        assert {entry["action"] for entry in in_killed_run} == {"remove"}
-
+        kill_while_removing(tmp_path, receiver, requests=3)
         run = complete_run(tmp_path)
         assert run["status"] == "success"
         planned = run["planned"]
