@@ -28,7 +28,8 @@ The rules it checks:
 - re-adding and retrying are idempotent: membership holds each key once, and every attempt of one
   batch carries the same idempotency key (``delivery_ids``);
 - rejections name the right keys, with a reason, and the other rows still land;
-- removal removes exactly the given members (using the ``platform_id`` returned by ``add``), and
+- removal removes exactly the given members (using the ``platform_id`` returned by ``add``,
+  which a platform that keeps ids of its own must return: ``returns_platform_ids``), and
   removing someone already gone is not an error;
 - a member without a ``platform_id`` (added by a run whose answer was lost) is removed too, or
   left rejected or unconfirmed: never acknowledged while the platform keeps it;
@@ -101,6 +102,9 @@ class ContractHarness:
     typed_fields: Mapping[str, Any] = field(default_factory=lambda: dict(TYPED_FIELDS))
     """Fields with warehouse types added to a member (empty: the platform stores none)."""
     make_member: Callable[[int], Member] = default_member
+    returns_platform_ids: bool = False
+    """The platform gives each added member an id of its own, which removals need (Klaviyo,
+    HubSpot, SendGrid): every acknowledged add must carry it."""
     audience: str | None = "contract-audience"
     identifier_names: tuple[str, ...] = ("email",)
     field_names: tuple[str, ...] = ("first_name",)
@@ -191,6 +195,16 @@ class DestinationContract:
         result = adapter.add(_batch(harness, 1, [1, 2, 3]))
         assert _keys(result) == ({"k1", "k2", "k3"}, set())
         assert set(harness.members()) == {"k1", "k2", "k3"}
+
+    def test_adds_return_the_platform_ids_removals_need(
+        self, harness: ContractHarness, adapter: Destination
+    ) -> None:
+        if not harness.returns_platform_ids:
+            pytest.skip("the platform keeps no ids of its own")
+        result = adapter.add(_batch(harness, 1, [1, 2, 3]))
+        missing = sorted(a.key for a in result.acknowledged if not a.platform_id)
+        assert not missing, f"acknowledged without the platform's id: {missing}"
+        assert len({a.platform_id for a in result.acknowledged}) == 3
 
     def test_readding_is_idempotent(self, harness: ContractHarness, adapter: Destination) -> None:
         adapter.add(_batch(harness, 1, [1, 2]))

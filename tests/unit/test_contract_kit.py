@@ -114,6 +114,7 @@ def harness_for(fake: FakeLists, adapter: type[ListDestination]) -> ContractHarn
         calls=lambda: fake.writes,
         secrets=[TOKEN],
         build_with_bad_credentials=build("revoked-token-987654"),
+        returns_platform_ids=True,
     )
 
 
@@ -146,3 +147,20 @@ def test_the_kit_catches_a_removal_acknowledged_without_removing() -> None:
         adapter = harness.build(contract_context(harness))
         with pytest.raises(AssertionError, match="the platform keeps it"):
             TestListContract().test_removing_a_member_without_its_platform_id(harness, adapter)
+
+
+class IdlessListDestination(ListDestination):
+    """Forgets the ids the platform answers: its removals would have nothing to go by."""
+
+    def add(self, batch: Batch) -> BatchResult:
+        super().add(batch)
+        return BatchResult.all_acknowledged(batch)
+
+
+def test_the_kit_catches_adds_acknowledged_without_their_platform_ids() -> None:
+    fake = FakeLists()
+    with fake.server:
+        harness = harness_for(fake, IdlessListDestination)
+        adapter = harness.build(contract_context(harness))
+        with pytest.raises(AssertionError, match="without the platform's id"):
+            TestListContract().test_adds_return_the_platform_ids_removals_need(harness, adapter)
