@@ -99,7 +99,8 @@ def test_kill_with_postgresql_warehouse_and_state_loses_nothing(
         "'Name' || i AS first_name, (ARRAY['US', 'GB', 'FR', 'DE'])[i % 4 + 1] AS country, "
         f"'t' || (i % 5) AS tier, true AS lapsed FROM generate_series(1, {CUSTOMERS}) AS i",
     )
-    with LoggedReceiverProcess(tmp_path, delay_s=0.005) as receiver:
+    # 50 ms a request: the kills below land with hundreds of ms to spare on a loaded machine.
+    with LoggedReceiverProcess(tmp_path, delay_s=0.05) as receiver:
         write_config(
             tmp_path,
             destinations={"hook": webhook_destination(receiver.url, batch_size=BATCH)},
