@@ -54,6 +54,26 @@ PEOPLE_TWO_SKIPPED = [
 """`people` rows (`write_people`) of which every run sends one and skips two."""
 
 
+def write_people_at(url: str, rows: Iterable[tuple[Any, ...]]) -> str:
+    """`write_people` into the database at `url` (PostgreSQL): the `people` table replaced by
+    one holding `rows`; returns `url`."""
+    columns = ("id", "email", "phone", "country")
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE IF EXISTS people"))
+            connection.execute(
+                sa.text("CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)")
+            )
+            connection.execute(
+                sa.text("INSERT INTO people VALUES (:id, :email, :phone, :country)"),
+                [dict(zip(columns, row, strict=True)) for row in rows],
+            )
+    finally:
+        engine.dispose()
+    return url
+
+
 def write_people(folder: Path, kind: str, rows: Iterable[tuple[Any, ...]]) -> str:
     """A warehouse with one table `people (id, email, phone, country)`; returns its URL.
 

@@ -16,7 +16,7 @@ import connector.sync
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult
 from tests.fakes.memory_destination import MemoryDestination
-from tests.helpers import memory_runner, write_people
+from tests.helpers import memory_runner, write_people, write_people_at
 
 SEGMENT: list[tuple[Any, ...]] = [
     *[(str(i), f"u{i}@example.com", None, None) for i in range(1, 6)],
@@ -38,19 +38,7 @@ def urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     segment compared in the warehouse, the snapshot written with COPY)."""
     if request.param == "sqlite":
         return write_people(tmp_path, "sqlite", SEGMENT), f"sqlite:///{tmp_path / 'state.db'}"
-    url = str(request.getfixturevalue("postgres_url"))
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                sa.text("CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)")
-            )
-            connection.execute(
-                sa.text("INSERT INTO people VALUES (:id, :email, :phone, :country)"),
-                [dict(zip(("id", "email", "phone", "country"), r, strict=True)) for r in SEGMENT],
-            )
-    finally:
-        engine.dispose()
+    url = write_people_at(str(request.getfixturevalue("postgres_url")), SEGMENT)
     return url, url
 
 

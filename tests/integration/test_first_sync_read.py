@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 import connector.row_normaliser
 from connector.state import StateStore
 from connector.sync import RunOptions, RunResult
 from tests.fakes.memory_destination import MemoryDestination
-from tests.helpers import memory_runner, write_people
+from tests.helpers import memory_runner, write_people, write_people_at
 from tests.integration.test_first_sync import ROWS, counts, forget, issues_of, snapshot_rows
 
 STREAMED = "streamed the segment (first sync)"
@@ -54,22 +53,8 @@ def people_warehouse(
         return f"sqlite:///{path}", {}
     if kind == "duckdb, pushdown off":
         return write_people(folder, "duckdb", rows), {"pushdown": False}
-    url = str(request.getfixturevalue("postgres_url"))
     options = {"pushdown": False} if kind.endswith("pushdown off") else {}
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(sa.text("DROP TABLE IF EXISTS people"))
-            connection.execute(
-                sa.text("CREATE TABLE people (id TEXT, email TEXT, phone TEXT, country TEXT)")
-            )
-            connection.execute(
-                sa.text("INSERT INTO people VALUES (:id, :email, :phone, :country)"),
-                [dict(zip(("id", "email", "phone", "country"), row, strict=True)) for row in rows],
-            )
-    finally:
-        engine.dispose()
-    return url, options
+    return write_people_at(str(request.getfixturevalue("postgres_url")), rows), options
 
 
 @pytest.fixture
