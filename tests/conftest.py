@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,17 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """The pid of a live process that is no winback run (what a reused pid points at)."""
+    process = subprocess.Popen(["sleep", "600"])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(autouse=True)

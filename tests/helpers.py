@@ -54,6 +54,13 @@ PEOPLE_TWO_SKIPPED = [
 """`people` rows (`write_people`) of which every run sends one and skips two."""
 
 
+def dead_pid() -> int:
+    """The pid of a process that has just ended (no process has it now)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
 def write_people_at(url: str, rows: Iterable[tuple[Any, ...]]) -> str:
     """`write_people` into the database at `url` (PostgreSQL): the `people` table replaced by
     one holding `rows`; returns `url`."""

@@ -21,6 +21,7 @@ from tests.helpers import (
     SECRET,
     build_warehouse,
     cli_env,
+    dead_pid,
     finish,
     killed_on_exit,
     run_cli,
@@ -110,23 +111,6 @@ def test_different_syncs_run_concurrently(tmp_path: Path, receiver: WebhookRecei
     assert len(receiver.members) == 60
     assert snapshot_members(tmp_path, "a") == {str(i) for i in range(1, 31)}
     assert snapshot_members(tmp_path, "b") == {str(i) for i in range(31, 61)}
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-@pytest.fixture
-def live_pid() -> Iterator[int]:
-    """The pid of a live process that is no winback run (what a reused pid points at)."""
-    process = subprocess.Popen(["sleep", "600"])
-    try:
-        yield process.pid
-    finally:
-        process.kill()
-        process.wait()
 
 
 OTHER_HOST = "build-box-7"

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import sqlalchemy as sa
 
 from connector.errors import LockedError
 from connector.state import LOCK_TTL, StateStore, locks, pid_namespace, runs, utcnow
+from tests.helpers import dead_pid
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -67,24 +66,6 @@ def test_a_lock_says_where_it_was_taken(store: StateStore) -> None:
         store.acquire_lock("s", "run-2")
 
 
-@pytest.fixture(scope="module")
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-@pytest.fixture(scope="module")
-def live_pid() -> Iterator[int]:
-    """A live process that is no winback run (what a reused pid points at)."""
-    process = subprocess.Popen(["sleep", "600"])
-    try:
-        yield process.pid
-    finally:
-        process.kill()
-        process.wait()
-
-
 OTHER_NAMESPACE = "pid:[4026599999]"
 OLD = LOCK_TTL + dt.timedelta(minutes=1)
 FRESH = dt.timedelta(minutes=2)
@@ -105,7 +86,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_who_takes_a_lock_over(store: StateStore, dead_pid: int, live_pid: int, case: str) -> None:
+def test_who_takes_a_lock_over(store: StateStore, live_pid: int, case: str) -> None:
     """`lock_holder(live_only=True)` (what `sync status` and `sync reset` show) and
     `acquire_lock` (what `sync run` does) agree on every lock row."""
     host, pid, namespace, age, stale = CASES[case]
@@ -119,7 +100,7 @@ def test_who_takes_a_lock_over(store: StateStore, dead_pid: int, live_pid: int, 
                 sync="s",
                 run_id="old",
                 host=socket.gethostname() if host == "here" else "build-box-7",
-                pid=dead_pid if pid == "dead" else live_pid,
+                pid=dead_pid() if pid == "dead" else live_pid,
                 pid_namespace=pid_namespace() if namespace == "ours" else namespace,
                 acquired_at=heartbeat,
                 heartbeat_at=heartbeat,
